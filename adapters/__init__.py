@@ -1,0 +1,1 @@
+"""Model-family knowledge: how Flux and Wan embed, position and de-embed tokens."""

@@ -1,0 +1,1 @@
+"""Stateless tensor math (torch only, no ComfyUI import)."""
