@@ -1,0 +1,12 @@
+"""The pack's ComfyExtension: the list of nodes ComfyUI registers."""
+
+from __future__ import annotations
+
+from comfy_api.v0_0_2 import ComfyExtension, io
+
+from .dynamic_patch_schedule import DynamicPatchSchedule
+
+
+class ElasticTokensExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [DynamicPatchSchedule]

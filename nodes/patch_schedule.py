@@ -1,0 +1,121 @@
+"""Dynamic patch scheduling hooked into ComfyUI's sampling loop through chainable wrappers.
+
+* OUTER_SAMPLE wrapper: makes a fresh :class:`ScheduleRun` for the run, moves our
+  DIFFUSION_MODEL wrapper to the innermost place (so caches such as EasyCache, applied in any
+  order, see full-size inputs and outputs and can skip our coarse calls too), logs the result.
+* DIFFUSION_MODEL wrapper: maps the call to its step, decides / reuses that step's patch size
+  and either passes through untouched (native) or runs :func:`run_coarse`.
+
+Nothing here replaces a model method or touches the input ModelPatcher: the node clones it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import comfy.patcher_extension as pe
+
+from ..adapters.bindings import FamilyBinding, binding_for
+from .coarse_step import bind_call, run_coarse, spatial_blocker
+from .graph_replay import GraphCache, graphable
+from .schedule_config import PatchScheduleConfig
+from .schedule_run import RunReport, ScheduleRun
+
+WRAPPER_KEY = "elastic_tokens.patch_schedule"
+HOLDER_KEY = "elastic_tokens_patch_schedule"
+RUN_KEY = "elastic_tokens_patch_schedule_run"
+
+log = logging.getLogger("elastic_tokens")
+
+
+class PatchScheduleHolder:
+    """The node's settings as stored on the cloned model; ``last_report`` is the latest run."""
+
+    def __init__(self, config: PatchScheduleConfig, binding: FamilyBinding):
+        self.config = config
+        self.binding = binding
+        self.last_report: RunReport | None = None
+
+
+def apply_patch_schedule(model, config: PatchScheduleConfig):
+    """Return a clone of ``model`` (a ModelPatcher) that samples with the dynamic patch schedule.
+
+    Raises :class:`~elastic_tokens.adapters.bindings.UnsupportedModelError` for models other
+    than Flux / Wan flow models. Applying it twice replaces the settings (no double wrapping).
+    """
+    binding = binding_for(model)
+    patched = model.clone()
+    options = patched.model_options.setdefault("transformer_options", {})
+    already = HOLDER_KEY in options
+    options[HOLDER_KEY] = PatchScheduleHolder(config, binding)
+    if not already:
+        patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
+        patched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper)
+    return patched
+
+
+def _make_innermost(transformer_options: dict) -> None:
+    wrappers = transformer_options.get("wrappers", {}).get(pe.WrappersMP.DIFFUSION_MODEL)
+    if wrappers and WRAPPER_KEY in wrappers:
+        wrappers[WRAPPER_KEY] = wrappers.pop(WRAPPER_KEY)
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    guider = executor.class_obj
+    # CFGGuider.sample already cloned model_options for this run: changes here do not leak.
+    options = guider.model_options.setdefault("transformer_options", {})
+    holder: PatchScheduleHolder | None = options.get(HOLDER_KEY)
+    if holder is None:
+        return executor(*args, **kwargs)
+    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+    run = ScheduleRun(holder.config, holder.binding, sigmas, guider.model_patcher.get_model_object("model_sampling"))
+    options[RUN_KEY] = run
+    _make_innermost(options)
+    start = time.perf_counter()
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        run.report.seconds = time.perf_counter() - start
+        holder.last_report = run.report
+        note = f"; {run.graphs.replays} coarse calls replayed as CUDA graphs" if run.graphs else ""
+        log.info(run.report.summary() + note)
+        run.release()
+        options.pop(RUN_KEY, None)
+
+
+def diffusion_model_wrapper(executor, *args, **kwargs):
+    bound = bind_call(executor, args, kwargs)
+    options = bound.arguments.get("transformer_options")
+    run: ScheduleRun | None = options.get(RUN_KEY) if isinstance(options, dict) else None
+    if run is None:  # called outside a sampler (or by another node's own loop): stay out of the way
+        return executor(*args, **kwargs)
+
+    x = bound.arguments["x"]
+    sigma = run.sigma_of(bound.arguments["timestep"])
+    sigma0 = float(sigma.flatten()[0])
+    step = run.step_index(sigma0)
+    latent = None
+    if not run.config.forced and not run.config.never_coarse:
+        chunks = max(len(options.get("cond_or_uncond") or [0]), 1)
+        latent = x[: max(x.shape[0] // chunks, 1), : run.binding.latent_channels]
+    factor = run.factor_for_step(step, latent, sigma0)
+
+    if factor > 1:
+        reason = spatial_blocker(bound)
+        if reason is None and x.ndim != run.binding.latent_ndim:
+            reason = f"{x.ndim}-d latent"
+        if reason is not None:
+            run.fallback(reason)
+            factor = 1
+    context = bound.arguments.get("context")
+    run.account(x, context.shape[1] if context is not None and context.ndim == 3 else 0, factor)
+    if factor == 1:
+        return executor(*args, **kwargs)
+
+    graphs = None
+    if run.config.cuda_graphs and x.is_cuda and graphable(bound.arguments):
+        if run.graphs is None:
+            run.graphs = GraphCache()
+        graphs = run.graphs
+    return run_coarse(executor, bound, factor, run, graphs)
