@@ -6,9 +6,10 @@ patch it splits ``d3`` into blocks of that size, takes the std inside every bloc
 rho-th percentile over blocks; the largest patch whose value stays under tau wins.
 
 Raw ``d3`` scales with the latent's scale and with the step spacing, so one tau would not
-carry across models or step counts. We normalise twice: differences are divided by their
-sigma spacing (``dz / dsigma`` is the velocity, independent of step count), and the block
-stds are divided by the RMS of the whole ``d3`` field. The score is then the share of the
+carry across models or step counts. We normalise twice: first differences are divided by
+their sigma spacing (``dz / dsigma`` is the velocity, so unequal steps are weighed fairly),
+and the block stds are divided by the RMS of the whole ``d3`` field (so neither the latent's
+scale nor the step size moves the score). The score is then the share of the
 trajectory's curvature that varies *inside* a block: ~0 for changes smooth at that scale
 (a coarse patch loses nothing), ~1 for white-noise-like detail.
 """
