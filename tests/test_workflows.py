@@ -354,13 +354,9 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def server():
-    try:
-        from comfy_server import ComfyServer
-    except ImportError as exc:
-        pytest.skip(f"tests/support/comfy_server.py not available: {exc}")
-    with ComfyServer() as srv:
-        yield srv
+def server(comfy_server):
+    """The session's shared server (tests/conftest.py: ComfyServer with the pack + tiny models)."""
+    return comfy_server
 
 
 @pytest.fixture(scope="module")
