@@ -238,3 +238,33 @@ def test_v3_node_schema_and_execute(pack, tiny_flux):
     holder = out.model_options["transformer_options"][HOLDER_KEY]
     assert holder.config.max_factor == 2 and holder.config.downsample == "pinv-bilinear"
     assert tiny_flux.model_options.keys() == before.keys()
+
+
+def test_wan_image_to_video_runs_coarse_with_its_concatenated_image_channels(pack, comfy):
+    # Wan 2.1 I2V feeds 36 channels: 16 noisy + mask and image latent (no noise). Coarse steps
+    # pool all of them and correct the noise level of the first 16 only.
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = dict(image_model="wan2.1", model_type="i2v", patch_size=(1, 2, 2), text_len=512, in_dim=36, dim=128,
+                  ffn_dim=256, freq_dim=256, text_dim=tiny_models.TEXT_DIM, out_dim=16, num_heads=1, num_layers=1,
+                  window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6)
+    model_config = comfy.supported_models.WAN21_I2V(config)
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({})
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0, 0.05)
+    i2v = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+    pos, neg = tiny_models.wan_conditioning()
+    image = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    for cond in (pos, neg):
+        cond[0][1]["concat_latent_image"] = image
+    latent = tiny_models.wan_latent(64, 64, 9)
+    plain = ksample(i2v, pos, neg, latent, cfg=5.0)
+    patched = schedule(pack, i2v, forced_schedule="2x4")
+    out = ksample(patched, pos, neg, latent, cfg=5.0)
+    rep = report(patched)
+    assert rep.step_factors == [2, 2, 2, 2, 1, 1, 1, 1] and not rep.fallbacks
+    assert out.shape == plain.shape and torch.isfinite(out).all() and not torch.equal(out, plain)
