@@ -268,3 +268,20 @@ def test_wan_image_to_video_runs_coarse_with_its_concatenated_image_channels(pac
     rep = report(patched)
     assert rep.step_factors == [2, 2, 2, 2, 1, 1, 1, 1] and not rep.fallbacks
     assert out.shape == plain.shape and torch.isfinite(out).all() and not torch.equal(out, plain)
+
+
+def test_weight_patches_such_as_loras_apply_at_coarse_steps(pack, tiny_flux, flux_inputs):
+    # Coarse steps run the model's own (patched) embed layer: a LoRA-style weight patch on img_in
+    # must change a run whose every step is coarse.
+    pos, neg, latent = flux_inputs
+    coarse = schedule(pack, tiny_flux, forced_schedule="2x8")
+    plain_out = ksample(coarse, pos, neg, latent)
+    lora = tiny_flux.clone()
+    weight = tiny_flux.model.diffusion_model.img_in.weight
+    lora.add_patches({"diffusion_model.img_in.weight": (torch.randn_like(weight) * 0.5,)}, 1.0)
+    lora_coarse = schedule(pack, lora, forced_schedule="2x8")
+    lora_out = ksample(lora_coarse, pos, neg, latent)
+    assert report(lora_coarse).step_factors == [2] * 8
+    assert not torch.allclose(lora_out, plain_out, atol=1e-4)
+    # and the base model is unpatched again afterwards (ComfyUI restores weights after sampling)
+    assert torch.equal(ksample(coarse, pos, neg, latent), plain_out)
