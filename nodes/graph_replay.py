@@ -61,7 +61,12 @@ def _tensors(arguments: dict, prefix: str = "") -> dict[str, torch.Tensor]:
 class GraphCache:
     """Captured forwards of one sampling run, keyed by factor and input signature."""
 
-    def __init__(self):
+    # model classes whose forward cannot be captured (e.g. it copies a CPU tensor to the GPU);
+    # remembered for the process so each run does not pay a failed capture and warn again
+    uncapturable: set[str] = set()
+
+    def __init__(self, model_class: str = ""):
+        self.model_class = model_class
         self._entries: dict[tuple, object] = {}
         self._pool = None
         self.failed = False
@@ -98,8 +103,10 @@ class GraphCache:
             with torch.cuda.graph(graph, pool=self._pool):
                 output = run_eager(bound)
         except Exception as exc:  # capture is an optimisation: never fail the run for it
-            logging.warning("Elastic Tokens: CUDA graph capture failed (%s); running eagerly.", exc)
+            logging.warning("Elastic Tokens: CUDA graphs are not possible for %s (%s); its coarse steps "
+                            "run eagerly.", self.model_class or "this model", exc)
             self.failed = True
+            GraphCache.uncapturable.add(self.model_class)
             torch.cuda.synchronize()
             for name, tensor in inputs.items():
                 _assign(bound.arguments, name, tensor)

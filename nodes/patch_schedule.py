@@ -78,7 +78,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     finally:
         run.report.seconds = time.perf_counter() - start
         holder.last_report = run.report
-        note = f"; {run.graphs.replays} coarse calls replayed as CUDA graphs" if run.graphs else ""
+        run.report.graph_replays = run.graphs.replays if run.graphs else 0
+        note = f"; {run.report.graph_replays} coarse calls replayed as CUDA graphs" if run.graphs else ""
         log.info(run.report.summary() + note)
         run.release()
         options.pop(RUN_KEY, None)
@@ -114,8 +115,10 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
 
     graphs = None
-    if run.config.cuda_graphs and x.is_cuda and graphable(bound.arguments):
+    model_class = type(executor.class_obj).__qualname__
+    if (run.config.cuda_graphs and x.is_cuda and model_class not in GraphCache.uncapturable
+            and graphable(bound.arguments)):
         if run.graphs is None:
-            run.graphs = GraphCache()
+            run.graphs = GraphCache(model_class)
         graphs = run.graphs
     return run_coarse(executor, bound, factor, run, graphs)

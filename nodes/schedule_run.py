@@ -30,6 +30,7 @@ class RunReport:
     flops_native: float = 0.0
     flops_used: float = 0.0
     seconds: float = 0.0
+    graph_replays: int = 0                                   # coarse calls replayed as CUDA graphs
 
     @property
     def saved_fraction(self) -> float:

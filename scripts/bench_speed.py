@@ -264,17 +264,12 @@ def setup_comfyui(device: str, verbose: bool):
 
 def load_pack():
     """Import the repo as package `elastic_tokens` and return (PatchScheduleConfig, apply_patch_schedule)."""
-    name = "elastic_tokens"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except Exception:
-            del sys.modules[name]
-            raise
+    support = str(REPO_ROOT / "tests" / "support")
+    if support not in sys.path:
+        sys.path.append(support)
+    import comfy_runtime  # the one place that knows how to import this folder as a package
+
+    name = comfy_runtime.load_pack().__name__
     ps = importlib.import_module(name + ".nodes.patch_schedule")
     return ps.PatchScheduleConfig, ps.apply_patch_schedule
 
@@ -631,6 +626,7 @@ def bench_model(model: str, args, pack, record, save):
     save()
 
     base_median = None
+    eager_outputs = {}  # schedule -> final latent of its eager variant, to check graph replay
     diffusion_model = patcher.model.diffusion_model
     for v in variants:
         res = {"model": model, "variant": v.name, "kind": v.kind, "cuda_graphs": v.cuda_graphs,
@@ -690,6 +686,13 @@ def bench_model(model: str, args, pack, record, save):
                 pass
             res["finite"] = bool(torch.isfinite(out).all().item())
             res["out_std"] = float(out.float().std().item())
+            if v.schedule and not v.cuda_graphs:
+                eager_outputs[v.schedule] = out.detach().float().cpu()
+            elif v.schedule and v.schedule in eager_outputs:  # same seed: replay must match eager
+                ref_out = eager_outputs[v.schedule]
+                diff = (out.detach().float().cpu() - ref_out).abs().max().item()
+                res["graph_vs_eager_max_abs"] = diff
+                res["graph_vs_eager_rel"] = diff / max(ref_out.abs().max().item(), 1e-12)
             rep = find_report(cfg, mp) if cfg is not None else None
             if rep is not None:
                 res["last_report"] = rep
@@ -703,7 +706,10 @@ def bench_model(model: str, args, pack, record, save):
             print(f"  {v.name:<12} median {med:8.3f}s  {res['ms_per_step']:8.1f} ms/step  "
                   f"x{res.get('speedup', float('nan')):.3f}  runs={res['times_s']}  warm={warm}  "
                   f"warmup_calls={res.get('warmup_model_calls')} batch={res.get('batch_sizes')} "
-                  f"finite={res['finite']} loaded={res.get('loaded_fraction')}", flush=True)
+                  f"finite={res['finite']} loaded={res.get('loaded_fraction')}"
+                  + (f" graph_replays={rep.get('report', {}).get('graph_replays')}" if isinstance(rep, dict) else "")
+                  + (f" graph_vs_eager_rel={res['graph_vs_eager_rel']:.2e}" if "graph_vs_eager_rel" in res else ""),
+                  flush=True)
         except Exception as e:
             res["status"] = f"error: {type(e).__name__}: {e}"
             res["traceback"] = traceback.format_exc()

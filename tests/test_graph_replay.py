@@ -1,0 +1,31 @@
+"""What decides whether a coarse call may be replayed as a CUDA graph, and how calls are keyed.
+
+Replay itself needs a GPU: scripts/bench_speed.py checks on the device that graph replay gives
+the eager result on the same seed (``graph_vs_eager_rel`` in benchmarks/). Here: the rules.
+"""
+
+import torch
+from comfy_runtime import load_pack
+
+load_pack()
+
+from elastic_tokens.nodes.graph_replay import _signature, _tensors, graphable  # noqa: E402
+
+
+def test_only_tensors_none_and_scalars_are_graphable():
+    cpu = {"x": torch.zeros(1), "timestep": torch.zeros(1), "y": None, "transformer_options": {"a": [1]}}
+    assert not graphable(cpu)  # CPU tensors: nothing to capture
+    assert not graphable({"x": None, "ref_latents": [torch.zeros(1)]})  # lists of tensors change per call
+    assert not graphable({"control": {"input": []}})
+    assert graphable({"x": None, "guidance": 3.5, "kwargs": {"attention_mask": None}, "transformer_options": {}})
+    assert not graphable({"kwargs": {"extra": [1, 2]}})
+
+
+def test_signature_keys_on_shapes_and_scalars_not_on_values_or_options():
+    a = {"x": torch.zeros(2, 16, 8, 8), "timestep": torch.zeros(2), "steps": 3, "transformer_options": {"k": 1}}
+    b = {"x": torch.ones(2, 16, 8, 8), "timestep": torch.ones(2), "steps": 3, "transformer_options": {"k": 2}}
+    assert _signature(a) == _signature(b)
+    assert _signature(a) != _signature({**a, "x": torch.zeros(1, 16, 8, 8)})
+    assert _signature(a) != _signature({**a, "x": torch.zeros(2, 16, 8, 8, dtype=torch.float64)})
+    assert _signature(a) != _signature({**a, "steps": 4})
+    assert set(_tensors({**a, "kwargs": {"mask": torch.zeros(1)}})) == {"x", "timestep", "kwargs.mask"}
