@@ -7,12 +7,19 @@ not change, so each (patch factor, input shapes) forward is captured once and re
 
 Only used when the node's ``cuda_graphs`` switch is on, on CUDA, and when nothing else would
 be frozen by the capture (see :func:`graphable`). The first call of a shape runs eagerly
-(warm-up), the second captures, later calls replay. Graphs live only for one run.
+(warm-up), the second captures, later calls replay.
+
+Graphs are kept across sampling runs of the same model (:func:`cache_for`) as long as every
+weight still lives at the address it was captured from (a weight patched in place is read
+afresh by each replay; one moved or re-created invalidates the cache), and are dropped when
+ComfyUI moves the model's weights (:func:`drop_if_stale`, from the patcher's ON_DETACH callback).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import weakref
 
 import torch
 
@@ -65,8 +72,9 @@ class GraphCache:
     # remembered for the process so each run does not pay a failed capture and warn again
     uncapturable: set[str] = set()
 
-    def __init__(self, model_class: str = ""):
+    def __init__(self, model_class: str = "", fingerprint: tuple = ()):
         self.model_class = model_class
+        self.fingerprint = fingerprint
         self._entries: dict[tuple, object] = {}
         self._pool = None
         self.failed = False
@@ -74,8 +82,10 @@ class GraphCache:
 
     def call(self, factor: int, bound, run_eager):
         """Run ``run_eager(bound)`` eagerly, or as a captured graph when seen before."""
-        key = (factor, _signature(bound.arguments))
+        key = (factor, _signature(bound.arguments), _options_key(bound.arguments.get("transformer_options")))
         entry = self._entries.get(key)
+        if entry is None and not self.failed:
+            logging.debug("Elastic Tokens: new CUDA graph key %s (have %d)", key, len(self._entries))
         if entry is None or self.failed:
             self._entries.setdefault(key, "warm")
             return run_eager(bound)
@@ -125,3 +135,54 @@ def _assign(arguments: dict, name: str, tensor: torch.Tensor) -> None:
         arguments["kwargs"][name[len("kwargs."):]] = tensor
     else:
         arguments[name] = tensor
+
+
+def _options_key(options) -> tuple:
+    """What in ``transformer_options`` changes the captured computation: patches and RoPE options."""
+    if not isinstance(options, dict):
+        return ()
+    rope = tuple(sorted((options.get("rope_options") or {}).items()))
+    patches = []
+    for group in ("patches", "patches_replace"):
+        for name, value in sorted((options.get(group) or {}).items(), key=lambda kv: str(kv[0])):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            patches.append((group, str(name), tuple((str(k), id(v)) for k, v in items)))
+    return rope, tuple(patches)
+
+
+_PERSISTENT: "weakref.WeakKeyDictionary[torch.nn.Module, GraphCache]" = weakref.WeakKeyDictionary()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> tuple:
+    return tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def cache_for(model: torch.nn.Module) -> GraphCache:
+    """The graph cache of ``model``, fresh if its weights moved since the graphs were captured."""
+    fingerprint = weights_fingerprint(model)
+    cache = _PERSISTENT.get(model)
+    if cache is None or cache.fingerprint != fingerprint:
+        if cache is not None:
+            logging.debug("Elastic Tokens: weights of %s moved; recapturing CUDA graphs", type(model).__qualname__)
+            cache.release()
+        cache = GraphCache(type(model).__qualname__, fingerprint)
+        _PERSISTENT[model] = cache
+    return cache
+
+
+def drop_cache(model: torch.nn.Module) -> None:
+    cache = _PERSISTENT.pop(model, None)
+    if cache is not None:
+        cache.release()
+
+
+def drop_if_stale(model: torch.nn.Module) -> None:
+    """Free the graphs of ``model`` if its weights no longer live where they were captured.
+
+    Called when ComfyUI detaches a patcher (that happens after every run, and when a model is
+    offloaded): graphs of a model still in place stay for the next run, those of a model moved
+    off the GPU go at once instead of holding GPU memory until its next run.
+    """
+    cache = _PERSISTENT.get(model)
+    if cache is not None and cache.fingerprint != weights_fingerprint(model):
+        drop_cache(model)

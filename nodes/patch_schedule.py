@@ -18,7 +18,7 @@ import comfy.patcher_extension as pe
 
 from ..adapters.bindings import FamilyBinding, binding_for
 from .coarse_step import bind_call, run_coarse, spatial_blocker
-from .graph_replay import GraphCache, graphable
+from .graph_replay import GraphCache, cache_for, drop_if_stale, graphable
 from .schedule_config import PatchScheduleConfig
 from .schedule_run import RunReport, ScheduleRun
 
@@ -52,7 +52,13 @@ def apply_patch_schedule(model, config: PatchScheduleConfig):
     if not already:
         patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
         patched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper)
+        patched.add_callback_with_key(pe.CallbacksMP.ON_DETACH, WRAPPER_KEY, _drop_graphs_on_unload)
     return patched
+
+
+def _drop_graphs_on_unload(patcher, *args) -> None:
+    """ComfyUI detached the model: free captured graphs whose weights have moved."""
+    drop_if_stale(patcher.model.diffusion_model)
 
 
 def _make_innermost(transformer_options: dict) -> None:
@@ -78,7 +84,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     finally:
         run.report.seconds = time.perf_counter() - start
         holder.last_report = run.report
-        run.report.graph_replays = run.graphs.replays if run.graphs else 0
+        run.report.graph_replays = run.graphs.replays - run.graph_replays_before if run.graphs else 0
         note = f"; {run.report.graph_replays} coarse calls replayed as CUDA graphs" if run.graphs else ""
         log.info(run.report.summary() + note)
         run.release()
@@ -93,11 +99,17 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
 
     x = bound.arguments["x"]
+    context = bound.arguments.get("context")
+    text_tokens = context.shape[1] if context is not None and context.ndim == 3 else 0
+    if run.config.never_coarse:  # tau = 0 / all-native schedule: no decision, no GPU sync
+        run.account(x, text_tokens, 1)
+        return executor(*args, **kwargs)
+
     sigma = run.sigma_of(bound.arguments["timestep"])
     sigma0 = float(sigma.flatten()[0])
     step = run.step_index(sigma0)
     latent = None
-    if not run.config.forced and not run.config.never_coarse:
+    if not run.config.forced:
         chunks = max(len(options.get("cond_or_uncond") or [0]), 1)
         latent = x[: max(x.shape[0] // chunks, 1), : run.binding.latent_channels]
     factor = run.factor_for_step(step, latent, sigma0)
@@ -109,8 +121,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         if reason is not None:
             run.fallback(reason)
             factor = 1
-    context = bound.arguments.get("context")
-    run.account(x, context.shape[1] if context is not None and context.ndim == 3 else 0, factor)
+    run.account(x, text_tokens, factor)
     if factor == 1:
         return executor(*args, **kwargs)
 
@@ -119,6 +130,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     if (run.config.cuda_graphs and x.is_cuda and model_class not in GraphCache.uncapturable
             and graphable(bound.arguments)):
         if run.graphs is None:
-            run.graphs = GraphCache(model_class)
+            run.graphs = cache_for(executor.class_obj)
+            run.graph_replays_before = run.graphs.replays
         graphs = run.graphs
     return run_coarse(executor, bound, factor, run, graphs)

@@ -63,10 +63,13 @@ class ScheduleRun:
         self.total_steps = max(len(self.sigmas) - 1, 0)
         # ComfyUI's flow models feed the transformer timestep = sigma * m (m = 1 for Flux, 1000 for Wan)
         self.t_per_sigma = float(model_sampling.timestep(torch.tensor(1.0)))
-        self.report = RunReport(self.total_steps, [0] * self.total_steps, [{} for _ in range(self.total_steps)])
+        # a never-coarse run makes no per-step decisions (and no GPU sync): every step is native
+        first = 1 if config.never_coarse else 0
+        self.report = RunReport(self.total_steps, [first] * self.total_steps, [{} for _ in range(self.total_steps)])
         self._decided: dict[int, int] = {}
         self._trajectory: deque = deque(maxlen=4)  # (sigma, latent) of the most recent steps
-        self.graphs = None  # set by the wrapper when CUDA graphs are on
+        self.graphs = None  # the model's GraphCache, set by the wrapper when CUDA graphs are on
+        self.graph_replays_before = 0
 
     # -- steps -------------------------------------------------------------------------
     def sigma_of(self, timestep: torch.Tensor) -> torch.Tensor:
@@ -91,8 +94,6 @@ class ScheduleRun:
         cfg = self.config
         if cfg.forced:
             factor = cfg.forced[step] if step < len(cfg.forced) else 1
-        elif cfg.never_coarse:
-            factor = 1
         else:
             if latent is not None:
                 self._trajectory.append((sigma, latent.detach()))
@@ -136,7 +137,6 @@ class ScheduleRun:
         self.report.fallbacks[reason] += 1
 
     def release(self) -> None:
+        """Drop this run's tensors (graphs stay with the model, see graph_replay.cache_for)."""
         self._trajectory.clear()
-        if self.graphs is not None:
-            self.graphs.release()
-            self.graphs = None
+        self.graphs = None

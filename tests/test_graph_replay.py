@@ -29,3 +29,36 @@ def test_signature_keys_on_shapes_and_scalars_not_on_values_or_options():
     assert _signature(a) != _signature({**a, "x": torch.zeros(2, 16, 8, 8, dtype=torch.float64)})
     assert _signature(a) != _signature({**a, "steps": 4})
     assert set(_tensors({**a, "kwargs": {"mask": torch.zeros(1)}})) == {"x", "timestep", "kwargs.mask"}
+
+
+def test_graphs_are_kept_per_model_until_weights_move_or_the_model_is_unloaded(pack, tiny_flux):
+    from elastic_tokens.nodes import graph_replay
+    from elastic_tokens.nodes.patch_schedule import apply_patch_schedule
+    from elastic_tokens.nodes.schedule_config import PatchScheduleConfig
+
+    model = torch.nn.Linear(4, 4)
+    first = graph_replay.cache_for(model)
+    assert graph_replay.cache_for(model) is first  # same weights: the next run reuses the graphs
+    with torch.no_grad():
+        model.weight.mul_(2)  # patched in place: replays read the new values, cache stays
+    assert graph_replay.cache_for(model) is first
+    model.weight = torch.nn.Parameter(torch.zeros(4, 4))  # re-created: captured addresses are stale
+    second = graph_replay.cache_for(model)
+    assert second is not first
+    graph_replay.drop_cache(model)
+    assert graph_replay.cache_for(model) is not second
+
+    # ComfyUI detaches the patcher after every run (ON_DETACH): graphs stay while the weights
+    # stay in place, and go as soon as the weights have moved (offloaded model)
+    patched = apply_patch_schedule(tiny_flux, PatchScheduleConfig(cuda_graphs=True))
+    dm = torch.nn.Linear(2, 2)
+    patched.model.diffusion_model, real = dm, patched.model.diffusion_model
+    try:
+        cache = graph_replay.cache_for(dm)
+        patched.detach()
+        assert graph_replay._PERSISTENT.get(dm) is cache
+        dm.weight = torch.nn.Parameter(dm.weight.detach().clone())
+        patched.detach()
+        assert graph_replay._PERSISTENT.get(dm) is None
+    finally:
+        patched.model.diffusion_model = real
