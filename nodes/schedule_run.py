@@ -59,7 +59,7 @@ class ScheduleRun:
         self.config = config
         self.binding = binding
         self.model_sampling = model_sampling
-        self.sigmas = [float(s) for s in sigmas.flatten()]
+        self.sigmas = sigmas.detach().flatten().float().cpu().tolist()  # one copy, not a sync per step
         self.total_steps = max(len(self.sigmas) - 1, 0)
         # ComfyUI's flow models feed the transformer timestep = sigma * m (m = 1 for Flux, 1000 for Wan)
         self.t_per_sigma = float(model_sampling.timestep(torch.tensor(1.0)))
