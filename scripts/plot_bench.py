@@ -5,7 +5,9 @@ Each bar is a measured median sampling time relative to the baseline of the same
 dashed line marks the issue's target and the dotted one the per-forward ceiling measured in
 DESIGN.md section 6, so a reader sees how much of the possible gain the sampler keeps.
 
-    python scripts/plot_bench.py benchmarks/speed_h100/bench_speed.json benchmarks/speed_h100/speedup.png
+    python scripts/plot_bench.py RESULT.json [MORE.json ...] OUT.png
+
+Several JSONs (e.g. one per model, each from its own process) are drawn side by side.
 """
 
 from __future__ import annotations
@@ -56,12 +58,13 @@ def plot(results: list[dict], meta: dict, out: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
+    if len(argv) < 2:
         print(__doc__)
         return 2
-    data = json.loads(Path(argv[0]).read_text())
-    plot(data["results"], data.get("meta", {}), Path(argv[1]))
-    print(f"wrote {argv[1]}")
+    runs = [json.loads(Path(p).read_text()) for p in argv[:-1]]
+    results = [r for run in runs for r in run["results"]]
+    plot(results, runs[0].get("meta", {}), Path(argv[-1]))
+    print(f"wrote {argv[-1]}")
     return 0
 
 
