@@ -15,6 +15,7 @@ import logging
 import time
 
 import comfy.patcher_extension as pe
+import torch
 
 from ..adapters.bindings import FamilyBinding, binding_for
 from .coarse_step import bind_call, run_coarse, spatial_blocker
@@ -82,6 +83,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     try:
         return executor(*args, **kwargs)
     finally:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # once per run, so the logged time includes queued GPU work
         run.report.seconds = time.perf_counter() - start
         holder.last_report = run.report
         run.report.graph_replays = run.graphs.replays - run.graph_replays_before if run.graphs else 0
