@@ -156,7 +156,9 @@ def _float64(model, monkeypatch):
 
     rope = comfy.ldm.flux.layers.rope
     monkeypatch.setattr(comfy.ldm.flux.layers, "rope", lambda *a: rope(*a).double())
-    m = copy.deepcopy(model).double()
+    # a trainable copy: the session's shared tiny models may come back from ComfyUI's patch /
+    # unpatch cycle (other tests sample with weight patches) with requires_grad off
+    m = copy.deepcopy(model).double().requires_grad_(True)
     if hasattr(m, "patch_embedding"):
         conv = m.patch_embedding
         conv.forward = lambda inp: type(conv).forward(conv, inp.double())
@@ -222,7 +224,7 @@ def test_gradients_match_finite_differences_for_every_parameter_tensor(tf, model
 
 @pytest.mark.parametrize("kind", ["flux", "wan_i2v"])
 def test_forward_and_backward_modify_no_parameter_and_create_none(tf, models, kind):
-    model = copy.deepcopy(models[kind])
+    model = copy.deepcopy(models[kind]).requires_grad_(True)  # see _float64 on requires_grad
     params = dict(model.named_parameters())
     values = {k: v.detach().clone() for k, v in model.state_dict().items()}
     buffers = dict(model.named_buffers())
