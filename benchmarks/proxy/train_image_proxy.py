@@ -396,7 +396,7 @@ def main(argv=None) -> dict:
     model.train()
     loss_acc = torch.zeros((), device=device)
     n_acc, t_win, step0 = 0, time.time(), state["step"]
-    t_loop = time.time()
+    t_loop = t_run = time.time()
     while True:
         if args.max_steps is not None and state["step"] >= args.max_steps:
             break
@@ -437,8 +437,8 @@ def main(argv=None) -> dict:
         state["loss"] = (loss_acc / n_acc).item()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    run_s = time.time() - t_loop
-    state["train_seconds"] += run_s
+    state["train_seconds"] += time.time() - t_loop
+    run_s = time.time() - t_run  # the whole loop of this run (t_loop restarts at each checkpoint)
     steps_run = state["step"] - step0
     print(f"[train] stopped at step {state['step']} ({steps_run} steps this run, "
           f"{steps_run / max(run_s, 1e-9):.2f} steps/s incl. logging/ckpt), loss {state['loss']:.5f}", flush=True)
