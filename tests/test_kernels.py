@@ -79,24 +79,16 @@ def test_pi_resize_preserves_tokens_of_upsampled_patches():
     assert torch.allclose(x_big.reshape(5, -1) @ w_big.T, x.reshape(5, -1) @ w.T, atol=1e-9)
 
 
-def test_area_downsample_equals_pi_resize_with_nearest():
+@pytest.mark.parametrize("down,resize_mode", [("area", "nearest"), ("pinv-bilinear", "bilinear")])
+def test_downsampled_latent_equals_pi_resized_embed(down, resize_mode):
     # the latent-side view: native embed on a downsampled latent == PI-resized embed on big patches
+    # (area pooling is PI-resize with nearest upsampling, pinv-bilinear with bilinear)
     torch.manual_seed(0)
     w = torch.randn(8, 4 * 2 * 2, dtype=torch.float64)
     x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
-    w_big = resize.pi_resize_embed(w, channels=4, old_patch=2, new_patch=4, mode="nearest")
+    w_big = resize.pi_resize_embed(w, channels=4, old_patch=2, new_patch=4, mode=resize_mode)
     big_tokens, _ = patchify.patchify(x, 4)
-    small_tokens, _ = patchify.patchify(resize.downsample(x, 2, patch=2, mode="area"), 2)
-    assert torch.allclose(big_tokens @ w_big.T, small_tokens @ w.T, atol=1e-9)
-
-
-def test_pinv_downsample_equals_pi_resize_with_bilinear():
-    torch.manual_seed(1)
-    w = torch.randn(8, 4 * 2 * 2, dtype=torch.float64)
-    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
-    w_big = resize.pi_resize_embed(w, channels=4, old_patch=2, new_patch=4, mode="bilinear")
-    big_tokens, _ = patchify.patchify(x, 4)
-    small_tokens, _ = patchify.patchify(resize.downsample(x, 2, patch=2, mode="pinv-bilinear"), 2)
+    small_tokens, _ = patchify.patchify(resize.downsample(x, 2, patch=2, mode=down), 2)
     assert torch.allclose(big_tokens @ w_big.T, small_tokens @ w.T, atol=1e-9)
 
 
