@@ -66,7 +66,11 @@ def _tensors(arguments: dict, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 class GraphCache:
-    """Captured forwards of one sampling run, keyed by factor and input signature."""
+    """Captured coarse forwards of one model, kept across runs while its weights stay in place.
+
+    Keyed by patch factor, input shapes/dtypes and the transformer options that change the
+    computation (RoPE options, patches).
+    """
 
     # model classes whose forward cannot be captured (e.g. it copies a CPU tensor to the GPU);
     # remembered for the process so each run does not pay a failed capture and warn again
