@@ -262,15 +262,19 @@ def setup_comfyui(device: str, verbose: bool):
     return info
 
 
-def load_pack():
-    """Import the repo as package `elastic_tokens` and return (PatchScheduleConfig, apply_patch_schedule)."""
+def pack_module(submodule: str):
+    """A module of this repo imported as package `elastic_tokens` (e.g. "nodes.schedule_config")."""
     support = str(REPO_ROOT / "tests" / "support")
     if support not in sys.path:
         sys.path.append(support)
     import comfy_runtime  # the one place that knows how to import this folder as a package
 
-    name = comfy_runtime.load_pack().__name__
-    ps = importlib.import_module(name + ".nodes.patch_schedule")
+    return importlib.import_module(f"{comfy_runtime.load_pack().__name__}.{submodule}")
+
+
+def load_pack():
+    """Import the repo as package `elastic_tokens` and return (PatchScheduleConfig, apply_patch_schedule)."""
+    ps = pack_module("nodes.patch_schedule")
     return ps.PatchScheduleConfig, ps.apply_patch_schedule
 
 
@@ -287,14 +291,8 @@ class Variant:
 
 
 def expand_schedule(s: str) -> list[int]:
-    out = []
-    for part in s.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        f, _, n = part.partition("x")
-        out += [int(f)] * (int(n) if n else 1)
-    return out
+    """Per-step factors of a forced schedule, read by the node's own parser (no ComfyUI needed)."""
+    return list(pack_module("nodes.schedule_config").parse_forced_schedule(s))
 
 
 def compress_schedule(factors: list[int]) -> str:
