@@ -64,6 +64,12 @@ def pinv_block_operator(patch: int, factor: int, mode: str = "bilinear") -> torc
     return torch.linalg.pinv(resize_matrix((patch, patch), (big, big), mode))
 
 
+@functools.lru_cache(maxsize=16)
+def _block_operator_on(patch: int, factor: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`pinv_block_operator` moved once to where the latents live (not on every step)."""
+    return pinv_block_operator(patch, factor).to(device=device, dtype=dtype)
+
+
 def _fold_video(x: torch.Tensor):
     """Treat a (B,C,T,H,W) video as a batch of (B*T, C, H, W) frames; returns an unfold fn."""
     if x.ndim == 4:
@@ -95,7 +101,7 @@ def downsample(x: torch.Tensor, factor: int, patch: int = 2, mode: str = "area")
         big = factor * patch
         tokens, grid = patchify(frames, big)
         b, n, _ = tokens.shape
-        op = pinv_block_operator(patch, factor).to(device=x.device, dtype=x.dtype)
+        op = _block_operator_on(patch, factor, x.device, x.dtype)
         small = tokens.reshape(b, n, -1, big * big) @ op.T
         out = unpatchify(small.reshape(b, n, -1), grid, patch)
     else:

@@ -58,7 +58,6 @@ class ScheduleRun:
     def __init__(self, config: PatchScheduleConfig, binding: FamilyBinding, sigmas: torch.Tensor, model_sampling):
         self.config = config
         self.binding = binding
-        self.model_sampling = model_sampling
         self.sigmas = sigmas.detach().flatten().float().cpu().tolist()  # one copy, not a sync per step
         self.total_steps = max(len(self.sigmas) - 1, 0)
         # ComfyUI's flow models feed the transformer timestep = sigma * m (m = 1 for Flux, 1000 for Wan)
