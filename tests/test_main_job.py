@@ -6,10 +6,18 @@
 * ``server``: run_example's core (``run_case``) on the FLUX workflow at 64x64, 4 steps, against
   the session's real headless ComfyUI with the tiny models: baseline (node bypassed), accelerated
   (forced schedule) and dynamic runs succeed with finite numbers and the side-by-side PNG.
+* ``server``, the default main job (``--models proxy``): a second real ComfyUI with the proxy nodes
+  (benchmarks/proxy/custom_nodes, via --extra-model-paths-config) runs the proxy workflows: the
+  TRAINED image proxy (batch 2, 4 steps) and the video workflow on a tiny RANDOM Wan written like
+  the video trainer exports (its trained weights do not exist yet). Grid and schedule PNGs have the
+  expected sizes, accelerated differs from the baseline, the per-step schedule read from the proxy
+  loader's log line is the forced one (and the plot draws it). ``main()`` end to end (batch 2,
+  2 steps) prints the report and skips a missing video proxy with a message.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -149,3 +157,136 @@ def test_main_job_core_on_flux(comfy_server, tmp_path):
         assert im.width > 2 * 64 and im.height > 64
     text = run_example.report(result)
     assert "baseline" in text and "accelerated" in text and "1x1,2x3" in text
+
+
+# =========================================================================== the default: trained proxies
+
+
+def test_run_length_and_proxy_line():
+    assert run_example.run_length([1, 1, 2, 2, 2, 4, 1]) == "1x2,2x3,4x1,1x1"
+    assert run_example.run_length([]) == ""
+    line = ('Proxy schedule: {"source": "Dynamic Patch Schedule", "steps": 3, "latent": [2, 16, 32, 32], '
+            '"factors": [1, 2, 4], "tokens": [256, 64, 16]}')
+    assert run_example.parse_proxy_line(line)["tokens"] == [256, 64, 16]
+
+
+def test_proxy_class_names_are_the_trainers():
+    trainer = run_example._load_proxy_module("image_provider").trainer()
+    assert run_example.PROXY_CLASS_NAMES == list(trainer.CLASS_NAMES)
+    case = run_example.make_case("image", batch=12)
+    assert case.item_labels[0].startswith("T-shirt/top") and case.item_labels[11].startswith("Trouser")
+    assert case.schedule == "1x6,2x22" and case.steps == 28
+    video = run_example.make_case("video")
+    assert (video.frames, video.item_frames, video.batch, video.steps) == (33, 9, 5, 30)
+
+
+def test_missing_video_proxy_is_skipped_with_a_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("ELASTIC_TOKENS_VIDEO_PROXY_WEIGHTS", str(tmp_path / "none.safetensors"))
+    cases, skipped = run_example.select_cases("proxy", "both")
+    assert [c.key for c in cases] == ["image"]
+    assert len(skipped) == 1 and "video proxy: SKIPPED" in skipped[0] and "none.safetensors" in skipped[0]
+    with pytest.raises(SystemExit, match="not one of the proxy workflows"):
+        run_example.select_cases("proxy", "flux")
+
+
+def _write_random_video_proxy(out: Path) -> Path:
+    """A tiny RANDOM Wan t2v exported the way train_video_proxy.py exports (ComfyUI's own detection)."""
+    import importlib.util
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location("_et_train_video_proxy", REPO / "benchmarks" / "proxy" /
+                                                  "train_video_proxy.py")
+    trainer = sys.modules.get(spec.name)
+    if trainer is None:
+        trainer = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = trainer
+        spec.loader.exec_module(trainer)
+    cfg = trainer.wan_config(trainer.parse_args(["--synthetic", "--dim", "128", "--layers", "1", "--ffn", "256"]))
+    torch.manual_seed(0)
+    model = trainer.build_model(cfg, "cpu")
+    with torch.no_grad():
+        model.head.head.weight.normal_(0.0, 0.05)  # the trainer zeroes it: the output would ignore the model
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(out / "video_proxy.safetensors"),
+              metadata={"config": json.dumps(cfg), "sampling_shift": "3.0"})
+    save_file({"class_tokens": torch.randn(11, 4, 4096).half()}, str(out / "video_proxy_text.safetensors"),
+              metadata={"class_names": json.dumps(list(trainer.CLASS_NAMES) + ["<empty>"])})
+    return out / "video_proxy.safetensors"
+
+
+@pytest.fixture(scope="module")
+def proxy_server(comfy, tmp_path_factory):
+    """A real ComfyUI with this pack and the proxy nodes; the video proxy is a tiny random stand-in."""
+    from comfy_server import ComfyServer
+
+    video = _write_random_video_proxy(tmp_path_factory.mktemp("video_proxy"))
+    with ComfyServer(extra_args=run_example.proxy_server_args(),
+                     env={"ELASTIC_TOKENS_VIDEO_PROXY_WEIGHTS": str(video)}) as server:
+        yield server
+
+
+def _plot_has_colour(path: Path, hex_colour: str, min_pixels: int = 200) -> bool:
+    from PIL import Image
+
+    want = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    return int((np.abs(rgb - want).sum(-1) < 40).sum()) >= min_pixels
+
+
+def _check_proxy_result(result, case, tmp_path, cell: int, frames_per_item: int, tokens: tuple):
+    from PIL import Image
+
+    assert [r.name for r in result.runs] == ["baseline", "accelerated", "dynamic"]
+    base, acc, dyn = result.runs
+    size = {1: 128, 9: 64}[frames_per_item]
+    for r in result.runs:
+        assert r.frames.shape == (case.batch * frames_per_item, size, size, 3), r.name
+        assert 0 < r.sampler_s <= r.prompt_s + 0.5, r.name
+        assert r.schedule["steps"] == case.steps, r.name
+    # per-step schedule as the server reports it: the baseline plain, the accelerated run the forced one
+    assert base.schedule["source"].startswith("plain model") and base.schedule["factors"] == [1] * case.steps
+    assert acc.schedule["source"] == "Dynamic Patch Schedule"
+    assert acc.schedule["factors"] == [1] + [2] * (case.steps - 1)
+    assert acc.schedule["tokens"] == [tokens[0]] + [tokens[1]] * (case.steps - 1)
+    assert acc.log["flops_skipped_pct"] > 0 and dyn.schedule["steps"] == case.steps
+    assert base.psnr == math.inf and math.isfinite(acc.psnr) and acc.ssim < 1.0, "coarse steps change the output"
+    assert not np.array_equal(base.frames, acc.frames)
+
+    assert result.grid == tmp_path / f"{case.key}_proxy_grid.png"
+    with Image.open(result.grid) as im:
+        assert im.size == run_example.grid_size(3, case.batch, cell, cell)
+    assert result.schedule_plot == tmp_path / f"{case.key}_proxy_schedule.png"
+    with Image.open(result.schedule_plot) as im:
+        assert im.size == run_example.SCHEDULE_PLOT_PX
+    for name in ("accelerated", "baseline"):  # both lines are drawn
+        assert _plot_has_colour(result.schedule_plot, run_example.RUN_STYLE[name]["color"]), name
+    text = run_example.report(result)
+    assert f"per step 1x1,2x{case.steps - 1}" in text and "per step 1x" in text and str(result.grid) in text
+
+
+def test_main_job_on_image_proxy(proxy_server, tmp_path):
+    case = run_example.make_case("image", steps=4, batch=2)
+    assert case.schedule == "1x1,2x3"
+    result = run_example.run_case(proxy_server, case, dynamic=True, out_dir=tmp_path)
+    _check_proxy_result(result, case, tmp_path, cell=128, frames_per_item=1, tokens=(256, 64))
+
+
+def test_main_job_on_video_proxy_workflow(proxy_server, tmp_path):
+    case = run_example.make_case("video", steps=3, batch=2)
+    result = run_example.run_case(proxy_server, case, dynamic=True, out_dir=tmp_path)
+    _check_proxy_result(result, case, tmp_path, cell=192, frames_per_item=9, tokens=(9 * 8 * 8, 9 * 4 * 4))
+
+
+def test_main_end_to_end_with_missing_video_proxy(comfy, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("ELASTIC_TOKENS_VIDEO_PROXY_WEIGHTS", str(tmp_path / "missing.safetensors"))
+    assert run_example.main(["--batch", "2", "--steps", "2", "--no-dynamic", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "TRAINED PROXIES" in text and "video proxy: SKIPPED" in text and "Main job done" in text
+    assert (tmp_path / "image_proxy_grid.png").is_file() and (tmp_path / "image_proxy_schedule.png").is_file()
+    assert not (tmp_path / "video_proxy_grid.png").exists()
+    summary = json.loads((tmp_path / "main_job.json").read_text())
+    assert summary["skipped"] and [r["runs"][1]["schedule"]["factors"] for r in summary["results"]] == [[1, 2]]
