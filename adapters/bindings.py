@@ -26,6 +26,17 @@ class FamilyBinding:
     blocks: int              # transformer blocks each image token passes through
     linear_macs_per_token: int   # multiply-adds per token per block in the linear layers
     joint_text: bool         # text tokens share the self-attention (Flux) or only cross-attend (Wan)
+    # where patch adapters hook in (``transformer_options["patches_replace"]["dit"]`` keys)
+    first_block: tuple = ("double_block", 0)
+    last_block: tuple = ("double_block", 0)
+    last_block_has_text: bool = False    # Flux single blocks carry [text, image] tokens in "img"
+    fingerprint_names: tuple = ()        # weights that identify the base model (adapters/patch_adapter.py)
+    feed_forward: tuple = ()             # the feed-forward Linear layers (LoRA targets of adapters)
+
+    def image_tokens(self, hidden, count: int, text_tokens: int = 0):
+        """The ``count`` grid tokens of a block's ``img`` stream (reference tokens follow them)."""
+        start = text_tokens if self.last_block_has_text else 0
+        return hidden[:, start:start + count]
 
     def coarse_rope_options(self, base: dict | None, factor: int) -> dict:
         """RoPE options that place a ``factor``-times coarser grid on the native grid.
@@ -58,8 +69,16 @@ def _flux_binding(dm, latent_channels: int) -> FamilyBinding:
     mlp = int(d * p.mlp_ratio)
     # double block, per stream: qkv 3d^2 + proj d^2 + mlp 2*d*mlp; single block: the same, fused
     macs = 4 * d * d + 2 * d * mlp
-    return FamilyBinding("flux", int(dm.patch_size), latent_channels, 4, 1, d,
-                         len(dm.double_blocks) + len(dm.single_blocks), macs, True)
+    n_double, n_single = len(dm.double_blocks), len(dm.single_blocks)
+    first = ("double_block", 0) if n_double else ("single_block", 0)
+    last = ("single_block", n_single - 1) if n_single else ("double_block", n_double - 1)
+    ff = tuple(f"double_blocks.{i}.img_mlp.{j}" for i in range(n_double) for j in (0, 2))
+    ff += tuple(f"single_blocks.{i}.{name}" for i in range(n_single) for name in ("linear1", "linear2"))
+    tail = f"single_blocks.{n_single - 1}.linear2.weight" if n_single else f"double_blocks.{n_double - 1}.img_mlp.2.weight"
+    head = f"double_blocks.0.img_attn.qkv.weight" if n_double else "single_blocks.0.linear1.weight"
+    return FamilyBinding("flux", int(dm.patch_size), latent_channels, 4, 1, d, n_double + n_single, macs, True,
+                         first, last, bool(n_single),
+                         ("img_in.weight", head, tail, "final_layer.linear.weight"), ff)
 
 
 def _wan_binding(dm, latent_channels: int) -> FamilyBinding:
@@ -69,7 +88,12 @@ def _wan_binding(dm, latent_channels: int) -> FamilyBinding:
     d = dm.dim
     # self-attn qkvo 4d^2, cross-attn q and o 2d^2, ffn 2*d*ffn
     macs = 6 * d * d + 2 * d * dm.ffn_dim
-    return FamilyBinding("wan", ph, latent_channels, 5, pt, d, len(dm.blocks), macs, False)
+    n = len(dm.blocks)
+    ff = tuple(f"blocks.{i}.ffn.{j}" for i in range(n) for j in (0, 2))
+    return FamilyBinding("wan", ph, latent_channels, 5, pt, d, n, macs, False,
+                         ("double_block", 0), ("double_block", n - 1), False,
+                         ("patch_embedding.weight", "blocks.0.self_attn.q.weight", f"blocks.{n - 1}.ffn.2.weight",
+                          "head.head.weight"), ff)
 
 
 def binding_for(model_patcher) -> FamilyBinding:

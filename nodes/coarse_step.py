@@ -1,48 +1,20 @@
 """One transformer call at a coarse patch size, through the model's own forward.
 
-A patch of ``k*p`` cells embedded with PI-resized weights equals the native embed applied to
-a ``k``-times downsampled latent (kernels/resize.py). So a coarse step shrinks the inputs and
-calls the next executor in ComfyUI's DIFFUSION_MODEL wrapper chain unchanged: the model's
-own (LoRA-patched, quantised, compiled...) layers do the work; RoPE gets the coarse grid's
-positions through ``rope_options``; the noise level is corrected (kernels/flow.py) and the
-output is brought back to full size.
+The coarse math (downsample, noise-level correction, coarse RoPE positions, upsampled clean
+estimate, optional patch adapter) lives in adapters/coarse_forward.py, shared with the adapter
+trainer. Here it is bound to ComfyUI's DIFFUSION_MODEL wrapper chain: a coarse step calls the
+next executor with the shrunk inputs, so the model's own (LoRA-patched, quantised, compiled...)
+layers do the work.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
 
-from ..kernels import flow
-from ..kernels.patchify import pad_to_multiple
-from ..kernels.resize import downsample, noise_gain, upsample
-
-
-@functools.lru_cache(maxsize=32)
-def _signature(fn, drop_self: bool) -> inspect.Signature:
-    sig = inspect.signature(fn)
-    if drop_self:
-        sig = sig.replace(parameters=list(sig.parameters.values())[1:])
-    return sig
-
-
-def bind_call(executor, args, kwargs) -> inspect.BoundArguments:
-    """Name the arguments of a DIFFUSION_MODEL call (``x``, ``timestep``, ``context``, ...).
-
-    Uses the wrapped ``_forward``'s own signature, so it follows ComfyUI's argument order
-    for each family and version instead of hard-coding positions. (Cached per function, not
-    per bound method, so no model instance is kept alive by the cache.)
-    """
-    fn = executor.original
-    func = getattr(fn, "__func__", None)
-    sig = _signature(func, True) if func is not None else _signature(fn, False)
-    return sig.bind(*args, **kwargs)
-
-
-def call_bound(executor, bound: inspect.BoundArguments):
-    return executor(*bound.args, **bound.kwargs)
+from ..adapters.call_args import bind_call, call_bound  # noqa: F401  (re-exported for the wrappers)
+from ..adapters.coarse_forward import coarse_velocity
 
 
 def spatial_blocker(bound: inspect.BoundArguments) -> str | None:
@@ -64,31 +36,29 @@ def spatial_blocker(bound: inspect.BoundArguments) -> str | None:
     return None
 
 
-def run_coarse(executor, bound: inspect.BoundArguments, factor: int, run, graphs=None) -> torch.Tensor:
-    """Evaluate the model at ``factor`` times the native patch and return a full-size velocity."""
-    cfg, binding = run.config, run.binding
+def run_coarse(executor, bound: inspect.BoundArguments, factor: int, run, graphs=None, adapter=None) -> torch.Tensor:
+    """Evaluate the model at ``factor`` times the native patch and return a full-size velocity.
+
+    ``adapter`` (nodes/adapter_attach.AdapterHolder) adds the trained patch adapter of this
+    factor; without it the step is training-free (adapters/coarse_forward.py).
+    """
     x = bound.arguments["x"]
     timestep = bound.arguments["timestep"]
-    options = bound.arguments["transformer_options"]
     sigma = run.sigma_of(timestep).to(x.device)
 
-    padded, (h, w) = pad_to_multiple(x, factor * binding.native_patch)
-    gain = noise_gain(factor, binding.native_patch, cfg.downsample)
-    small = downsample(padded, factor, binding.native_patch, cfg.downsample)
-    small = flow.rescale_to_flow(small, sigma, gain, binding.latent_channels)
-    sigma_small = flow.coarse_sigma(sigma, gain)
+    def call(x_small, timestep_small, options_small):
+        bound.arguments["x"] = x_small
+        bound.arguments["timestep"] = timestep_small
+        bound.arguments["transformer_options"] = options_small
+        if graphs is not None:
+            return graphs.call(factor, bound, lambda b: call_bound(executor, b))
+        return call_bound(executor, bound)
 
-    coarse_options = dict(options)
-    coarse_options["rope_options"] = binding.coarse_rope_options(options.get("rope_options"), factor)
-    bound.arguments["x"] = small
-    bound.arguments["timestep"] = (sigma_small * run.t_per_sigma).to(timestep.dtype)
-    bound.arguments["transformer_options"] = coarse_options
-
-    if graphs is not None:
-        velocity_small = graphs.call(factor, bound, lambda b: call_bound(executor, b))
-    else:
-        velocity_small = call_bound(executor, bound)
-
-    x0_small = flow.clean_estimate(small, velocity_small, sigma_small)
-    x0 = upsample(x0_small, factor, cfg.upsample)[..., :h, :w]
-    return flow.full_velocity(x, x0, sigma).to(velocity_small.dtype)
+    part = lora = None
+    if adapter is not None:
+        part = adapter.part(factor, x.device)
+        lora = adapter.lora_context(executor.class_obj, factor, x.device, x.dtype)
+    return coarse_velocity(call, x, sigma, timestep.dtype, factor, run.binding, run.t_per_sigma,
+                           bound.arguments["transformer_options"], down=run.config.downsample,
+                           up=run.config.upsample, part=part, strength=adapter.strength if adapter else 1.0,
+                           lora=lora)

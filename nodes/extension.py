@@ -5,8 +5,9 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .dynamic_patch_schedule import DynamicPatchSchedule
+from .load_patch_adapter import LoadPatchAdapter
 
 
 class ElasticTokensExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [DynamicPatchSchedule]
+        return [DynamicPatchSchedule, LoadPatchAdapter]

@@ -18,6 +18,7 @@ import comfy.patcher_extension as pe
 import torch
 
 from ..adapters.bindings import FamilyBinding, binding_for
+from .adapter_attach import ADAPTER_KEY, AdapterHolder
 from .coarse_step import bind_call, run_coarse, spatial_blocker
 from .graph_replay import GraphCache, cache_for, drop_if_stale, graphable
 from .schedule_config import PatchScheduleConfig
@@ -128,12 +129,20 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     if factor == 1:
         return executor(*args, **kwargs)
 
+    adapter: AdapterHolder | None = options.get(ADAPTER_KEY)
+    if adapter is not None and not adapter.covers(factor):
+        run.note(f"{factor}p steps ran training-free: adapter {adapter.name} covers "
+                 + ", ".join(f"{k}p" for k in adapter.factors))
+        adapter = None
+    if adapter is not None:
+        run.report.adapter_calls += 1
+
     graphs = None
     model_class = type(executor.class_obj).__qualname__
-    if (run.config.cuda_graphs and x.is_cuda and model_class not in GraphCache.uncapturable
+    if (run.config.cuda_graphs and adapter is None and x.is_cuda and model_class not in GraphCache.uncapturable
             and graphable(bound.arguments)):
         if run.graphs is None:
             run.graphs = cache_for(executor.class_obj)
             run.graph_replays_before = run.graphs.replays
         graphs = run.graphs
-    return run_coarse(executor, bound, factor, run, graphs)
+    return run_coarse(executor, bound, factor, run, graphs, adapter)

@@ -31,6 +31,8 @@ class RunReport:
     flops_used: float = 0.0
     seconds: float = 0.0
     graph_replays: int = 0                                   # coarse calls replayed as CUDA graphs
+    adapter_calls: int = 0                                   # coarse calls run with a patch adapter
+    notes: list[str] = field(default_factory=list)           # one-off remarks for the log
 
     @property
     def saved_fraction(self) -> float:
@@ -51,6 +53,10 @@ class RunReport:
         if self.fallbacks:
             reasons = ", ".join(f"{n}x {r}" for r, n in self.fallbacks.items())
             text += f"; ran native instead of coarse: {reasons}"
+        if self.adapter_calls:
+            text += f"; {self.adapter_calls} coarse calls with the patch adapter"
+        for note in self.notes:
+            text += f"; {note}"
         return text
 
 
@@ -131,6 +137,10 @@ class ScheduleRun:
         self.report.flops_native += batch * b.step_flops(native, text_tokens)
         self.report.flops_used += batch * b.step_flops(used, text_tokens)
         self.report.calls[factor] += 1
+
+    def note(self, text: str) -> None:
+        if text not in self.report.notes:
+            self.report.notes.append(text)
 
     def fallback(self, reason: str) -> None:
         self.report.fallbacks[reason] += 1

@@ -141,6 +141,19 @@ def load_node():
     return PatchScheduleConfig, apply_patch_schedule
 
 
+_ADAPTERS: dict = {}
+
+
+def attach_adapter(model, path: str):
+    """``model`` with the patch adapter at ``path`` attached, as the Load Patch Adapter node does."""
+    from elastic_tokens.adapters.patch_adapter import load_adapter
+    from elastic_tokens.nodes.adapter_attach import attach_patch_adapter
+
+    if path not in _ADAPTERS:
+        _ADAPTERS[path] = load_adapter(path)
+    return attach_patch_adapter(model, _ADAPTERS[path], 1.0, Path(path).name)
+
+
 def _sync():
     import torch
 
@@ -246,7 +259,45 @@ class TinyFluxProvider(ModelProvider):
                 "conditioning": "one fixed random conditioning for every sample"}
 
 
-MODEL_PROVIDERS = {"tiny-flux": TinyFluxProvider}
+class TinyWanProvider(ModelProvider):
+    """The tests' tiny random-weight Wan 2.1 t2v on CPU (32x32 pixels -> 4x4 latent, 5 frames)."""
+
+    name = "tiny-wan"
+    steps = 6
+    cfg = 2.0
+    devices = ("cpu",)
+
+    def __init__(self, args):
+        self.size = int(getattr(args, "size", None) or 32)
+        self._model = None
+
+    def load(self):
+        import tiny_models
+
+        self._model = tiny_models.load_tiny_wan()
+        return self._model
+
+    def empty_latent(self, batch: int):
+        import tiny_models
+
+        return tiny_models.wan_latent(self.size, self.size, 5, batch)["samples"]
+
+    def conditioning(self, seeds):
+        import tiny_models
+
+        return tiny_models.wan_conditioning(batch=1, seed=0)
+
+    def decode(self, latents):
+        import torch
+
+        frames = latents[:, :, 0]  # first latent frame, preview only
+        return torch.sigmoid(frames[:, :3]).float()
+
+    def describe(self) -> dict:
+        return {"name": self.name, "weights": "random (tests/support/tiny_models.py)"}
+
+
+MODEL_PROVIDERS = {"tiny-flux": TinyFluxProvider, "tiny-wan": TinyWanProvider}
 
 
 def _load_factory(spec: str):
@@ -400,6 +451,7 @@ class Setting:
     node: dict | None = None    # PatchScheduleConfig kwargs for the node
     seed_offset: int = 0        # seeds are seed + seed_offset + i
     perturb: float = 0.0
+    adapter: bool = False       # "+A" settings: the node with --adapter attached (Load Patch Adapter)
 
     @property
     def schedule(self) -> str:
@@ -410,16 +462,19 @@ class Setting:
 
 def parse_settings(spec: str, steps: int, rho: float, cuda_graphs: bool) -> list[Setting]:
     out = []
-    for tok in [t.strip() for t in spec.split(",") if t.strip()]:
+    for name in [t.strip() for t in spec.split(",") if t.strip()]:
+        tok, adapter = (name[:-2], True) if name.endswith("+A") else (name, False)
         if tok.startswith("tau="):
             tau = float(tok[4:])
-            out.append(Setting(tok, "node", steps, {"tau": tau, "rho": rho, "cuda_graphs": cuda_graphs}))
+            out.append(Setting(name, "node", steps, {"tau": tau, "rho": rho, "cuda_graphs": cuda_graphs},
+                               adapter=adapter))
             continue
         sched = forced_for(tok, steps)
         n = len(expand_schedule(sched))
         if n > steps:
             raise SystemExit(f"setting {tok}: schedule {sched!r} has {n} steps, the run has {steps}")
-        out.append(Setting(tok, "node", steps, {"forced_schedule": sched, "cuda_graphs": cuda_graphs}))
+        out.append(Setting(name, "node", steps, {"forced_schedule": sched, "cuda_graphs": cuda_graphs},
+                           adapter=adapter))
     names = [s.name for s in out]
     if len(set(names)) != len(names):
         raise SystemExit(f"duplicate settings in {spec!r}")
@@ -448,9 +503,13 @@ def run_setting(provider, model, setting: Setting, seeds: list[int], args, node_
     import torch
 
     mp = model
+    if setting.adapter:
+        if not args.adapter:
+            raise SystemExit(f"setting {setting.name} needs --adapter PATH")
+        mp = attach_adapter(mp, args.adapter)
     if setting.node is not None:
         PatchScheduleConfig, apply_patch_schedule = node_api
-        mp = apply_patch_schedule(model, PatchScheduleConfig(**setting.node))
+        mp = apply_patch_schedule(mp, PatchScheduleConfig(**setting.node))
     batches = [seeds[i:i + args.batch] for i in range(0, len(seeds), args.batch)]
 
     def sample(batch_seeds):
@@ -739,6 +798,8 @@ def parse_args(argv=None):
                    help=f"node settings, comma list: 2x 2x80 4x 4x80 s=1x4/2x10/4x14 tau=X (default {DEFAULT_SETTINGS})")
     p.add_argument("--rho", type=float, default=0.4, help="rho for tau=X settings (default 0.4)")
     p.add_argument("--cuda-graphs", action="store_true", help="node setting cuda_graphs=True")
+    p.add_argument("--adapter", default=None,
+                   help="patch adapter (.safetensors) for settings ending in +A, e.g. 2x+A,tau=0.6+A")
     p.add_argument("--extra-steps", default="", help="more plain step counts for the competitor line, e.g. 6,10")
     p.add_argument("--perturb", type=float, default=2.0 ** -8,
                    help="eps of the perturbed-baseline row (default 2^-8, one bf16 rounding step; 0 = skip)")

@@ -1,0 +1,489 @@
+"""Self-distillation of patch adapters: the model teaches itself to run at a coarse patch size.
+
+Teacher: the frozen model at its native patch size. Student: the same weights evaluated at a
+coarse patch size exactly as the sampling loop does it (adapters/coarse_forward.py), plus the
+adapter (embed/de-embed corrections, patch-size embedding, residual) and peft LoRA on the
+feed-forward layers. Loss ``|| v_student - v_teacher ||^2`` on velocities.
+
+Data needs nothing external: the model first generates a pool of its own samples (through
+ComfyUI's sampler, with the provider's prompts); training inputs are those latents noised to the
+sigmas of the sampling schedule where coarse steps can happen. The conditioning of every sample
+(cond and uncond of CFG) is recorded from the model's real calls during generation, so whatever
+ComfyUI feeds the model (T5/CLIP context, pooled vectors, guidance, ...) is what training sees.
+
+Runs on one device or on several through ``torchrun`` (DDP; NCCL on GPUs, gloo on CPU): every
+process generates its own share of the pool, gradients of the adapter and LoRA are averaged.
+Checkpoints (adapter, LoRA, optimiser, RNG, pool) make a run resumable; rank 0 writes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bindings import binding_for
+from .call_args import bind_call
+from .coarse_forward import coarse_velocity
+from .patch_adapter import AdapterSpec, PatchAdapter, base_fingerprint, save_adapter
+from .train_forward import training_forward
+
+
+@dataclass
+class TrainConfig:
+    factors: tuple[int, ...] = (2,)
+    rank: int = 32
+    alpha: float = 32.0
+    steps: int = 1000
+    minutes: float | None = None        # wall-clock budget (stops early, then exports)
+    batch: int = 16                     # per process
+    lr: float = 1e-3                    # adapter layers
+    lora_lr: float = 2e-4
+    warmup: int = 50
+    grad_clip: float = 1.0
+    pool: int = 256                     # generated samples (all processes together)
+    gen_batch: int = 16
+    skip_steps: int = 3                 # first schedule steps (never coarse) are not trained on
+    down: str = "area"
+    up: str = "bilinear"
+    seed: int = 0
+    log_every: int = 25
+    ckpt: str | None = None             # checkpoint directory
+    ckpt_every_s: float = 120.0
+    resume: bool = False
+
+    def __post_init__(self):
+        self.factors = tuple(sorted({int(k) for k in self.factors}))
+        if not self.factors or any(k not in (2, 4) for k in self.factors):
+            raise ValueError(f"factors must be 2 and/or 4, got {self.factors}")
+        if self.rank < 1:
+            raise ValueError("rank must be >= 1")
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: str | None = None) -> "Dist":
+        """One process, or the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        want = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if want.startswith("cuda"):
+            dev = torch.device("cuda", local if world > 1 else (torch.device(want).index or 0))
+            torch.cuda.set_device(dev)
+        else:
+            dev = torch.device("cpu")
+        if world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        return cls(rank, world, local, dev)
+
+    def all_mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return float(t) / self.world
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------- the pool
+
+_SKIP_ARGS = {"x", "timestep", "transformer_options", "kwargs"}
+
+
+class ConditioningRecorder:
+    """DIFFUSION_MODEL wrapper keeping the first call's conditioning arguments, split per sample.
+
+    ComfyUI batches cond and uncond (``transformer_options["cond_or_uncond"]``, chunks of equal
+    size). Each chunk's tensors are stored per sample; non-tensor conditioning (ControlNet,
+    reference latent lists) is refused: training on it is not supported.
+    """
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def __call__(self, executor, *args, **kwargs):
+        bound = bind_call(executor, args, kwargs)
+        if not self.calls:
+            x = bound.arguments["x"]
+            named = {k: v for k, v in bound.arguments.items() if k not in _SKIP_ARGS}
+            named.update(bound.arguments.get("kwargs") or {})
+            chunks = list((bound.arguments.get("transformer_options") or {}).get("cond_or_uncond") or [0])
+            per = x.shape[0] // len(chunks)
+            rec = {}
+            for name, value in named.items():
+                if value is None:
+                    continue
+                if name == "control" or not isinstance(value, torch.Tensor):
+                    raise ValueError(f"adapter training does not support conditioning input '{name}' "
+                                     f"({type(value).__name__}); use plain text (and image) conditioning")
+                rec[name] = value.detach()
+            self.calls.append({"chunks": chunks, "per": per, "tensors": rec, "batch": x.shape[0]})
+        return executor(*args, **kwargs)
+
+    def samples(self) -> list[dict]:
+        """One dict of conditioning tensors (batch 1) per (sample, cond/uncond), cond first."""
+        call = self.calls[0]
+        out = {c: [] for c in call["chunks"]}
+        for ci, c in enumerate(call["chunks"]):
+            for i in range(call["per"]):
+                row = ci * call["per"] + i
+                out[c].append({k: (v[row:row + 1] if v.shape[0] == call["batch"] else v[:1]).cpu()
+                               for k, v in call["tensors"].items()})
+        return [entry for c in sorted(out) for entry in out[c]]
+
+
+def generate_pool(provider, model_patcher, seeds: list[int], gen_batch: int, log) -> tuple[torch.Tensor, list[dict]]:
+    """Sample the model on ``seeds`` (native, the provider's sampler settings).
+
+    Returns the clean latents in model space (``process_latent_in`` of the sampler's output) and,
+    per sample, its conditionings (cond, and uncond when CFG > 1)."""
+    import comfy.patcher_extension as pe
+    import comfy.sample
+
+    latents, conds = [], []
+    for start in range(0, len(seeds), gen_batch):
+        batch = seeds[start:start + gen_batch]
+        recorder = ConditioningRecorder()
+        mp = model_patcher.clone()
+        mp.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "elastic_tokens.train_recorder", recorder)
+        positive, negative = provider.conditioning(batch)
+        empty = provider.empty_latent(len(batch))
+        noise = torch.cat([comfy.sample.prepare_noise(empty[:1], s) for s in batch])
+        out = comfy.sample.sample(mp, noise, provider.steps, provider.cfg, provider.sampler, provider.scheduler,
+                                  positive, negative, empty, seed=batch[0], disable_pbar=True)
+        latents.append(model_patcher.model.process_latent_in(out.float()).cpu())
+        per_sample = recorder.samples()
+        n = len(batch)
+        for i in range(n):
+            conds.append([per_sample[j * n + i] for j in range(len(per_sample) // n)])
+        log(f"generated {min(start + gen_batch, len(seeds))}/{len(seeds)} pool samples")
+    return torch.cat(latents), conds
+
+
+# ----------------------------------------------------------------------------- LoRA (peft)
+
+def inject_lora(dm: nn.Module, targets: tuple[str, ...], factors, rank: int, alpha: float) -> list[nn.Parameter]:
+    """peft LoRA adapters ``k2``/``k4`` on ``targets`` of the training copy of the model (fp32)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    for k in factors:
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="none")
+        inject_adapter_in_model(config, dm, adapter_name=f"k{k}")
+    params = []
+    for name, p in dm.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+            params.append(p)
+    return params
+
+
+def lora_layers(dm: nn.Module):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in dm.modules() if isinstance(m, LoraLayer)]
+
+
+def set_lora(layers, params, factor: int | None) -> None:
+    """Activate the LoRA of ``factor`` (None: none, the teacher). peft toggles requires_grad on
+    these calls; every LoRA parameter stays trainable for the optimiser and DDP."""
+    for layer in layers:
+        if factor is None:
+            layer.enable_adapters(False)
+        else:
+            layer.enable_adapters(True)
+            layer.set_adapter(f"k{factor}")
+    for p in params:
+        p.requires_grad_(True)
+
+
+def export_lora(dm: nn.Module, factors) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    out: dict[int, dict] = {}
+    for name, module in dm.named_modules():
+        for k in factors:
+            a = getattr(module, "lora_A", {})
+            if f"k{k}" in a:
+                out.setdefault(k, {})[name] = (module.lora_A[f"k{k}"].weight.detach().float().cpu(),
+                                               module.lora_B[f"k{k}"].weight.detach().float().cpu())
+    return out
+
+
+# ----------------------------------------------------------------------------- the student
+
+class Student(nn.Module):
+    """The trainable part (adapter + LoRA, inside ``dm``) behind one ``forward`` for DDP."""
+
+    def __init__(self, dm, adapter: PatchAdapter, binding, forward_fn, layers, lora_params, cfg: TrainConfig,
+                 t_per_sigma: float):
+        super().__init__()
+        self.dm = dm
+        self.adapter = adapter
+        self._fwd = forward_fn
+        self._binding = binding
+        self._layers = layers
+        self._lora_params = lora_params
+        self._cfg = cfg
+        self._t_per_sigma = t_per_sigma
+
+    def forward(self, x, sigma, cond: dict, factor: int):
+        set_lora(self._layers, self._lora_params, factor)
+
+        def call(xs, ts, opts):
+            return self._fwd(xs, ts, transformer_options=opts, **cond)
+        # timesteps stay float32, as ComfyUI's BaseModel.apply_model passes them
+        return coarse_velocity(call, x, sigma, torch.float32, factor, self._binding, self._t_per_sigma, {},
+                               down=self._cfg.down, up=self._cfg.up, part=self.adapter.part(factor))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _save_ckpt(path: Path, student_state: dict, optim, step: int, gen: torch.Generator, extra: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "state.pt.tmp"
+    torch.save({"trainable": student_state, "optim": optim.state_dict(), "step": step,
+                "rng": gen.get_state(), "extra": extra}, tmp)
+    tmp.replace(path / "state.pt")
+
+
+def _save_pool(path: Path, rank: int, latents: torch.Tensor, conds: list) -> None:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {"latents": latents.contiguous()}
+    for i, per in enumerate(conds):
+        for j, c in enumerate(per):
+            for k, v in c.items():
+                tensors[f"cond.{i}.{j}.{k}"] = v.contiguous()
+    save_file(tensors, str(path / f"pool.rank{rank}.safetensors"))
+
+
+def _load_pool(path: Path, rank: int):
+    from safetensors.torch import load_file
+
+    f = path / f"pool.rank{rank}.safetensors"
+    if not f.is_file():
+        return None
+    t = load_file(str(f))
+    latents = t.pop("latents")
+    conds: list[list[dict]] = [[] for _ in range(latents.shape[0])]
+    for key in sorted(t):
+        _, i, j, name = key.split(".", 3)
+        i, j = int(i), int(j)
+        while len(conds[i]) <= j:
+            conds[i].append({})
+        conds[i][j][name] = t[key]
+    return latents, conds
+
+
+# ----------------------------------------------------------------------------- training
+
+def _stack(entries: list[dict], device, dtype) -> dict:
+    out = {}
+    for k in entries[0]:
+        v = torch.cat([e[k] for e in entries]).to(device)
+        out[k] = v.to(dtype) if v.is_floating_point() else v
+    return out
+
+
+def _batches_by_shape(conds: list[list[dict]]):
+    """Group (sample, conditioning) pairs whose tensors stack (same shapes)."""
+    groups: dict[tuple, list] = {}
+    for i, per in enumerate(conds):
+        for j, c in enumerate(per):
+            sig = tuple(sorted((k, tuple(v.shape[1:])) for k, v in c.items()))
+            groups.setdefault(sig, []).append((i, j))
+    return list(groups.values())
+
+
+def _interactive() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
+
+
+def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | None = None, log=print) -> dict:
+    """Train an adapter for ``provider``'s model and write it to ``out_path`` (rank 0).
+
+    ``provider`` is a scripts/bench_quality.py model provider (``setup``, ``load``, ``empty_latent``,
+    ``conditioning``, ``steps``/``cfg``/``sampler``/``scheduler``). Returns a summary dict.
+    """
+    import comfy.model_management
+    import comfy.samplers
+
+    t_start = time.time()
+    dist = Dist.from_env(device)
+    say = log if dist.main else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed + dist.rank)
+    model_patcher = provider.load()
+    if dist.device.type == "cuda":
+        comfy.model_management.load_models_gpu([model_patcher], force_full_load=True)
+    binding = binding_for(model_patcher)
+    dm = model_patcher.model.diffusion_model
+    dtype = model_patcher.model.get_dtype() if dist.device.type == "cuda" else torch.float32
+    sampling = model_patcher.get_model_object("model_sampling")
+    t_per_sigma = float(sampling.timestep(torch.tensor(1.0)))
+    sigmas = comfy.samplers.calculate_sigmas(sampling, provider.scheduler, provider.steps).float()
+    train_sigmas = sigmas[cfg.skip_steps:-1]
+    if train_sigmas.numel() == 0:
+        raise ValueError(f"skip_steps={cfg.skip_steps} leaves no steps of the {provider.steps}-step schedule")
+
+    ckpt = Path(cfg.ckpt) if cfg.ckpt else None
+    pool = _load_pool(ckpt, dist.rank) if (ckpt and cfg.resume) else None
+    seeds = list(range(dist.rank, cfg.pool, dist.world))
+    if pool is None:
+        say(f"generating a pool of {cfg.pool} samples ({provider.steps} steps, cfg {provider.cfg}) "
+            f"on {dist.world} process(es)")
+        with torch.no_grad():
+            pool = generate_pool(provider, model_patcher, seeds, cfg.gen_batch, say)
+        if ckpt:
+            _save_pool(ckpt, dist.rank, *pool)
+    latents, conds = pool
+    groups = _batches_by_shape(conds)
+    t_pool = time.time() - t_start
+
+    fp = base_fingerprint(model_patcher, binding)
+    spec = AdapterSpec(binding.family, binding.native_patch, binding.temporal_patch, binding.latent_channels,
+                       binding.hidden_size, cfg.factors, cfg.rank, cfg.alpha, tuple(binding.feed_forward), fp,
+                       {k: v for k, v in asdict(cfg).items() if k not in ("ckpt", "resume")})
+    adapter = PatchAdapter(spec).to(dist.device)
+    for p in dm.parameters():
+        p.requires_grad_(False)
+    lora_params = inject_lora(dm, binding.feed_forward, cfg.factors, cfg.rank, cfg.alpha)
+    dm.to(dist.device)
+    layers = lora_layers(dm)
+    fwd = training_forward(dm)
+    student = Student(dm, adapter, binding, fwd, layers, lora_params, cfg, t_per_sigma)
+    trainable = {n: p for n, p in student.named_parameters() if "lora_" in n or n.startswith("adapter.")}
+    for p in trainable.values():
+        p.requires_grad_(True)
+    optim = torch.optim.AdamW([
+        {"params": [p for n, p in trainable.items() if n.startswith("adapter.")], "lr": cfg.lr},
+        {"params": [p for n, p in trainable.items() if "lora_" in n], "lr": cfg.lora_lr}],
+        betas=(0.9, 0.99), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)
+    step = 0
+    if ckpt and cfg.resume and (ckpt / "state.pt").is_file():
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for n, t in state["trainable"].items():
+                trainable[n].copy_(t)
+        optim.load_state_dict(state["optim"])
+        step = int(state["step"])
+        gen.set_state(state["rng"])
+        say(f"resumed from {ckpt} at step {step}")
+
+    model = student
+    if dist.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            student, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+            find_unused_parameters=len(cfg.factors) > 1, broadcast_buffers=False)
+
+    def lr_factor(s):
+        return min(1.0, (s + 1) / max(cfg.warmup, 1))
+    base_lrs = [g["lr"] for g in optim.param_groups]
+
+    history, first_loss, last_ckpt = [], None, time.time()
+    deadline = t_start + 60.0 * cfg.minutes if cfg.minutes else None
+    progress = None
+    if dist.main and _interactive():
+        try:
+            from tqdm import tqdm
+            progress = tqdm(total=cfg.steps, initial=step, desc="adapter", unit="step", dynamic_ncols=True)
+        except ImportError:
+            progress = None
+    t_loop = time.time()
+    steps_this_run = 0
+    samples_seen = 0
+    while step < cfg.steps:
+        if deadline is not None and dist.all_mean(float(time.time() > deadline)) > 0:
+            say(f"time budget of {cfg.minutes} min reached at step {step}")
+            break
+        group = groups[int(torch.randint(len(groups), (1,), generator=gen))]
+        pick = torch.randint(len(group), (cfg.batch,), generator=gen).tolist()
+        entries = [group[i] for i in pick]
+        x0 = latents[[i for i, _ in entries]].to(dist.device, torch.float32)
+        cond = _stack([conds[i][j] for i, j in entries], dist.device, dtype)
+        sigma = train_sigmas[torch.randint(len(train_sigmas), (cfg.batch,), generator=gen)].to(dist.device)
+        eps = torch.randn(x0.shape, generator=gen).to(dist.device)
+        s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+        x_t = ((1.0 - s) * x0 + s * eps).to(dtype)
+        factor = cfg.factors[int(torch.randint(len(cfg.factors), (1,), generator=gen))]
+
+        with torch.no_grad():
+            set_lora(layers, lora_params, None)
+            v_teacher = fwd(x_t, sigma * t_per_sigma, transformer_options={}, **cond).float()
+        v_student = model(x_t, sigma, cond, factor).float()
+        loss = F.mse_loss(v_student, v_teacher)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip))
+        for g, base in zip(optim.param_groups, base_lrs):
+            g["lr"] = base * lr_factor(step)
+        optim.step()
+        step += 1
+        steps_this_run += 1
+        samples_seen += cfg.batch * dist.world
+        value = dist.all_mean(float(loss.detach()))
+        if first_loss is None:
+            first_loss = value
+        history.append(value)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{value:.4f}")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            recent = history[-cfg.log_every:]
+            say(f"step {step}: loss {sum(recent) / len(recent):.5f} (first {first_loss:.5f}), grad {grad_norm:.3f}")
+        if ckpt and dist.main and time.time() - last_ckpt > cfg.ckpt_every_s:
+            _save_ckpt(ckpt, {n: p.detach().cpu() for n, p in trainable.items()}, optim, step, gen, {})
+            last_ckpt = time.time()
+    if progress is not None:
+        progress.close()
+    loop_s = time.time() - t_loop
+
+    set_lora(layers, lora_params, None)
+    adapter.lora = export_lora(dm, cfg.factors)
+    tail = history[-max(1, min(len(history), cfg.log_every)):]
+    summary = {
+        "steps": step, "steps_this_run": steps_this_run, "world_size": dist.world,
+        "samples_per_s": samples_seen / loop_s if loop_s > 0 else None,
+        "first_loss": first_loss, "final_loss": sum(tail) / len(tail) if tail else None,
+        "pool_s": t_pool, "train_s": loop_s, "total_s": time.time() - t_start,
+        "peak_memory_gib": (torch.cuda.max_memory_allocated(dist.device) / 2**30
+                            if dist.device.type == "cuda" else None),
+        "adapter_parameters": adapter.parameter_count(), "factors": list(cfg.factors), "rank": cfg.rank,
+        "family": binding.family, "device": str(dist.device),
+    }
+    adapter.spec.training.update({"final_loss": summary["final_loss"], "first_loss": first_loss,
+                                  "steps_done": step, "world_size": dist.world})
+    if dist.main:
+        if ckpt:
+            _save_ckpt(ckpt, {n: p.detach().cpu() for n, p in trainable.items()}, optim, step, gen, {})
+        save_adapter(adapter, out_path)
+        say(f"wrote {out_path}: {summary['adapter_parameters'] / 1e6:.2f}M parameters; loss "
+            f"{first_loss:.5f} (training-free) -> {summary['final_loss']:.5f} after {step} steps "
+            f"({summary['samples_per_s']:.1f} samples/s)")
+    dist.barrier()
+    return summary

@@ -1,0 +1,62 @@
+"""The "Load Patch Adapter" node: MODEL in, MODEL out, with a trained patch adapter attached.
+
+Adapters live in ``models/elastic_tokens/`` (``.safetensors`` only) and are made by
+``scripts/train_patch_adapter.py``. They change nothing on their own: the Dynamic Patch Schedule
+uses them on its coarse steps (place this node before or after it).
+"""
+
+from __future__ import annotations
+
+import os
+
+from comfy_api.v0_0_2 import io
+
+from ..adapters.patch_adapter import load_adapter
+from .adapter_attach import attach_patch_adapter
+
+FOLDER = "elastic_tokens"
+
+
+def register_folder() -> None:
+    """``models/elastic_tokens`` (plus any extra_model_paths.yaml entry of that name), .safetensors only."""
+    import folder_paths
+
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=True)
+    paths, _ = folder_paths.folder_names_and_paths[FOLDER]
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors"})
+
+
+class LoadPatchAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import folder_paths
+
+        register_folder()
+        return io.Schema(
+            node_id="ElasticTokensLoadPatchAdapter",
+            display_name="Load Patch Adapter",
+            category="model_patches/elastic_tokens",
+            description=(
+                "Attach a patch adapter trained for this model (scripts/train_patch_adapter.py): "
+                "coarse-patch embed/de-embed layers and LoRA that the Dynamic Patch Schedule uses on "
+                "its coarse steps only; native steps stay the untouched model. Files go in "
+                "models/elastic_tokens/."),
+            inputs=[
+                io.Model.Input("model", tooltip="The Flux or Wan model the adapter was trained on "
+                                                 "(user LoRAs may be applied before or after)."),
+                io.Combo.Input("adapter_name", options=folder_paths.get_filename_list(FOLDER),
+                               tooltip="A .safetensors patch adapter in models/elastic_tokens/."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                               display_mode=io.NumberDisplay.slider,
+                               tooltip="Scales everything the adapter adds. 0 = training-free coarse "
+                                       "steps, 1 = as trained."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with the adapter attached (for coarse steps).")],
+        )
+
+    @classmethod
+    def execute(cls, model, adapter_name, strength) -> io.NodeOutput:
+        import folder_paths
+
+        path = folder_paths.get_full_path_or_raise(FOLDER, adapter_name)
+        return io.NodeOutput(attach_patch_adapter(model, load_adapter(path), strength, adapter_name))

@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Train a patch adapter for a model by self-distillation (adapters/training.py).
+
+One GPU (or CPU)::
+
+    python scripts/train_patch_adapter.py --model benchmarks/proxy/image_provider.py:make_provider \\
+        --out models/elastic_tokens/image_proxy_2p.safetensors --factors 2 --steps 2000
+
+Several GPUs of one host (DDP through torchrun; gloo when on CPU)::
+
+    torchrun --standalone --nproc_per_node 4 scripts/train_patch_adapter.py --model ... --out ...
+
+``--model`` picks the model and its prompts:
+
+* ``module.py:factory`` or a name of scripts/bench_quality.py's providers (``tiny-flux``,
+  ``tiny-wan``): the benchmark's providers (the proxies: benchmarks/proxy/*_provider.py);
+* ``random:flux`` / ``random:wan``: FLUX.1-dev / Wan 2.1 1.3B at real size with random weights
+  and random conditioning (scripts/bench_speed.py's builders): time and memory measurements only;
+* ``files``: your own model files, as ComfyUI loads them: ``--unet`` (models/diffusion_models),
+  ``--clip`` once or twice (models/text_encoders), ``--clip-type flux|wan``, ``--prompts`` (a text
+  file, one prompt per line), ``--width/--height/--length``, ``--sample-steps``, ``--cfg``,
+  ``--guidance``.
+
+The adapter goes to ``--out`` (put it in ComfyUI's ``models/elastic_tokens/`` and load it with
+the "Load Patch Adapter" node). ``--ckpt DIR`` keeps a checkpoint (and the generated pool) there;
+``--resume`` continues from it. A summary JSON is written beside the adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for _p in (REPO / "scripts", REPO / "tests" / "support"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+
+# ----------------------------------------------------------------------------- providers
+
+class RandomSizeProvider:
+    """Real-size FLUX.1-dev / Wan 2.1 1.3B, random weights and conditioning (bench_speed.py)."""
+
+    sampler = "euler"
+    scheduler = "simple"
+
+    def __init__(self, family: str, args):
+        import bench_speed
+
+        self.family = family
+        self.w = bench_speed.WORKLOADS[family]
+        self.steps = args.sample_steps or 8
+        self.cfg = self.w["cfg"] if args.cfg is None else args.cfg
+        self.args = argparse.Namespace(tiny=args.tiny_random, seed=args.seed, weight_std=0.02, loader="direct")
+        self._latent = self._pos = self._neg = None
+
+    def setup(self, device):
+        import bench_speed
+
+        bench_speed.setup_comfyui(device, verbose=False)
+
+    def load(self):
+        import torch
+        import bench_speed
+
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        patcher, _ = bench_speed.build_patcher(self.family, self.args, dtype)
+        latent, self._pos, self._neg, _ = bench_speed.make_inputs(self.family, self.args, self.w)
+        self._latent = latent["samples"]
+        return patcher
+
+    def empty_latent(self, batch):
+        return self._latent.expand(batch, *self._latent.shape[1:]).clone()
+
+    def conditioning(self, seeds):
+        return self._pos, self._neg
+
+
+class FilesProvider:
+    """A user's own model files through ComfyUI's loaders and text encoders."""
+
+    sampler = "euler"
+    scheduler = "simple"
+
+    def __init__(self, args):
+        if not args.unet or not args.clip or not args.prompts:
+            raise SystemExit("--model files needs --unet, --clip (once or twice) and --prompts")
+        self.args = args
+        self.prompts = [p.strip() for p in Path(args.prompts).read_text().splitlines() if p.strip()]
+        if not self.prompts:
+            raise SystemExit(f"{args.prompts} holds no prompts")
+        self.steps = args.sample_steps or 28
+        self.cfg = 1.0 if args.cfg is None else args.cfg
+        self._clip = None
+        self._cache = {}
+
+    def setup(self, device):
+        import bench_quality
+
+        bench_quality.setup_comfy(device)
+
+    def load(self):
+        import comfy.sd
+        import folder_paths
+
+        def path(folder, name):
+            return name if os.path.isfile(name) else folder_paths.get_full_path_or_raise(folder, name)
+
+        clip_type = getattr(comfy.sd.CLIPType, self.args.clip_type.upper())
+        self._clip = comfy.sd.load_clip(ckpt_paths=[path("text_encoders", c) for c in self.args.clip],
+                                        embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                                        clip_type=clip_type)
+        return comfy.sd.load_diffusion_model(path("diffusion_models", self.args.unet))
+
+    def _encode(self, text):
+        if text not in self._cache:
+            tokens = self._clip.tokenize(text)
+            self._cache[text] = self._clip.encode_from_tokens_scheduled(tokens)
+        return self._cache[text]
+
+    def empty_latent(self, batch):
+        import torch
+
+        a = self.args
+        if a.clip_type == "wan":
+            return torch.zeros(batch, 16, (a.length - 1) // 4 + 1, a.height // 8, a.width // 8)
+        return torch.zeros(batch, 16, a.height // 8, a.width // 8)
+
+    def conditioning(self, seeds):
+        import torch
+
+        prompts = [self.prompts[s % len(self.prompts)] for s in seeds]
+        conds = [self._encode(p) for p in prompts]
+        ctx = torch.cat([c[0][0] for c in conds])
+        extra = dict(conds[0][0][1])
+        if "pooled_output" in extra:
+            extra["pooled_output"] = torch.cat([c[0][1]["pooled_output"] for c in conds])
+        if self.args.guidance is not None:
+            extra["guidance"] = self.args.guidance
+        neg = self._encode("")
+        return [[ctx, extra]], [[neg[0][0], dict(neg[0][1])]]
+
+
+def make_provider(args):
+    if args.model.startswith("random:"):
+        return RandomSizeProvider(args.model.split(":", 1)[1], args)
+    if args.model == "files":
+        return FilesProvider(args)
+    import bench_quality
+
+    return bench_quality.make_model_provider(args.model, args)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", required=True); a("--out", required=True)
+    a("--factors", default="2", help="coarse factors to train, e.g. 2 or 2,4")
+    a("--rank", type=int, default=32); a("--alpha", type=float, default=None, help="LoRA alpha (default = rank)")
+    a("--steps", type=int, default=1000); a("--minutes", type=float, default=None)
+    a("--batch", type=int, default=16, help="per process"); a("--lr", type=float, default=1e-3)
+    a("--lora-lr", type=float, default=2e-4); a("--warmup", type=int, default=50)
+    a("--pool", type=int, default=256, help="generated samples (all processes)"); a("--gen-batch", type=int, default=16)
+    a("--skip-steps", type=int, default=3, help="first schedule steps not trained on (always native)")
+    a("--ckpt", default=None); a("--resume", action="store_true"); a("--ckpt-every-s", type=float, default=120.0)
+    a("--log-every", type=int, default=25); a("--seed", type=int, default=0)
+    a("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    # model-specific
+    a("--unet"); a("--clip", action="append"); a("--clip-type", default="flux", choices=["flux", "wan"])
+    a("--prompts"); a("--width", type=int, default=1024); a("--height", type=int, default=1024)
+    a("--length", type=int, default=33); a("--sample-steps", type=int, default=None)
+    a("--cfg", type=float, default=None); a("--guidance", type=float, default=None)
+    a("--size", type=int, default=None, help="image size for the tiny providers")
+    a("--tiny-random", action="store_true", help="random:* at tiny dims (CPU smoke test)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    provider = make_provider(args)
+    if args.sample_steps:
+        provider.steps = args.sample_steps
+    if args.cfg is not None:
+        provider.cfg = args.cfg
+    provider.setup(device)
+    import comfy_runtime
+
+    comfy_runtime.load_pack()
+    from elastic_tokens.adapters.training import TrainConfig, train
+
+    cfg = TrainConfig(factors=tuple(int(k) for k in args.factors.split(",")), rank=args.rank,
+                      alpha=float(args.alpha if args.alpha is not None else args.rank), steps=args.steps,
+                      minutes=args.minutes, batch=args.batch, lr=args.lr, lora_lr=args.lora_lr,
+                      warmup=args.warmup, pool=args.pool, gen_batch=args.gen_batch, skip_steps=args.skip_steps,
+                      seed=args.seed, log_every=args.log_every, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every_s,
+                      resume=args.resume)
+    summary = train(provider, cfg, args.out, device=device, log=lambda m: print(m, flush=True))
+    summary["command"] = " ".join(sys.argv)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(args.out).with_suffix(".json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2), flush=True)
+    return summary
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
