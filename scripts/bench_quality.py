@@ -729,12 +729,18 @@ def plot(record: dict, path: Path) -> None:
             if base and base.get(xk) is not None and base.get(yk) is not None:
                 ax.plot([base[xk]], [base[yk]], "*", color="black", markersize=13, label="baseline", zorder=5)
             nodes = [r for r in rows if r["kind"] == "node" and r.get(xk) is not None and r.get(yk) is not None]
-            if nodes:
-                ax.scatter([r[xk] for r in nodes], [r[yk] for r in nodes], color="#2a7ab9", zorder=6,
-                           label="Dynamic Patch Schedule")
-                for r in nodes:
+            for with_adapter, color, text, label in (
+                    (False, "#2a7ab9", "#1d5a8a", "Dynamic Patch Schedule, training-free"),
+                    (True, "#2e9e4f", "#1f6e37", "Dynamic Patch Schedule + patch adapter")):
+                group = [r for r in nodes if r["setting"].endswith("+A") == with_adapter]
+                if not group:
+                    continue
+                ax.scatter([r[xk] for r in group], [r[yk] for r in group], color=color, zorder=6, label=label)
+                for r in group:
                     ax.annotate(r["setting"], (r[xk], r[yk]), textcoords="offset points", xytext=(4, 4),
-                                fontsize=8, color="#1d5a8a")
+                                fontsize=8, color=text)
+            if yk == "fid":
+                ax.set_yscale("log")
             if yk == "fid" and spread.get("fid_seeds_b") is not None:
                 ax.axhline(spread["fid_seeds_b"], color="#d9822b", ls="--", lw=1,
                            label="baseline, other seeds (FID noise)")

@@ -14,7 +14,10 @@ Models (``--models``):
   ``video`` or ``both``; the video workflow is skipped with a message while
   ``benchmarks/proxy/video_proxy.safetensors`` does not exist. One prompt per setting samples a
   batch (default: image 10 = every class once, video 5), batch item ``i`` = class ``i % 10``.
-  Writes ``out/<key>_proxy_grid.png`` (rows baseline / accelerated / dynamic, one column per batch
+  The proxy workflows hold a Load Patch Adapter node (the trained adapters of
+  ``benchmarks/proxy/adapters``, found through the same extra-paths file), so a fourth run,
+  **adapter**, repeats the accelerated schedule with it. Writes ``out/<key>_proxy_grid.png``
+  (rows baseline / accelerated / adapter / dynamic, one column per batch
   item, labelled) and ``out/<key>_proxy_schedule.png`` (patch-size factor and image tokens per step,
   one line per setting, from the ``Proxy schedule: {...}`` line the proxy loader's sampling wrapper
   logs after each run).
@@ -29,9 +32,10 @@ seed as:
 
 * **baseline**    -- the pack's node bypassed (mode 4, as Ctrl+B in the UI): the plain model;
 * **accelerated** -- the node with a forced schedule standing for the speed setting
-  (``1x6,2x22`` at 28 steps: the first ~20% of steps native, the rest at 2p);
-* **dynamic**     -- the node at the workflow's own settings (automatic schedule), unless
-  ``--no-dynamic``.
+  (tiny models: ``1x6,2x22`` at 28 steps; proxies: ``1x4,2x20,1x4``), training-free;
+* **adapter**     -- (proxies) the same forced schedule with the trained patch adapter;
+* **dynamic**     -- the node at the workflow's own settings (automatic schedule; with the
+  adapter where the workflow has one), unless ``--no-dynamic``.
 
 A warm-up prompt first loads every model, so the timed prompts only re-run the sampler, the decode
 and the save node (ComfyUI caches the loaders and prompts). Per run it reports the prompt's wall
@@ -69,6 +73,7 @@ import numpy as np  # noqa: E402
 import workflow_api  # noqa: E402
 
 PACK_NODE = "ElasticTokensDynamicPatchSchedule"
+ADAPTER_NODE = "ElasticTokensLoadPatchAdapter"
 OUT_DIR = REPO / "out"
 LOG_PREFIX = "Dynamic Patch Schedule:"
 PROXY_LOG_PREFIX = "Proxy schedule:"  # benchmarks/proxy/custom_nodes/elastic_tokens_proxy
@@ -100,6 +105,7 @@ class Case:
     item_frames: int = 1     # decoded frames per batch item (video proxy: 9)
     item_labels: list = field(default_factory=list)  # grid column labels (class names)
     model_note: str = "tiny random-weight model, CPU"
+    use_adapter: bool = True  # run the workflow's Load Patch Adapter node (if it has one) in an extra row
 
     def size_text(self) -> str:
         text = f"{self.width}x{self.height} px" + (" latent size" if self.proxy else "")
@@ -117,6 +123,18 @@ def speed_schedule(steps: int, coarse_fraction: float = 0.8) -> str:
     """
     coarse = min(steps - 1, max(1, round(coarse_fraction * steps)))
     return f"1x{steps - coarse},2x{coarse}"
+
+
+def proxy_schedule(steps: int) -> str:
+    """The proxies' speed setting: 4 native steps, 2p, then 4 native steps to finish the detail.
+
+    ``proxy_schedule(28) == "1x4,2x20,1x4"``: 2.21x fewer token-FLOPs on the image proxy, the
+    setting BENCHMARKS.md measures with and without the trained patch adapter (ending on coarse
+    steps, as "1x6,2x22" does, loses far more quality there).
+    """
+    if steps < 16:
+        return speed_schedule(steps)
+    return f"1x4,2x{steps - 8},1x4"
 
 
 def _load_proxy_module(name: str):
@@ -180,7 +198,7 @@ def make_case(key: str, *, width=None, height=None, steps=None, frames=None, see
         raise ValueError(f"unknown workflow {key!r} (flux, wan, image or video)")
     if case.proxy:
         case.item_labels = [f"{PROXY_CLASS_NAMES[i % 10]} (item {i})" for i in range(case.batch)]
-    case.schedule = schedule or speed_schedule(case.steps)
+    case.schedule = schedule or (proxy_schedule(case.steps) if case.proxy else speed_schedule(case.steps))
     return case
 
 
@@ -359,9 +377,16 @@ def _json_num(x):
     return "inf" if isinstance(x, float) and math.isinf(x) else x
 
 
-def build_prompt(case: Case, object_info: dict, *, node: str, steps=None, size=None, prefix: str) -> dict:
-    """API prompt of ``case``: node = "bypass" | "forced" | "dynamic"; size/steps for the warm-up."""
+def build_prompt(case: Case, object_info: dict, *, node: str, steps=None, size=None, prefix: str,
+                 adapter: bool = False) -> dict:
+    """API prompt of ``case``: node = "bypass" | "forced" | "dynamic"; size/steps for the warm-up.
+
+    ``adapter``: keep the workflow's Load Patch Adapter node (if any) active; otherwise it is
+    bypassed like the schedule node, so "forced" alone is the training-free coarse schedule."""
     wf = json.loads(case.workflow.read_text(encoding="utf-8"))
+    for n in wf["nodes"]:
+        if n["type"] == ADAPTER_NODE and (node == "bypass" or not adapter):
+            n["mode"] = 4
     width, height = size or (case.width, case.height)
     latent = {"width": width, "height": height, "batch_size": case.batch if size is None else 1}
     if case.frames:
@@ -570,6 +595,7 @@ def sample_grid(case: Case, runs: list, path: Path) -> Path:
 
 RUN_STYLE = {"baseline": dict(color="#555555", lw=4.0, ls="-", alpha=0.5),
              "accelerated": dict(color="#d62728", lw=2.0, ls="-", marker="o", ms=4),
+             "adapter": dict(color="#2ca02c", lw=1.5, ls=":", marker="s", ms=3),
              "dynamic": dict(color="#1f77b4", lw=1.5, ls="--", marker="x", ms=5)}
 SCHEDULE_PLOT_PX = (1000, 640)
 
@@ -662,13 +688,19 @@ def run_case(server, case: Case, *, object_info: dict | None = None, dynamic: bo
             prompt = build_prompt(case, object_info, node="bypass", steps=1, size=(64, 64),
                                   prefix=f"elastic_tokens/{case.key}_warmup_{tag}")
             run_prompt(server, recorder, prompt, "warm-up", "", expect_log=False, timeout=timeout)
-        plan = [("baseline", "bypass", "node bypassed (mode 4)"),
-                ("accelerated", "forced", f"forced schedule {case.schedule}")]
+        has_adapter = case.use_adapter and any(
+            n["type"] == ADAPTER_NODE for n in json.loads(case.workflow.read_text())["nodes"])
+        plan = [("baseline", "bypass", "node bypassed (mode 4)", False),
+                ("accelerated", "forced", f"forced schedule {case.schedule}, training-free", False)]
+        if has_adapter:
+            plan.append(("adapter", "forced", f"forced schedule {case.schedule} + trained patch adapter", True))
         if dynamic:
-            plan.append(("dynamic", "dynamic", "automatic schedule, workflow settings"))
+            plan.append(("dynamic", "dynamic", "automatic schedule, workflow settings"
+                         + (" + patch adapter" if has_adapter else ""), has_adapter))
         runs = []
-        for name, node, description in plan:
-            prompt = build_prompt(case, object_info, node=node, prefix=f"elastic_tokens/{case.key}_{name}_{tag}")
+        for name, node, description, adapter in plan:
+            prompt = build_prompt(case, object_info, node=node, prefix=f"elastic_tokens/{case.key}_{name}_{tag}",
+                                  adapter=adapter)
             runs.append(run_prompt(server, recorder, prompt, name, description,
                                    expect_log=node != "bypass", timeout=timeout, expect_proxy=case.proxy))
     finally:
@@ -770,8 +802,9 @@ Read these numbers for what they are:
     "proxy": """\
 Read these numbers for what they are:
  * Quality: PSNR/SSIM compare each setting with the baseline on the same seed and classes (the grid
-   shows them). The coarse steps are training-free here; on this proxy they lose to simply running
-   fewer steps at the same cost (BENCHMARKS.md sections 3-4: FID and LPIPS over many samples).
+   shows them). Training-free coarse steps lose to simply running fewer steps at the same cost on
+   this proxy; the trained patch adapter (benchmarks/proxy/adapters) recovers most of it (BENCHMARKS.md:
+   FID and LPIPS over 2,000 samples on an H100, beside the fewer-steps competitor).
  * Speed: CPU timings of small proxies (13M / 7M parameters, 256-576 image tokens per sample), where
    per-step overhead weighs far more than in the 12B / 1.3B transformers; the node's "% FLOPs
    skipped" counts the proxy's own FLOPs. They are NOT the GPU speed-ups on FLUX.1-dev / Wan 2.1;

@@ -175,7 +175,7 @@ def test_proxy_class_names_are_the_trainers():
     assert run_example.PROXY_CLASS_NAMES == list(trainer.CLASS_NAMES)
     case = run_example.make_case("image", batch=12)
     assert case.item_labels[0].startswith("T-shirt/top") and case.item_labels[11].startswith("Trouser")
-    assert case.schedule == "1x6,2x22" and case.steps == 28
+    assert case.schedule == "1x4,2x20,1x4" and case.steps == 28  # run_example.proxy_schedule
     video = run_example.make_case("video")
     assert (video.frames, video.item_frames, video.batch, video.steps) == (33, 9, 5, 30)
 
@@ -240,8 +240,9 @@ def _plot_has_colour(path: Path, hex_colour: str, min_pixels: int = 200) -> bool
 def _check_proxy_result(result, case, tmp_path, cell: int, frames_per_item: int, tokens: tuple):
     from PIL import Image
 
-    assert [r.name for r in result.runs] == ["baseline", "accelerated", "dynamic"]
-    base, acc, dyn = result.runs
+    names = ["baseline", "accelerated"] + (["adapter"] if case.use_adapter else []) + ["dynamic"]
+    assert [r.name for r in result.runs] == names
+    base, acc, dyn = result.runs[0], result.runs[1], result.runs[-1]
     size = {1: 128, 9: 64}[frames_per_item]
     for r in result.runs:
         assert r.frames.shape == (case.batch * frames_per_item, size, size, 3), r.name
@@ -258,12 +259,17 @@ def _check_proxy_result(result, case, tmp_path, cell: int, frames_per_item: int,
 
     assert result.grid == tmp_path / f"{case.key}_proxy_grid.png"
     with Image.open(result.grid) as im:
-        assert im.size == run_example.grid_size(3, case.batch, cell, cell)
+        assert im.size == run_example.grid_size(len(names), case.batch, cell, cell)
     assert result.schedule_plot == tmp_path / f"{case.key}_proxy_schedule.png"
     with Image.open(result.schedule_plot) as im:
         assert im.size == run_example.SCHEDULE_PLOT_PX
     for name in ("accelerated", "baseline"):  # both lines are drawn
         assert _plot_has_colour(result.schedule_plot, run_example.RUN_STYLE[name]["color"]), name
+    if case.use_adapter:  # the trained adapter: same schedule, used on every coarse call, other pixels
+        ada = result.run("adapter")
+        assert ada.schedule["factors"] == acc.schedule["factors"]
+        assert "coarse calls with the patch adapter" in ada.log_line and "patch adapter" not in acc.log_line
+        assert not np.array_equal(ada.frames, acc.frames)
     text = run_example.report(result)
     assert f"per step 1x1,2x{case.steps - 1}" in text and "per step 1x" in text and str(result.grid) in text
 
@@ -277,6 +283,7 @@ def test_main_job_on_image_proxy(proxy_server, tmp_path):
 
 def test_main_job_on_video_proxy_workflow(proxy_server, tmp_path):
     case = run_example.make_case("video", steps=3, batch=2)
+    case.use_adapter = False  # the committed video adapter belongs to the trained proxy, not this random one
     result = run_example.run_case(proxy_server, case, dynamic=True, out_dir=tmp_path)
     _check_proxy_result(result, case, tmp_path, cell=192, frames_per_item=9, tokens=(9 * 8 * 8, 9 * 4 * 4))
 

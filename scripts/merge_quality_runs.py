@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Merge the rows of several scripts/bench_quality.py runs of the SAME model, seeds, n and steps
+into one table and one Pareto plot (runs split across device calls, e.g. training-free rows in one
+call and adapter rows in the next).
+
+    python scripts/merge_quality_runs.py RUN_DIR [RUN_DIR ...] --out DIR
+
+Rows are keyed by setting name; a row present in several runs (the baseline, a fewer-steps
+competitor) is taken from the first run that has it, and the runs must agree on it: the same
+baseline FID is checked, since every run samples the same seeds on the same code path. The
+baseline's spread (seeds B, perturbed) comes from the first run that measured it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_quality  # noqa: E402
+
+SAME = ("n", "steps", "seed", "sampler", "scheduler", "cfg")
+
+
+def merge(records: list[dict]) -> dict:
+    first = records[0]
+    for r in records[1:]:
+        diff = {k: (first["meta"].get(k), r["meta"].get(k)) for k in SAME if first["meta"].get(k) != r["meta"].get(k)}
+        if diff or r["meta"]["model"].get("name") != first["meta"]["model"].get("name"):
+            raise SystemExit(f"runs differ in {diff or 'model'}: not mergeable")
+        b0 = next(x for x in first["rows"] if x["kind"] == "baseline")
+        b1 = next(x for x in r["rows"] if x["kind"] == "baseline")
+        if abs((b0["fid"] or 0) - (b1["fid"] or 0)) > 1e-6:
+            raise SystemExit(f"baselines differ (FID {b0['fid']} vs {b1['fid']}): not the same samples")
+    rows, seen = [], set()
+    for rec in records:
+        for row in rec["rows"]:
+            if row["setting"] not in seen:
+                seen.add(row["setting"])
+                rows.append(row)
+    order = {"baseline": 0, "baseline_seeds_b": 1, "baseline_perturbed": 2, "node": 3, "fewer_steps": 4}
+    rows.sort(key=lambda r: (order.get(r["kind"], 9), -(r.get("flops_reduction") or 0) if r["kind"] == "fewer_steps" else 0))
+    spread = {}
+    for rec in records:
+        for k, v in rec.get("spread", {}).items():
+            if v is not None and spread.get(k) is None:
+                spread[k] = v
+    meta = dict(first["meta"])
+    meta["merged_from"] = [rec["meta"].get("command") for rec in records]
+    meta["notes"] = [n for rec in records for n in rec["meta"].get("notes", []) if "failed" not in n]
+    return {"meta": meta, "rows": rows, "spread": spread}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    records = [json.loads((Path(d) / "bench_quality.json").read_text()) for d in args.runs]
+    record = merge(records)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_quality.json").write_text(json.dumps(record, indent=1, default=bench_quality._json_default))
+    (out / "bench_quality.md").write_text(bench_quality.markdown(record))
+    bench_quality.plot(record, out / "pareto.png")
+    print(bench_quality.markdown(record))
+
+
+if __name__ == "__main__":
+    main()
