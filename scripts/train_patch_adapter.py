@@ -137,7 +137,7 @@ class FilesProvider:
         conds = [self._encode(p) for p in prompts]
         ctx = torch.cat([c[0][0] for c in conds])
         extra = dict(conds[0][0][1])
-        if "pooled_output" in extra:
+        if isinstance(extra.get("pooled_output"), torch.Tensor):
             extra["pooled_output"] = torch.cat([c[0][1]["pooled_output"] for c in conds])
         if self.args.guidance is not None:
             extra["guidance"] = self.args.guidance
