@@ -482,8 +482,11 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
         if ckpt:
             _save_ckpt(ckpt, {n: p.detach().cpu() for n, p in trainable.items()}, optim, step, gen, {})
         save_adapter(adapter, out_path)
-        say(f"wrote {out_path}: {summary['adapter_parameters'] / 1e6:.2f}M parameters; loss "
-            f"{first_loss:.5f} (training-free) -> {summary['final_loss']:.5f} after {step} steps "
-            f"({summary['samples_per_s']:.1f} samples/s)")
+        if first_loss is None:  # no step this run (resumed a finished run, or --minutes ran out first)
+            result = f"no training step in this run ({step} steps done)"
+        else:
+            result = (f"loss {first_loss:.5f} (training-free) -> {summary['final_loss']:.5f} after {step} steps "
+                      f"({summary['samples_per_s']:.1f} samples/s)")
+        say(f"wrote {out_path}: {summary['adapter_parameters'] / 1e6:.2f}M parameters; {result}")
     dist.barrier()
     return summary

@@ -1,0 +1,273 @@
+"""Patch-adapter training (adapters/training.py through scripts/train_patch_adapter.py) on CPU.
+
+Short self-distillation runs on the tests' tiny Flux and Wan (the ``tiny-flux`` / ``tiny-wan``
+providers of scripts/bench_quality.py): the written adapter loads and attaches, is closer to the
+native teacher than the training-free coarse step on inputs it never saw, gives at sampling time
+exactly the velocity the trainer's student optimised, resumes exactly from a checkpoint without
+regenerating its pool, and the torchrun (DDP, gloo) path completes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny_models
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "train_patch_adapter.py"
+# tiny-flux: 64x64 px (8x8 latent: 16 native tokens, 4 at 2p), 8 euler steps, cfg 1
+FLUX_ARGS = ["--model", "tiny-flux", "--size", "64", "--pool", "8", "--gen-batch", "8", "--batch", "4",
+             "--rank", "4", "--warmup", "1", "--lr", "3e-3", "--log-every", "10", "--seed", "0"]
+STEPS = 80
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny models: intra-op threads only add overhead, and oversubscribe a shared 2-core runner
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def script(pack):
+    spec = importlib.util.spec_from_file_location("train_patch_adapter", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(script, capsys, *argv) -> tuple[dict, str]:
+    """``train_patch_adapter.main(argv)`` in this process: (summary, printed log)."""
+    summary = script.main([str(a) for a in argv])
+    return summary, capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def flux_run(script, tmp_path_factory):
+    """One STEPS-step tiny-flux run with a checkpoint folder (the reference of the resume test)."""
+    out_dir = tmp_path_factory.mktemp("flux_run")
+    out = out_dir / "tiny_flux_2p.safetensors"
+    summary = script.main(FLUX_ARGS + ["--steps", str(STEPS), "--out", str(out), "--ckpt", str(out_dir / "ckpt")])
+    return out, summary
+
+
+def adapter_tensors(path):
+    from elastic_tokens.adapters.patch_adapter import load_adapter, state_dict_for_file
+
+    return state_dict_for_file(load_adapter(path))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def _held_out_inputs(model, seeds=(1000, 1001)):
+    """Clean latents the model samples natively on seeds outside the training pool (0..7), the
+    provider's conditioning, and the sigmas that training covers (8 steps, skip 3)."""
+    import comfy.sample
+    import comfy.samplers
+
+    pos, neg = tiny_models.flux_conditioning(batch=1, seed=0)  # the tiny-flux provider's prompt
+    empty = tiny_models.flux_latent(64, 64)["samples"]
+    x0 = []
+    for seed in seeds:
+        out = comfy.sample.sample(model, comfy.sample.prepare_noise(empty, seed), 8, 1.0, "euler", "simple",
+                                  pos, neg, empty, seed=seed, disable_pbar=True)
+        x0.append(model.model.process_latent_in(out.float()))
+    sampling = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "simple", 8).float()[3:-1]
+    return torch.cat(x0), pos[0], sigmas
+
+
+def eval_batch(model):
+    """Fixed inputs: held-out clean latents noised (fixed noise) to every trained sigma, and their
+    conditioning as the model receives it."""
+    x0, (context, extra), sigmas = _held_out_inputs(model)
+    n = x0.shape[0] * sigmas.numel()
+    x0 = x0.repeat_interleave(sigmas.numel(), 0)
+    sigma = sigmas.repeat(n // sigmas.numel())
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(123))
+    s = sigma.view(-1, 1, 1, 1)
+    cond = dict(context=context.expand(n, -1, -1), y=extra["pooled_output"].expand(n, -1),
+                guidance=torch.full((n,), float(extra["guidance"])))
+    return (1 - s) * x0 + s * noise, sigma, cond
+
+
+def sampling_velocities(model, adapter, x, sigma, cond):
+    """(native, training-free 2p, adapter 2p) velocities through the sampling-time code: the
+    schedule's default resize modes, AdapterHolder's layers and its LoRA as forward hooks."""
+    from elastic_tokens.adapters.bindings import binding_for
+    from elastic_tokens.adapters.coarse_forward import coarse_velocity
+    from elastic_tokens.nodes.adapter_attach import AdapterHolder
+    from elastic_tokens.nodes.schedule_config import PatchScheduleConfig
+
+    dm = model.model.diffusion_model
+    binding = binding_for(model)
+    t_per_sigma = float(model.get_model_object("model_sampling").timestep(torch.tensor(1.0)))
+    modes = dict(down=PatchScheduleConfig().downsample, up=PatchScheduleConfig().upsample)
+
+    def call(xs, ts, opts):
+        return dm(xs, ts, transformer_options=opts, **cond)
+
+    holder = AdapterHolder(adapter, 1.0, "trained")
+    with torch.no_grad():
+        native = call(x, sigma * t_per_sigma, {})
+        free = coarse_velocity(call, x, sigma, torch.float32, 2, binding, t_per_sigma, {}, **modes)
+        trained = coarse_velocity(call, x, sigma, torch.float32, 2, binding, t_per_sigma, {}, **modes,
+                                  part=holder.part(2, x.device),
+                                  lora=holder.lora_context(dm, 2, x.device, x.dtype))
+    assert not any(m._forward_hooks for m in dm.modules())
+    return native, free, trained
+
+
+def trainer_student_velocity(adapter, x, sigma, cond):
+    """The trainer's own student (peft LoRA in a fresh copy of the tiny Flux, the autograd-safe
+    forward) holding ``adapter``'s exported tensors: what training optimised."""
+    from elastic_tokens.adapters import training
+    from elastic_tokens.adapters.bindings import binding_for
+    from elastic_tokens.adapters.train_forward import training_forward
+
+    model = tiny_models.load_tiny_flux()  # peft changes the modules: never the session's model
+    dm = model.model.diffusion_model
+    binding = binding_for(model)
+    spec = adapter.spec
+    params = training.inject_lora(dm, spec.lora_targets, spec.factors, spec.rank, spec.alpha)
+    with torch.no_grad():
+        for name, (a, b) in adapter.lora[2].items():
+            layer = dm.get_submodule(name)
+            layer.lora_A["k2"].weight.copy_(a)
+            layer.lora_B["k2"].weight.copy_(b)
+    t_per_sigma = float(model.get_model_object("model_sampling").timestep(torch.tensor(1.0)))
+    student = training.Student(dm, adapter, binding, training_forward(dm), training.lora_layers(dm), params,
+                               training.TrainConfig(factors=spec.factors, rank=spec.rank), t_per_sigma)
+    with torch.no_grad():
+        return student(x, sigma, cond, 2)
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_trained_flux_adapter_loads_attaches_and_beats_training_free(pack, flux_run, tiny_flux):
+    from elastic_tokens.adapters.bindings import binding_for
+    from elastic_tokens.adapters.patch_adapter import base_fingerprint, fingerprint_problems, load_adapter
+    from elastic_tokens.nodes.adapter_attach import ADAPTER_KEY, attach_patch_adapter
+
+    out, summary = flux_run
+    adapter = load_adapter(out)
+    spec = adapter.spec
+    binding = binding_for(tiny_flux)
+    assert (spec.family, spec.factors, spec.rank, spec.alpha) == ("flux", (2,), 4, 4.0)
+    assert (spec.native_patch, spec.latent_channels, spec.hidden_size) == (2, 16, 64)
+    assert spec.lora_targets == binding.feed_forward
+    assert set(spec.fingerprint) == set(binding.fingerprint_names)
+    assert not fingerprint_problems(spec.fingerprint, base_fingerprint(tiny_flux, binding))
+    assert spec.training["steps_done"] == STEPS and spec.training["world_size"] == 1
+    # LoRA of every feed-forward layer, trained (peft initialises B to zero)
+    assert set(adapter.lora) == {2} and set(adapter.lora[2]) == set(binding.feed_forward)
+    assert all(b.abs().max() > 0 for _, b in adapter.lora[2].values())
+    assert all(p.abs().max() > 0 for p in adapter.coarse.parameters())
+
+    written = json.loads(out.with_suffix(".json").read_text())
+    assert written["steps"] == STEPS and written["world_size"] == 1 and written["family"] == "flux"
+    assert summary["final_loss"] < summary["first_loss"]
+
+    attached = attach_patch_adapter(tiny_flux, adapter, 1.0, out.name)
+    assert attached.model_options["transformer_options"][ADAPTER_KEY].adapter is adapter
+
+    x, sigma, cond = eval_batch(tiny_flux)
+    native, free, trained = sampling_velocities(tiny_flux, adapter, x, sigma, cond)
+    free_error, trained_error = float(((free - native) ** 2).mean()), float(((trained - native) ** 2).mean())
+    assert trained_error < 0.6 * free_error, (free_error, trained_error)  # 0.50-0.52 (seeds 0-2)
+    # what runs at sampling time is what the trainer optimised (same resize modes, LoRA scale, ...)
+    torch.testing.assert_close(trainer_student_velocity(adapter, x, sigma, cond), trained, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_continues_exactly_without_regenerating_the_pool(pack, script, flux_run, tmp_path, capsys):
+    reference, _ = flux_run
+    out = tmp_path / "resumed.safetensors"
+    ckpt = tmp_path / "ckpt"
+    half = STEPS // 2
+    first, log = run(script, capsys, *FLUX_ARGS, "--steps", half, "--out", out, "--ckpt", ckpt)
+    assert "generating a pool of 8 samples" in log and first["steps"] == half
+    pool_file = ckpt / "pool.rank0.safetensors"
+    pool_stat = pool_file.stat()
+    assert (ckpt / "state.pt").is_file()
+
+    second, log = run(script, capsys, *FLUX_ARGS, "--steps", STEPS, "--out", out, "--ckpt", ckpt, "--resume")
+    assert "generating a pool" not in log and f"resumed from {ckpt} at step {half}" in log
+    assert pool_file.stat().st_mtime_ns == pool_stat.st_mtime_ns  # read, not rewritten
+    assert second["steps"] == STEPS and second["steps_this_run"] == STEPS - half
+
+    expected, got = adapter_tensors(reference), adapter_tensors(out)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+    # resuming a finished run trains no further and writes the same adapter
+    third, log = run(script, capsys, *FLUX_ARGS, "--steps", STEPS, "--out", out, "--ckpt", ckpt, "--resume")
+    assert third["steps_this_run"] == 0 and "generating a pool" not in log
+    assert all(torch.equal(a, b) for a, b in zip(adapter_tensors(out).values(), got.values()))
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # one peft adapter per factor, by design
+def test_tiny_wan_trains_both_factors(pack, script, tiny_wan, tmp_path, capsys):
+    from elastic_tokens.adapters.patch_adapter import load_adapter
+    from elastic_tokens.nodes.adapter_attach import attach_patch_adapter
+    from elastic_tokens.nodes.patch_schedule import apply_patch_schedule
+    from elastic_tokens.nodes.schedule_config import PatchScheduleConfig
+
+    out = tmp_path / "tiny_wan.safetensors"
+    summary, log = run(script, capsys, "--model", "tiny-wan", "--factors", "2,4", "--pool", "2", "--gen-batch", "2",
+                       "--batch", "2", "--rank", "4", "--steps", "6", "--warmup", "1", "--log-every", "3",
+                       "--out", out)
+    assert summary["family"] == "wan" and summary["factors"] == [2, 4] and summary["steps"] == 6
+    adapter = load_adapter(out)
+    assert adapter.spec.family == "wan" and adapter.spec.factors == (2, 4)
+    assert set(adapter.lora) == {2, 4}
+    assert all(len(adapter.lora[k]) == 4 for k in (2, 4))  # ffn.0 and ffn.2 of both blocks
+    # cfg 2 > 1: cond and uncond of every pool sample were recorded and trained on
+    assert "generated 2/2 pool samples" in log
+    patched = apply_patch_schedule(attach_patch_adapter(tiny_wan, adapter, 1.0, out.name),
+                                   PatchScheduleConfig(forced_schedule="4x2,2x2"))
+    import comfy.sample
+
+    pos, neg = tiny_models.wan_conditioning()
+    latent = tiny_models.wan_latent(32, 32, 5)["samples"]
+    result = comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, 0), 6, 2.0, "euler", "simple", pos, neg,
+                                 latent, seed=0, disable_pbar=True)
+    report = patched.model_options["transformer_options"]["elastic_tokens_patch_schedule"].last_report
+    assert torch.isfinite(result).all() and report.adapter_calls == 4 and not report.notes
+
+
+def test_torchrun_two_processes_on_cpu(pack, tmp_path):
+    out = tmp_path / "ddp.safetensors"
+    env = dict(os.environ, ELASTIC_TOKENS_TINY_TEXT_ENCODERS="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+           *FLUX_ARGS, "--size", "32", "--steps", "4", "--out", str(out), "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4 and summary["device"] == "cpu"
+    assert "on 2 process(es)" in proc.stdout
+    from elastic_tokens.adapters.patch_adapter import load_adapter
+
+    adapter = load_adapter(out)
+    assert adapter.spec.training["world_size"] == 2 and adapter.spec.factors == (2,)
+
+
+def test_clear_errors_for_bad_settings(pack, script, tmp_path):
+    out = tmp_path / "never.safetensors"
+    with pytest.raises(ValueError, match="factors must be 2 and/or 4"):
+        script.main(FLUX_ARGS + ["--factors", "3", "--out", str(out)])
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        script.main(FLUX_ARGS + ["--rank", "0", "--out", str(out)])
+    with pytest.raises(ValueError, match="skip_steps=8 leaves no steps of the 8-step schedule"):
+        script.main(FLUX_ARGS + ["--skip-steps", "8", "--out", str(out)])
+    assert not out.exists()
