@@ -18,9 +18,6 @@ Checkpoints (adapter, LoRA, optimiser, RNG, pool) make a run resumable; rank 0 w
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -406,6 +403,7 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
     base_lrs = [g["lr"] for g in optim.param_groups]
 
     history, first_loss, last_ckpt = [], None, time.time()
+    start_step = step  # 0: the first loss is the training-free step's; after a resume it is not
     deadline = t_start + 60.0 * cfg.minutes if cfg.minutes else None
     progress = None
     if dist.main and _interactive():
@@ -476,7 +474,8 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
         "adapter_parameters": adapter.parameter_count(), "factors": list(cfg.factors), "rank": cfg.rank,
         "family": binding.family, "device": str(dist.device),
     }
-    adapter.spec.training.update({"final_loss": summary["final_loss"], "first_loss": first_loss,
+    adapter.spec.training.update({"final_loss": summary["final_loss"],
+                                  ("first_loss" if start_step == 0 else "first_loss_after_resume"): first_loss,
                                   "steps_done": step, "world_size": dist.world})
     if dist.main:
         if ckpt:
@@ -485,7 +484,8 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
         if first_loss is None:  # no step this run (resumed a finished run, or --minutes ran out first)
             result = f"no training step in this run ({step} steps done)"
         else:
-            result = (f"loss {first_loss:.5f} (training-free) -> {summary['final_loss']:.5f} after {step} steps "
+            label = "training-free" if start_step == 0 else f"at step {start_step}, resumed"
+            result = (f"loss {first_loss:.5f} ({label}) -> {summary['final_loss']:.5f} after {step} steps "
                       f"({summary['samples_per_s']:.1f} samples/s)")
         say(f"wrote {out_path}: {summary['adapter_parameters'] / 1e6:.2f}M parameters; {result}")
     dist.barrier()

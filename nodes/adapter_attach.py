@@ -10,6 +10,7 @@ activations, on top of whatever weights the model has.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 
 import torch
@@ -45,7 +46,7 @@ class AdapterHolder:
         key = (factor, str(device))
         if key not in self._parts:
             part = self.adapter.part(factor)
-            self._parts[key] = None if part is None else _copy_module(part).to(device=device, dtype=torch.float32)
+            self._parts[key] = None if part is None else copy.deepcopy(part).to(device=device, dtype=torch.float32)
         return self._parts[key]
 
     def lora_context(self, diffusion_model, factor: int, device, dtype):
@@ -54,12 +55,6 @@ class AdapterHolder:
         if not layers or scale == 0.0:
             return contextlib.nullcontext
         return lambda: activation_lora(diffusion_model, layers, scale)
-
-
-def _copy_module(module):
-    import copy
-
-    return copy.deepcopy(module)
 
 
 def check_adapter(model_patcher, adapter: PatchAdapter, binding: FamilyBinding, name: str = "adapter") -> None:

@@ -13,7 +13,7 @@ import inspect
 
 import torch
 
-from ..adapters.call_args import bind_call, call_bound  # noqa: F401  (re-exported for the wrappers)
+from ..adapters.call_args import call_bound
 from ..adapters.coarse_forward import coarse_velocity
 
 

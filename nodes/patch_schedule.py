@@ -18,8 +18,9 @@ import comfy.patcher_extension as pe
 import torch
 
 from ..adapters.bindings import FamilyBinding, binding_for
+from ..adapters.call_args import bind_call
 from .adapter_attach import ADAPTER_KEY, AdapterHolder
-from .coarse_step import bind_call, run_coarse, spatial_blocker
+from .coarse_step import run_coarse, spatial_blocker
 from .graph_replay import GraphCache, cache_for, drop_if_stale, graphable
 from .schedule_config import PatchScheduleConfig
 from .schedule_run import RunReport, ScheduleRun
