@@ -388,6 +388,11 @@ def test_pack_node_is_registered(object_info):
     assert PACK_NODE in object_info, "the pack's node did not load into the server"
     assert object_info[PACK_NODE]["display_name"] == "Dynamic Patch Schedule"
     assert object_info[PACK_NODE]["output"] == ["MODEL"]
+    adapter = object_info["ElasticTokensLoadPatchAdapter"]
+    assert adapter["display_name"] == "Load Patch Adapter" and adapter["output"] == ["MODEL"]
+    required = adapter["input"]["required"]
+    assert set(required) == {"model", "adapter_name", "strength"}
+    assert required["strength"][1]["min"] == 0.0 and required["strength"][1]["default"] == 1.0
 
 
 @pytest.mark.server
