@@ -786,7 +786,7 @@ Model: TINY RANDOM-WEIGHT stand-ins for FLUX.1-dev / Wan 2.1 1.3B (--models tiny
        tests/support/tiny_models.py, under the workflows' file names), not the real checkpoints.""",
     "proxy": """\
 Model: the embedded default = the TRAINED PROXIES of benchmarks/proxy (Fashion-MNIST; image: ComfyUI's
-       Flux class, 13M parameters, 128x128; video: ComfyUI's Wan 2.1 class, 9 frames of 64x64), loaded
+       Flux class, 9.3M parameters, 128x128; video: ComfyUI's Wan 2.1 class, 9 frames of 64x64), loaded
        by the proxy nodes (benchmarks/proxy/custom_nodes) in the proxy workflows; not FLUX.1-dev / Wan.""",
 }
 
@@ -803,9 +803,10 @@ Read these numbers for what they are:
 Read these numbers for what they are:
  * Quality: PSNR/SSIM compare each setting with the baseline on the same seed and classes (the grid
    shows them). Training-free coarse steps lose to simply running fewer steps at the same cost on
-   this proxy; the trained patch adapter (benchmarks/proxy/adapters) recovers most of it (BENCHMARKS.md:
-   FID and LPIPS over 2,000 samples on an H100, beside the fewer-steps competitor).
- * Speed: CPU timings of small proxies (13M / 7M parameters, 256-576 image tokens per sample), where
+   this proxy; the trained patch adapter (benchmarks/proxy/adapters) closes much of the gap: on the
+   image proxy it beats the fewer-steps competitor on FID, not yet on LPIPS (BENCHMARKS.md section 5:
+   FID and LPIPS over 2,000 samples on an H100).
+ * Speed: CPU timings of small proxies (9.3M / 7.0M parameters, 256-576 image tokens per sample), where
    per-step overhead weighs far more than in the 12B / 1.3B transformers; the node's "% FLOPs
    skipped" counts the proxy's own FLOPs. They are NOT the GPU speed-ups on FLUX.1-dev / Wan 2.1;
    see BENCHMARKS.md for those.""",
