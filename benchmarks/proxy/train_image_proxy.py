@@ -294,44 +294,9 @@ def merge_shards(out: Path) -> Path:
 
 # --------------------------------------------------------------------------- training
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    a = p.add_argument
-    a("--data", default=".proxy_data"); a("--synthetic", action="store_true")
-    a("--hidden", type=int, default=256); a("--heads", type=int, default=4)
-    a("--depth", type=int, default=2); a("--single", type=int, default=4); a("--ctx-dim", type=int, default=256)
-    a("--batch", type=int, default=256); a("--lr", type=float, default=3e-4); a("--warmup", type=int, default=500)
-    a("--ema", type=float, default=0.999); a("--label-drop", type=float, default=0.1)
-    a("--minutes", type=float, default=None); a("--reserve-s", type=float, default=60.0)
-    a("--max-steps", type=int, default=None)
-    a("--ckpt", default=None); a("--ckpt-every", type=float, default=120.0); a("--resume", default=None)
-    a("--export", default=None); a("--log-every", type=int, default=100)
-    a("--sample-steps", type=int, default=28); a("--sample-cols", type=int, default=8)
-    a("--compile", action="store_true"); a("--fixed-batch", action="store_true",
-                                            help="reuse one batch every step (overfit check)")
-    a("--seed", type=int, default=0); a("--device", default=None)
-    a("--shard-mib", type=float, default=15.5, help="shard the fp16 model file above this size")
-    a("--merge", default=None, metavar="DIR", help="only merge exported shards in DIR, then exit")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> dict:
-    t_start = time.time()
-    args = parse_args(argv)
-    if args.merge:
-        return {"merged": str(merge_shards(Path(args.merge)))}
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    amp = device.type == "cuda"
-    setup_comfyui(device.type)
-    fwd = load_flux_forward()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    cfg = flux_config(args)
-    torch.manual_seed(args.seed)
-    model = build_model(cfg, device)
-    class_tokens = torch.nn.Parameter(torch.randn(11, 4, args.ctx_dim, device=device))
+def training_state(args, model, class_tokens, cfg, device, argv):
+    """Optimiser, EMA, generator and run state for ``model`` + ``class_tokens``, resumed from
+    ``--resume`` if given (shared by the image and video proxy trainers)."""
     params = list(model.parameters()) + [class_tokens]
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0,
@@ -355,30 +320,18 @@ def main(argv=None) -> dict:
         state = ck["state"]
         print(f"[resume] {args.resume} at step {state['step']}", flush=True)
     state["commands"].append(" ".join([sys.executable] + sys.argv if argv is None else ["main"] + list(argv)))
+    return params, n_params, opt, ema, gen, state
 
-    imgs_u8, labels_all = load_data(args)
-    imgs_u8, labels_all = imgs_u8.to(device), labels_all.to(device)
-    N = imgs_u8.shape[0]
-    print(f"[setup] device {device} amp={amp} data {tuple(imgs_u8.shape)} Flux params {n_params / 1e6:.2f}M "
-          f"config {cfg}", flush=True)
 
-    def draw_batch():
-        idx = torch.randint(N, (args.batch,), generator=gen, device=device)
-        x0 = to_latent(imgs_u8[idx])
-        lab = labels_all[idx]
-        drop = torch.rand(args.batch, generator=gen, device=device) < args.label_drop
-        lab = torch.where(drop, torch.full_like(lab, EMPTY), lab)
-        t = torch.sigmoid(torch.randn(args.batch, generator=gen, device=device))
-        eps = torch.randn(x0.shape, generator=gen, device=device)
-        return x0, lab, t, eps
+def train_loop(args, *, model, params, ema, opt, gen, class_tokens, cfg, state, device, t_start,
+               draw_batch, loss_fn) -> tuple[int, float]:
+    """The resumable training loop shared by the image and video proxy trainers.
 
-    def loss_fn(x0, lab, t, eps):
-        xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
-        ctx = class_tokens[lab]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            v = fwd(model, xt, t, ctx, y=ctx.mean(1), guidance=torch.ones_like(t))
-        return F.mse_loss(v.float(), eps - x0)
-
+    Steps until ``--max-steps`` or the ``--minutes`` deadline (minus ``--reserve-s``), with linear
+    warm-up, grad clipping, EMA, logging into ``state["log"]`` and checkpoints every
+    ``--ckpt-every`` seconds (model, EMA, optimiser, generator and RNG, so a resumed run continues
+    exactly). Returns (steps run, seconds) of this run.
+    """
     step_loss = torch.compile(loss_fn) if args.compile else loss_fn
     fixed = draw_batch() if args.fixed_batch else None
     deadline = None if args.minutes is None else t_start + args.minutes * 60 - args.reserve_s
@@ -443,6 +396,75 @@ def main(argv=None) -> dict:
     print(f"[train] stopped at step {state['step']} ({steps_run} steps this run, "
           f"{steps_run / max(run_s, 1e-9):.2f} steps/s incl. logging/ckpt), loss {state['loss']:.5f}", flush=True)
     save_ckpt()
+    return steps_run, run_s
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--data", default=".proxy_data"); a("--synthetic", action="store_true")
+    a("--hidden", type=int, default=256); a("--heads", type=int, default=4)
+    a("--depth", type=int, default=2); a("--single", type=int, default=4); a("--ctx-dim", type=int, default=256)
+    a("--batch", type=int, default=256); a("--lr", type=float, default=3e-4); a("--warmup", type=int, default=500)
+    a("--ema", type=float, default=0.999); a("--label-drop", type=float, default=0.1)
+    a("--minutes", type=float, default=None); a("--reserve-s", type=float, default=60.0)
+    a("--max-steps", type=int, default=None)
+    a("--ckpt", default=None); a("--ckpt-every", type=float, default=120.0); a("--resume", default=None)
+    a("--export", default=None); a("--log-every", type=int, default=100)
+    a("--sample-steps", type=int, default=28); a("--sample-cols", type=int, default=8)
+    a("--compile", action="store_true"); a("--fixed-batch", action="store_true",
+                                            help="reuse one batch every step (overfit check)")
+    a("--seed", type=int, default=0); a("--device", default=None)
+    a("--shard-mib", type=float, default=15.5, help="shard the fp16 model file above this size")
+    a("--merge", default=None, metavar="DIR", help="only merge exported shards in DIR, then exit")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    t_start = time.time()
+    args = parse_args(argv)
+    if args.merge:
+        return {"merged": str(merge_shards(Path(args.merge)))}
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp = device.type == "cuda"
+    setup_comfyui(device.type)
+    fwd = load_flux_forward()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    cfg = flux_config(args)
+    torch.manual_seed(args.seed)
+    model = build_model(cfg, device)
+    class_tokens = torch.nn.Parameter(torch.randn(11, 4, args.ctx_dim, device=device))
+    params, n_params, opt, ema, gen, state = training_state(args, model, class_tokens, cfg, device, argv)
+
+    imgs_u8, labels_all = load_data(args)
+    imgs_u8, labels_all = imgs_u8.to(device), labels_all.to(device)
+    N = imgs_u8.shape[0]
+    print(f"[setup] device {device} amp={amp} data {tuple(imgs_u8.shape)} Flux params {n_params / 1e6:.2f}M "
+          f"config {cfg}", flush=True)
+
+    def draw_batch():
+        idx = torch.randint(N, (args.batch,), generator=gen, device=device)
+        x0 = to_latent(imgs_u8[idx])
+        lab = labels_all[idx]
+        drop = torch.rand(args.batch, generator=gen, device=device) < args.label_drop
+        lab = torch.where(drop, torch.full_like(lab, EMPTY), lab)
+        t = torch.sigmoid(torch.randn(args.batch, generator=gen, device=device))
+        eps = torch.randn(x0.shape, generator=gen, device=device)
+        return x0, lab, t, eps
+
+    def loss_fn(x0, lab, t, eps):
+        xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
+        ctx = class_tokens[lab]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            v = fwd(model, xt, t, ctx, y=ctx.mean(1), guidance=torch.ones_like(t))
+        return F.mse_loss(v.float(), eps - x0)
+
+    steps_run, run_s = train_loop(args, model=model, params=params, ema=ema, opt=opt, gen=gen,
+                                  class_tokens=class_tokens, cfg=cfg, state=state, device=device,
+                                  t_start=t_start, draw_batch=draw_batch, loss_fn=loss_fn)
 
     result = {"step": state["step"], "loss": state["loss"], "log": state["log"], "config": cfg,
               "n_params": n_params, "steps_per_s": steps_run / max(run_s, 1e-9)}

@@ -423,29 +423,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(cfg, device)
     class_tokens = torch.nn.Parameter(torch.randn(11, 4, TEXT_DIM, device=device))
-    params = list(model.parameters()) + [class_tokens]
-    n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0,
-                            **({"fused": True} if device.type == "cuda" else {}))
-    ema = [p.detach().clone() for p in params]
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    state = {"step": 0, "loss": float("nan"), "log": [], "train_seconds": 0.0, "commands": []}
-
-    if args.resume:
-        ck = torch.load(args.resume, map_location=device, weights_only=False)
-        if ck["config"] != cfg:
-            raise SystemExit(f"--resume config {ck['config']} != {cfg}")
-        model.load_state_dict(ck["model"])
-        with torch.no_grad():
-            class_tokens.copy_(ck["class_tokens"])
-            for e, v in zip(ema, ck["ema"]):
-                e.copy_(v)
-        opt.load_state_dict(ck["opt"])
-        gen.set_state(ck["gen"].cpu())
-        torch.set_rng_state(ck["torch_rng"])
-        state = ck["state"]
-        print(f"[resume] {args.resume} at step {state['step']}", flush=True)
-    state["commands"].append(" ".join([sys.executable] + sys.argv if argv is None else ["main"] + list(argv)))
+    params, n_params, opt, ema, gen, state = image_trainer().training_state(args, model, class_tokens, cfg,
+                                                                             device, argv)
 
     imgs_u8, labels_all = load_data(args)
     imgs_u8, labels_all = imgs_u8.to(device), labels_all.to(device)
@@ -471,70 +450,9 @@ def main(argv=None) -> dict:
             v = fwd(model, xt, t * 1000.0, class_tokens[lab])
         return F.mse_loss(v.float(), eps - x0)
 
-    step_loss = torch.compile(loss_fn) if args.compile else loss_fn
-    fixed = draw_batch() if args.fixed_batch else None
-    deadline = None if args.minutes is None else t_start + args.minutes * 60 - args.reserve_s
-    last_ckpt = time.time()
-
-    def save_ckpt():
-        if not args.ckpt:
-            return
-        tmp = args.ckpt + ".tmp"
-        torch.save({"config": cfg, "model": model.state_dict(), "class_tokens": class_tokens.detach(),
-                    "ema": ema, "opt": opt.state_dict(), "gen": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(), "state": state, "args": vars(args)}, tmp)
-        os.replace(tmp, args.ckpt)
-
-    model.train()
-    loss_acc = torch.zeros((), device=device)
-    n_acc, t_win, step0 = 0, time.time(), state["step"]
-    t_loop = t_run = time.time()
-    while True:
-        if args.max_steps is not None and state["step"] >= args.max_steps:
-            break
-        if deadline is not None and time.time() >= deadline:
-            break
-        s = state["step"]
-        for g_ in opt.param_groups:
-            g_["lr"] = args.lr * min(1.0, (s + 1) / max(1, args.warmup))
-        loss = step_loss(*(fixed if fixed is not None else draw_batch()))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        d = min(args.ema, (1 + s) / (10 + s))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - d)
-        loss_acc += loss.detach()
-        n_acc += 1
-        state["step"] = s + 1
-        if state["step"] % args.log_every == 0:
-            now = time.time()
-            mean = (loss_acc / n_acc).item()
-            sps = n_acc / (now - t_win)
-            sm = mean if not state["log"] else 0.9 * state["log"][-1]["loss_smooth"] + 0.1 * mean
-            state["loss"] = mean
-            state["log"].append({"step": state["step"], "loss": mean, "loss_smooth": sm, "steps_per_s": sps,
-                                 "elapsed_s": state["train_seconds"] + now - t_loop})
-            print(f"step {state['step']:6d} loss {mean:.5f} (smooth {sm:.5f}) {sps:6.2f} steps/s "
-                  f"lr {opt.param_groups[0]['lr']:.2e}", flush=True)
-            loss_acc.zero_()
-            n_acc, t_win = 0, now
-        if args.ckpt and time.time() - last_ckpt >= args.ckpt_every:
-            state["train_seconds"] += time.time() - t_loop
-            t_loop = time.time()
-            save_ckpt()
-            last_ckpt = time.time()
-    if n_acc:
-        state["loss"] = (loss_acc / n_acc).item()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    state["train_seconds"] += time.time() - t_loop
-    run_s = time.time() - t_run
-    steps_run = state["step"] - step0
-    print(f"[train] stopped at step {state['step']} ({steps_run} steps this run, "
-          f"{steps_run / max(run_s, 1e-9):.2f} steps/s incl. logging/ckpt), loss {state['loss']:.5f}", flush=True)
-    save_ckpt()
+    steps_run, run_s = image_trainer().train_loop(
+        args, model=model, params=params, ema=ema, opt=opt, gen=gen, class_tokens=class_tokens, cfg=cfg,
+        state=state, device=device, t_start=t_start, draw_batch=draw_batch, loss_fn=loss_fn)
 
     result = {"step": state["step"], "loss": state["loss"], "log": state["log"], "config": cfg,
               "n_params": n_params, "steps_per_s": steps_run / max(run_s, 1e-9)}
