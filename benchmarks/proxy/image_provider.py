@@ -115,29 +115,18 @@ def identity_latent_format():
     return ProxyRawLatent
 
 
-class ImageProxyProvider:
-    """bench_quality ModelProvider for the image proxy (see module docstring)."""
+class ProxyProvider:
+    """What the image and video proxy providers share: bench_quality setup, weight dtype, the
+    class-token table, class = seed % 10 conditioning against the empty class, and undoing the
+    latent format's ``process_latent_out``. Subclasses load their model, build ``cond_for`` and decode."""
 
-    name = "image-proxy"
-    steps = 28
-    cfg = 3.0
     sampler = "euler"
     scheduler = "simple"
-    default_real = f"{__file__}:make_real"
+    cfg = 3.0
     devices = ("cpu", "cuda")
-    latent_shape = (16, 32, 32)
-
-    def __init__(self, args=None, weights=None, dtype=None, identity_latent: bool = False):
-        self.weights = Path(weights) if weights else weights_path()
-        if not self.weights.is_file():
-            raise FileNotFoundError(f"{self.weights} is missing (train_image_proxy.py --merge DIR writes it)")
-        self.text_file = self.weights.with_name(TEXT_FILE)
-        self.dtype_name = dtype or os.environ.get("ELASTIC_TOKENS_PROXY_DTYPE") or None
-        self.identity_latent = identity_latent
-        self._model = None
-        self._tokens = None
-        self.meta = None
-        self.class_names = None
+    latent_shape: tuple = ()
+    _model = None
+    _tokens = None
 
     # ------------------------------------------------------------------ bench_quality interface
     def setup(self, device: str) -> None:
@@ -159,6 +148,58 @@ class ImageProxyProvider:
             return names[self.dtype_name]
         return torch.bfloat16 if load_device.type == "cuda" else torch.float32
 
+    def _load_tokens(self):
+        import comfy.utils
+
+        sd, meta = comfy.utils.load_torch_file(str(self.text_file), return_metadata=True)
+        self._tokens = sd["class_tokens"].float()  # (11, 4, ctx)
+        self.class_names = json.loads((meta or {}).get("class_names", "[]"))
+
+    @property
+    def class_tokens(self):
+        if self._tokens is None:
+            self._load_tokens()
+        return self._tokens
+
+    def empty_latent(self, batch: int):
+        import torch
+
+        return torch.zeros((batch, *self.latent_shape))
+
+    @staticmethod
+    def class_of(seed: int) -> int:
+        return int(seed) % NUM_CLASSES
+
+    def conditioning(self, seeds):
+        return self.cond_for([self.class_of(s) for s in seeds]), self.cond_for([EMPTY])
+
+    def raw_latent(self, latents):
+        """The sampler's output (after ``process_latent_out``) -> the trainer's raw latent."""
+        fmt = self._model.get_model_object("latent_format")
+        return fmt.process_in(latents.float().cpu())
+
+
+class ImageProxyProvider(ProxyProvider):
+    """bench_quality ModelProvider for the image proxy (see module docstring)."""
+
+    name = "image-proxy"
+    steps = 28
+    default_real = f"{__file__}:make_real"
+    latent_shape = (16, 32, 32)
+
+    def __init__(self, args=None, weights=None, dtype=None, identity_latent: bool = False):
+        self.weights = Path(weights) if weights else weights_path()
+        if not self.weights.is_file():
+            raise FileNotFoundError(f"{self.weights} is missing (train_image_proxy.py --merge DIR writes it)")
+        self.text_file = self.weights.with_name(TEXT_FILE)
+        self.dtype_name = dtype or os.environ.get("ELASTIC_TOKENS_PROXY_DTYPE") or None
+        self.identity_latent = identity_latent
+        self._model = None
+        self._tokens = None
+        self.meta = None
+        self.class_names = None
+
+    # ------------------------------------------------------------------ bench_quality interface
     def load(self):
         import comfy.model_management as mm
         import comfy.model_patcher
@@ -186,42 +227,12 @@ class ImageProxyProvider:
         self._load_tokens()
         return self._model
 
-    def _load_tokens(self):
-        import comfy.utils
-
-        sd, meta = comfy.utils.load_torch_file(str(self.text_file), return_metadata=True)
-        self._tokens = sd["class_tokens"].float()  # (11, 4, ctx)
-        self.class_names = json.loads((meta or {}).get("class_names", "[]"))
-
-    @property
-    def class_tokens(self):
-        if self._tokens is None:
-            self._load_tokens()
-        return self._tokens
-
-    def empty_latent(self, batch: int):
-        import torch
-
-        return torch.zeros((batch, *self.latent_shape))
-
-    @staticmethod
-    def class_of(seed: int) -> int:
-        return int(seed) % NUM_CLASSES
-
     def cond_for(self, labels):
         """CONDITIONING for a list of class indices (one entry, batch = len(labels))."""
         import torch
 
         ctx = self.class_tokens[torch.as_tensor(list(labels), dtype=torch.long)]
         return [[ctx, {"pooled_output": ctx.mean(1), "guidance": 1.0}]]
-
-    def conditioning(self, seeds):
-        return self.cond_for([self.class_of(s) for s in seeds]), self.cond_for([EMPTY])
-
-    def raw_latent(self, latents):
-        """The sampler's output (after ``process_latent_out``) -> the trainer's raw latent."""
-        fmt = self._model.get_model_object("latent_format")
-        return fmt.process_in(latents.float().cpu())
 
     def decode(self, latents):
         """``(B, 3, 128, 128)`` float in [0, 1]: the trainer's ``to_image`` of the raw latent."""

@@ -153,16 +153,25 @@ def mosaic(frames, grid=MOSAIC):
     return frames.reshape(B, rows, cols, C, H, W).permute(0, 3, 1, 4, 2, 5).reshape(B, C, rows * H, cols * W)
 
 
-class VideoProxyProvider:
+def image_provider():
+    """benchmarks/proxy/image_provider.py as a module (its ProxyProvider base class)."""
+    mod = sys.modules.get("image_provider")
+    if mod is None or Path(getattr(mod, "__file__", "")).resolve() != (HERE / "image_provider.py").resolve():
+        mod = sys.modules.get("_et_image_provider")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("_et_image_provider", HERE / "image_provider.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+class VideoProxyProvider(image_provider().ProxyProvider):
     """bench_quality ModelProvider for the video proxy (see module docstring)."""
 
     name = "video-proxy"
     steps = 30
-    cfg = 3.0
-    sampler = "euler"
-    scheduler = "simple"
     default_real = f"{__file__}:make_real"
-    devices = ("cpu", "cuda")
     latent_shape = (16, 9, 16, 16)
 
     _DEFAULT = object()
@@ -182,24 +191,6 @@ class VideoProxyProvider:
         self.class_names = None
 
     # ------------------------------------------------------------------ bench_quality interface
-    def setup(self, device: str) -> None:
-        main = sys.modules.get("__main__")
-        setup = getattr(main, "setup_comfy", None)
-        if setup is None:
-            import bench_quality
-
-            setup = bench_quality.setup_comfy
-        setup(device)
-
-    def _torch_dtype(self, load_device):
-        import torch
-
-        names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-        if self.dtype_name:
-            return names[self.dtype_name]
-        return torch.bfloat16 if load_device.type == "cuda" else torch.float32
-
     def load(self):
         import comfy.model_management as mm
         import comfy.sd
@@ -239,41 +230,11 @@ class VideoProxyProvider:
         if got != want:
             raise RuntimeError(f"{self.weights}: ComfyUI detected {got}, the trainer wrote {want}")
 
-    def _load_tokens(self):
-        import comfy.utils
-
-        sd, meta = comfy.utils.load_torch_file(str(self.text_file), return_metadata=True)
-        self._tokens = sd["class_tokens"].float()  # (11, 4, 4096)
-        self.class_names = json.loads((meta or {}).get("class_names", "[]"))
-
-    @property
-    def class_tokens(self):
-        if self._tokens is None:
-            self._load_tokens()
-        return self._tokens
-
-    def empty_latent(self, batch: int):
-        import torch
-
-        return torch.zeros((batch, *self.latent_shape))
-
-    @staticmethod
-    def class_of(seed: int) -> int:
-        return int(seed) % NUM_CLASSES
-
     def cond_for(self, labels):
         """CONDITIONING for a list of class indices (one entry, batch = len(labels))."""
         import torch
 
         return [[self.class_tokens[torch.as_tensor(list(labels), dtype=torch.long)], {}]]
-
-    def conditioning(self, seeds):
-        return self.cond_for([self.class_of(s) for s in seeds]), self.cond_for([EMPTY])
-
-    def raw_latent(self, latents):
-        """The sampler's output (after ``process_latent_out``) -> the trainer's raw latent."""
-        fmt = self._model.get_model_object("latent_format")
-        return fmt.process_in(latents.float().cpu())
 
     def decode_frames(self, latents):
         """``(B, 9, 3, 64, 64)`` float in [0, 1]: the trainer's ``to_frames`` of the raw latent."""
