@@ -139,6 +139,8 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         run.report.adapter_calls += 1
 
     graphs = None
+    if adapter is not None and run.config.cuda_graphs:
+        run.note("CUDA graphs are not used for steps with a patch adapter (yet)")
     model_class = type(executor.class_obj).__qualname__
     if (run.config.cuda_graphs and adapter is None and x.is_cuda and model_class not in GraphCache.uncapturable
             and graphable(bound.arguments)):
