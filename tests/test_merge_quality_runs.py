@@ -1,0 +1,43 @@
+"""scripts/merge_quality_runs.py: benchmark runs split across device calls merge only when they
+sampled the same thing, and the merged table keeps each row once."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+
+def _record(rows, fid=37.1, n=2000, model="image-proxy", spread=None):
+    meta = {"n": n, "steps": 28, "seed": 0, "sampler": "euler", "scheduler": "simple", "cfg": 3.0,
+            "model": {"name": model}, "command": "bench", "notes": ["ok", "setting x failed: AdapterError"]}
+    base = {"setting": "baseline", "kind": "baseline", "fid": fid}
+    return {"meta": meta, "rows": [base] + rows, "spread": spread or {}}
+
+
+def _row(name, kind="node", flops=None):
+    return {"setting": name, "kind": kind, "fid": 50.0, "flops_reduction": flops}
+
+
+def test_merge_keeps_each_row_once_and_orders_them():
+    import merge_quality_runs as m
+
+    a = _record([_row("2x"), _row("11 steps", "fewer_steps", 2.5)], spread={"fid_seeds_b": 37.9, "lpips_perturbed": None})
+    b = _record([_row("2x+A"), _row("11 steps", "fewer_steps", 2.5), _row("13 steps", "fewer_steps", 2.1)],
+                spread={"lpips_perturbed": 0.001})
+    merged = m.merge([a, b])
+    names = [r["setting"] for r in merged["rows"]]
+    assert names == ["baseline", "2x", "2x+A", "11 steps", "13 steps"]
+    assert merged["spread"] == {"fid_seeds_b": 37.9, "lpips_perturbed": 0.001}
+    assert merged["meta"]["notes"] == ["ok", "ok"]  # rows that failed in one run are not carried over
+
+
+@pytest.mark.parametrize("change", [dict(fid=40.0), dict(n=1000), dict(model="video-proxy")])
+def test_runs_of_other_samples_are_refused(change):
+    import merge_quality_runs as m
+
+    with pytest.raises(SystemExit, match="differ"):
+        m.merge([_record([_row("2x")]), _record([_row("2x+A")], **change)])
