@@ -56,7 +56,6 @@ file is ``image_proxy_text.safetensors`` beside it) and ``ELASTIC_TOKENS_PROXY_D
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -66,7 +65,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-for _p in (REPO / "scripts", REPO / "tests" / "support"):
+for _p in (REPO / "scripts", REPO / "tests" / "support", HERE):  # HERE: sibling proxy modules
     if str(_p) not in sys.path:
         sys.path.append(str(_p))
 
@@ -79,13 +78,9 @@ DATA_DIRS = (REPO / ".proxy_data", Path("/usr/share/datasets/fashion-mnist"))
 
 def trainer():
     """benchmarks/proxy/train_image_proxy.py as a module (its to_latent / to_image / sample)."""
-    mod = sys.modules.get("_et_train_image_proxy")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location("_et_train_image_proxy", HERE / "train_image_proxy.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-    return mod
+    import train_image_proxy  # benchmarks/proxy is on sys.path (see the top of this file)
+
+    return train_image_proxy
 
 
 def weights_path() -> Path:

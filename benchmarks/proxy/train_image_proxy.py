@@ -115,11 +115,16 @@ def setup_comfyui(device: str) -> None:
     import comfy.ops  # noqa: F401
 
 
-def load_flux_forward():
+def load_train_forward():
+    """adapters/train_forward.py as a module (its flux_forward / wan_forward), without the pack."""
     spec = importlib.util.spec_from_file_location("_et_train_forward", REPO_ROOT / "adapters" / "train_forward.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.flux_forward
+    return mod
+
+
+def load_flux_forward():
+    return load_train_forward().flux_forward
 
 
 # --------------------------------------------------------------------------- data

@@ -100,7 +100,6 @@ Commands
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -113,6 +112,8 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
+if str(HERE) not in sys.path:  # sibling proxy modules (train_image_proxy)
+    sys.path.append(str(HERE))
 VERSION = "elastic-tokens video-proxy v1 (benchmarks/proxy/train_video_proxy.py)"
 FRAMES = 9
 SIZE = 64
@@ -134,13 +135,9 @@ DATA_RECIPE = ("Fashion-MNIST (Debian dataset-fashion-mnist, train split 60k) ->
 
 def image_trainer():
     """benchmarks/proxy/train_image_proxy.py as a module (setup_comfyui, read_idx, load_data, save_grid)."""
-    mod = sys.modules.get("_et_train_image_proxy")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location("_et_train_image_proxy", HERE / "train_image_proxy.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-    return mod
+    import train_image_proxy  # benchmarks/proxy is on sys.path (see the top of this file)
+
+    return train_image_proxy
 
 
 CLASS_NAMES = image_trainer().CLASS_NAMES
@@ -152,10 +149,7 @@ def setup_comfyui(device: str) -> None:
 
 
 def load_wan_forward():
-    spec = importlib.util.spec_from_file_location("_et_train_forward", REPO_ROOT / "adapters" / "train_forward.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.wan_forward
+    return image_trainer().load_train_forward().wan_forward
 
 
 def load_data(args):

@@ -66,7 +66,6 @@ the text file ``video_proxy_text.safetensors`` beside it) and ``ELASTIC_TOKENS_P
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -76,7 +75,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-for _p in (REPO / "scripts", REPO / "tests" / "support"):
+for _p in (REPO / "scripts", REPO / "tests" / "support", HERE):  # HERE: sibling proxy modules
     if str(_p) not in sys.path:
         sys.path.append(str(_p))
 
@@ -107,13 +106,9 @@ trained model ran every row, the node's 2x schedule included, through to bench_q
 
 def trainer():
     """benchmarks/proxy/train_video_proxy.py as a module (its make_clips / to_latent / to_frames / sample)."""
-    mod = sys.modules.get("_et_train_video_proxy")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location("_et_train_video_proxy", HERE / "train_video_proxy.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-    return mod
+    import train_video_proxy  # benchmarks/proxy is on sys.path (see the top of this file)
+
+    return train_video_proxy
 
 
 def weights_path() -> Path:
@@ -155,15 +150,9 @@ def mosaic(frames, grid=MOSAIC):
 
 def image_provider():
     """benchmarks/proxy/image_provider.py as a module (its ProxyProvider base class)."""
-    mod = sys.modules.get("image_provider")
-    if mod is None or Path(getattr(mod, "__file__", "")).resolve() != (HERE / "image_provider.py").resolve():
-        mod = sys.modules.get("_et_image_provider")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location("_et_image_provider", HERE / "image_provider.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-    return mod
+    import image_provider  # benchmarks/proxy is on sys.path (see the top of this file)
+
+    return image_provider
 
 
 class VideoProxyProvider(image_provider().ProxyProvider):
