@@ -404,24 +404,30 @@ def train_loop(args, *, model, params, ema, opt, gen, class_tokens, cfg, state, 
     return steps_run, run_s
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    a = p.add_argument
+def add_run_args(a, *, batch: int, reserve_s: float, sample_steps: int) -> None:
+    """The options both proxy trainers share (data, optimisation, budget, checkpoints, export)."""
     a("--data", default=".proxy_data"); a("--synthetic", action="store_true")
-    a("--hidden", type=int, default=256); a("--heads", type=int, default=4)
-    a("--depth", type=int, default=2); a("--single", type=int, default=4); a("--ctx-dim", type=int, default=256)
-    a("--batch", type=int, default=256); a("--lr", type=float, default=3e-4); a("--warmup", type=int, default=500)
+    a("--batch", type=int, default=batch); a("--lr", type=float, default=3e-4); a("--warmup", type=int, default=500)
     a("--ema", type=float, default=0.999); a("--label-drop", type=float, default=0.1)
-    a("--minutes", type=float, default=None); a("--reserve-s", type=float, default=60.0)
+    a("--minutes", type=float, default=None); a("--reserve-s", type=float, default=reserve_s)
     a("--max-steps", type=int, default=None)
     a("--ckpt", default=None); a("--ckpt-every", type=float, default=120.0); a("--resume", default=None)
     a("--export", default=None); a("--log-every", type=int, default=100)
-    a("--sample-steps", type=int, default=28); a("--sample-cols", type=int, default=8)
+    a("--sample-steps", type=int, default=sample_steps)
     a("--compile", action="store_true"); a("--fixed-batch", action="store_true",
                                             help="reuse one batch every step (overfit check)")
     a("--seed", type=int, default=0); a("--device", default=None)
     a("--shard-mib", type=float, default=15.5, help="shard the fp16 model file above this size")
     a("--merge", default=None, metavar="DIR", help="only merge exported shards in DIR, then exit")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--hidden", type=int, default=256); a("--heads", type=int, default=4)
+    a("--depth", type=int, default=2); a("--single", type=int, default=4); a("--ctx-dim", type=int, default=256)
+    a("--sample-cols", type=int, default=8)
+    add_run_args(a, batch=256, reserve_s=60.0, sample_steps=28)
     return p.parse_args(argv)
 
 

@@ -381,22 +381,11 @@ def export(args, out: Path, fwd, model, class_tokens, cfg, state, device, amp, d
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
-    a("--data", default=".proxy_data"); a("--synthetic", action="store_true")
     a("--dim", type=int, default=256); a("--ffn", type=int, default=1024); a("--layers", type=int, default=5)
-    a("--batch", type=int, default=128); a("--lr", type=float, default=3e-4); a("--warmup", type=int, default=500)
-    a("--ema", type=float, default=0.999); a("--label-drop", type=float, default=0.1)
     a("--train-shift", type=float, default=1.0, help="training s = shift(logit-normal(0,1))")
     a("--sample-shift", type=float, default=SAMPLE_SHIFT, help="ModelSamplingSD3 shift for sampling")
-    a("--minutes", type=float, default=None); a("--reserve-s", type=float, default=45.0)
-    a("--max-steps", type=int, default=None)
-    a("--ckpt", default=None); a("--ckpt-every", type=float, default=120.0); a("--resume", default=None)
-    a("--export", default=None); a("--log-every", type=int, default=100)
-    a("--sample-steps", type=int, default=SAMPLE_STEPS); a("--sample-clips", type=int, default=2)
-    a("--compile", action="store_true"); a("--fixed-batch", action="store_true",
-                                            help="reuse one batch every step (overfit check)")
-    a("--seed", type=int, default=0); a("--device", default=None)
-    a("--shard-mib", type=float, default=15.5, help="shard the fp16 model file above this size")
-    a("--merge", default=None, metavar="DIR", help="only merge exported shards in DIR, then exit")
+    a("--sample-clips", type=int, default=2)
+    image_trainer().add_run_args(a, batch=128, reserve_s=45.0, sample_steps=SAMPLE_STEPS)
     return p.parse_args(argv)
 
 
