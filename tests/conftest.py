@@ -64,3 +64,16 @@ def comfy_server():
 
     with ComfyServer() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny-model work on one intra-op thread: for models this small the threads
+    are pure overhead, and on a shared 2-core runner two OpenMP threads per op made each
+    sampling call ~50x slower (3 s instead of 0.04 s)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -29,13 +29,7 @@ FLUX_ARGS = ["--model", "tiny-flux", "--size", "64", "--pool", "8", "--gen-batch
 STEPS = 80
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models: intra-op threads only add overhead, and oversubscribe a shared 2-core runner
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run single-threaded
 
 
 @pytest.fixture(scope="module")

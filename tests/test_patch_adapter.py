@@ -24,14 +24,7 @@ SCHEDULE_KEY = "elastic_tokens_patch_schedule"
 SEED = 7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny models are pure overhead for intra-op threads; on a shared 2-core runner two
-    # OpenMP threads per op can make each call ~50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run single-threaded
 
 
 # ----------------------------------------------------------------------------- helpers
