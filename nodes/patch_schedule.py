@@ -3,6 +3,9 @@
 * OUTER_SAMPLE wrapper: makes a fresh :class:`ScheduleRun` for the run, moves our
   DIFFUSION_MODEL wrapper to the innermost place (so caches such as EasyCache, applied in any
   order, see full-size inputs and outputs and can skip our coarse calls too), logs the result.
+* APPLY_MODEL wrapper: records the sampler's own latent for the criterion, in full precision,
+  before ComfyUI casts it to the model's dtype (a bf16 latent's rounding noise would swamp the
+  trajectory's third difference and make every step look detailed).
 * DIFFUSION_MODEL wrapper: maps the call to its step, decides / reuses that step's patch size
   and either passes through untouched (native) or runs :func:`run_coarse`.
 
@@ -54,6 +57,7 @@ def apply_patch_schedule(model, config: PatchScheduleConfig):
     options[HOLDER_KEY] = PatchScheduleHolder(config, binding)
     if not already:
         patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
+        patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
         patched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper)
         patched.add_callback_with_key(pe.CallbacksMP.ON_DETACH, WRAPPER_KEY, _drop_graphs_on_unload)
     return patched
@@ -96,6 +100,23 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         options.pop(RUN_KEY, None)
 
 
+def _first_chunk(x: torch.Tensor, options: dict, channels: int) -> torch.Tensor:
+    """The latent of the first conditioning chunk (cond and uncond share one trajectory)."""
+    chunks = max(len(options.get("cond_or_uncond") or [0]), 1)
+    return x[: max(x.shape[0] // chunks, 1), :channels]
+
+
+def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                        **kwargs):
+    run: ScheduleRun | None = (transformer_options.get(RUN_KEY)
+                               if isinstance(transformer_options, dict) else None)
+    if run is not None and not run.config.forced and not run.config.never_coarse and isinstance(x, torch.Tensor):
+        sigma0 = float(t.flatten()[0])
+        run.observe(run.step_index(sigma0), sigma0,
+                    _first_chunk(x, transformer_options, run.binding.latent_channels))
+    return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
 def diffusion_model_wrapper(executor, *args, **kwargs):
     bound = bind_call(executor, args, kwargs)
     options = bound.arguments.get("transformer_options")
@@ -113,10 +134,8 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     sigma = run.sigma_of(bound.arguments["timestep"])
     sigma0 = float(sigma.flatten()[0])
     step = run.step_index(sigma0)
-    latent = None
-    if not run.config.forced:
-        chunks = max(len(options.get("cond_or_uncond") or [0]), 1)
-        latent = x[: max(x.shape[0] // chunks, 1), : run.binding.latent_channels]
+    # fallback for calls that did not pass through apply_model (already observed otherwise)
+    latent = None if run.config.forced else _first_chunk(x, options, run.binding.latent_channels)
     factor = run.factor_for_step(step, latent, sigma0)
 
     if factor > 1:

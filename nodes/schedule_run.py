@@ -73,6 +73,7 @@ class ScheduleRun:
         self.report = RunReport(self.total_steps, [first] * self.total_steps, [{} for _ in range(self.total_steps)])
         self._decided: dict[int, int] = {}
         self._trajectory: deque = deque(maxlen=4)  # (sigma, latent) of the most recent steps
+        self._observed: set[int] = set()           # steps whose latent is in the trajectory
         self.graphs = None  # the model's GraphCache, set by the wrapper when CUDA graphs are on
         self.graph_replays_before = 0
 
@@ -92,6 +93,17 @@ class ScheduleRun:
         return 0
 
     # -- decisions ---------------------------------------------------------------------
+    def observe(self, step: int, sigma: float, latent: torch.Tensor) -> None:
+        """Add ``latent`` (the sampler's, at ``sigma``) to the trajectory; the first call of a step wins.
+
+        Kept in float32 and copied: the criterion's third difference is small, and the sampler's
+        tensor must not change under us.
+        """
+        if step in self._observed:
+            return
+        self._observed.add(step)
+        self._trajectory.append((sigma, latent.detach().to(torch.float32, copy=True)))
+
     def factor_for_step(self, step: int, latent: torch.Tensor | None, sigma: float) -> int:
         """Patch-size factor of ``step``, decided on the first call of that step."""
         if step in self._decided:
@@ -101,7 +113,7 @@ class ScheduleRun:
             factor = cfg.forced[step] if step < len(cfg.forced) else 1
         else:
             if latent is not None:
-                self._trajectory.append((sigma, latent.detach()))
+                self.observe(step, sigma, latent)
             factor = self._dynamic_factor(step)
         self._decided[step] = factor
         if step < self.total_steps:
@@ -148,4 +160,5 @@ class ScheduleRun:
     def release(self) -> None:
         """Drop this run's tensors (graphs stay with the model, see graph_replay.cache_for)."""
         self._trajectory.clear()
+        self._observed.clear()
         self.graphs = None

@@ -105,3 +105,42 @@ def test_make_real_is_held_out(provider):
     seen = {x.tobytes() for x in train}
     assert not any(test_u8[i].tobytes() in seen for i in idx)
     assert len(real.images(7)) == 7
+
+
+def test_dynamic_criterion_reads_the_sampler_latent_not_the_bf16_cast(pack, provider):
+    """On a GPU, ComfyUI casts the latent to the model's bf16 before the diffusion model runs. The
+    criterion's third difference is small enough that bf16 rounding noise swamped it (every step
+    scored ~0.8 "detailed" and tau = 0.5 never went coarse on a GPU, 0.1 on CPU). The schedule reads
+    the sampler's own float32 latent instead: rounding the diffusion model's input (what the cast
+    does) must leave the scores and decisions as they are."""
+    import comfy.patcher_extension as pe
+    import comfy.sample
+    import comfy.utils
+    from elastic_tokens.nodes.patch_schedule import HOLDER_KEY, apply_patch_schedule
+    from elastic_tokens.nodes.schedule_config import PatchScheduleConfig
+
+    def bf16_cast(executor, x, *args, **kwargs):  # outermost: ours moves innermost at sampling time
+        return executor(x.to(torch.bfloat16).to(x.dtype), *args, **kwargs)
+
+    comfy.utils.set_progress_bar_enabled(False)
+    seeds = [0, 1]
+    lat = provider.empty_latent(2)
+    noise = torch.cat([comfy.sample.prepare_noise(lat[:1], s) for s in seeds])
+    pos, neg = provider.conditioning(seeds)
+    plain = apply_patch_schedule(provider._model, PatchScheduleConfig(tau=0.5))
+    cast = plain.clone()
+    cast.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "test.bf16_cast", bf16_cast)
+    reports = []
+    for model in (plain, cast):
+        with torch.inference_mode():
+            comfy.sample.sample(model, noise, 12, provider.cfg, provider.sampler, provider.scheduler,
+                                pos, neg, lat, disable_pbar=True, seed=0)
+        reports.append(model.model_options["transformer_options"][HOLDER_KEY].last_report)
+    full, rounded = reports
+    # Steps 3..8 (after that, 4p steps amplify the rounded inputs and the trajectories drift apart).
+    # Before the fix the rounded run scored ~0.8 on every step and stayed native.
+    assert full.step_factors[3] > 1  # this proxy's trajectory is smooth at tau = 0.5
+    assert rounded.step_factors[:9] == full.step_factors[:9]
+    for a, b in zip(full.step_scores[3:9], rounded.step_scores[3:9]):
+        assert a.keys() == b.keys() == {2, 4}
+        assert all(abs(a[k] - b[k]) < 0.05 for k in a), (a, b)
