@@ -457,17 +457,22 @@ class Setting:
     def schedule(self) -> str:
         if self.node is None:
             return f"1x{self.steps}"
-        return self.node.get("forced_schedule") or f"dynamic tau={self.node['tau']} rho={self.node['rho']}"
+        if self.node.get("forced_schedule"):
+            return self.node["forced_schedule"]
+        cap = f" max {self.node['max_factor']}p" if "max_factor" in self.node else ""
+        return f"dynamic tau={self.node['tau']} rho={self.node['rho']}{cap}"
 
 
 def parse_settings(spec: str, steps: int, rho: float, cuda_graphs: bool) -> list[Setting]:
     out = []
     for name in [t.strip() for t in spec.split(",") if t.strip()]:
         tok, adapter = (name[:-2], True) if name.endswith("+A") else (name, False)
-        if tok.startswith("tau="):
-            tau = float(tok[4:])
-            out.append(Setting(name, "node", steps, {"tau": tau, "rho": rho, "cuda_graphs": cuda_graphs},
-                               adapter=adapter))
+        if tok.startswith("tau="):  # tau=X, or tau=X:2 for patches up to 2p only (max_factor 2)
+            value, _, cap = tok[4:].partition(":")
+            node = {"tau": float(value), "rho": rho, "cuda_graphs": cuda_graphs}
+            if cap:
+                node["max_factor"] = int(cap)
+            out.append(Setting(name, "node", steps, node, adapter=adapter))
             continue
         sched = forced_for(tok, steps)
         n = len(expand_schedule(sched))
@@ -710,9 +715,10 @@ def plot(record: dict, path: Path) -> None:
 
     rows = record["rows"]
     spread = record["spread"]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5), squeeze=False)
-    xkeys = [("flops_reduction", "token-FLOP reduction (×, node's estimate)"),
-             ("speedup", f"measured speedup (×, {record['meta']['device']})")]
+    xkeys = [("flops_reduction", "token-FLOP reduction (×, node's estimate)")]
+    if not record["meta"].get("merged_from"):  # merged runs' wall times come from different device calls
+        xkeys.append(("speedup", f"measured speedup (×, {record['meta']['device']})"))
+    fig, axes = plt.subplots(len(xkeys), 2, figsize=(11, 4.4 * len(xkeys) + 0.3), squeeze=False)
     ykeys = [("fid", "FID to real set (lower is better)"), ("lpips", "LPIPS to baseline (lower is better)")]
     for i, (xk, xl) in enumerate(xkeys):
         for j, (yk, yl) in enumerate(ykeys):
@@ -732,7 +738,7 @@ def plot(record: dict, path: Path) -> None:
             for with_adapter, color, text, label in (
                     (False, "#2a7ab9", "#1d5a8a", "Dynamic Patch Schedule, training-free"),
                     (True, "#2e9e4f", "#1f6e37", "Dynamic Patch Schedule + patch adapter")):
-                group = [r for r in nodes if r["setting"].endswith("+A") == with_adapter]
+                group = [r for r in nodes if ("+A" in r["setting"]) == with_adapter]  # "+A" or "+A [label]"
                 if not group:
                     continue
                 ax.scatter([r[xk] for r in group], [r[yk] for r in group], color=color, zorder=6, label=label)
@@ -801,7 +807,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="baseline steps N (default: the provider's)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--settings", default=DEFAULT_SETTINGS,
-                   help=f"node settings, comma list: 2x 2x80 4x 4x80 s=1x4/2x10/4x14 tau=X (default {DEFAULT_SETTINGS})")
+                   help=f"node settings, comma list: 2x 2x80 4x 4x80 s=1x4/2x10/4x14 tau=X tau=X:2 (max 2p); "
+                        f"+A: with --adapter (default {DEFAULT_SETTINGS})")
     p.add_argument("--rho", type=float, default=0.4, help="rho for tau=X settings (default 0.4)")
     p.add_argument("--cuda-graphs", action="store_true", help="node setting cuda_graphs=True")
     p.add_argument("--adapter", default=None,

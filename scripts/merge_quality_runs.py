@@ -3,7 +3,11 @@
 into one table and one Pareto plot (runs split across device calls, e.g. training-free rows in one
 call and adapter rows in the next).
 
-    python scripts/merge_quality_runs.py RUN_DIR [RUN_DIR ...] --out DIR
+    python scripts/merge_quality_runs.py RUN_DIR[=LABEL] [RUN_DIR[=LABEL] ...] --out DIR
+
+``=LABEL`` names the adapter of that run: its ``+A`` rows become ``setting [LABEL]``, so runs with
+different adapters can hold settings of the same name. ``--drop SETTING`` leaves a row out (one
+measured with code that has since changed). Per-seed values stay in the source runs' JSON.
 
 Rows are keyed by setting name; a row present in several runs (the baseline, a fewer-steps
 competitor) is taken from the first run that has it, and the runs must agree on it: the same
@@ -24,7 +28,14 @@ import bench_quality  # noqa: E402
 SAME = ("n", "steps", "seed", "sampler", "scheduler", "cfg")
 
 
-def merge(records: list[dict]) -> dict:
+def label_adapter_rows(record: dict, label: str) -> dict:
+    """``record`` with its adapter rows (``+A``) renamed ``setting [label]``."""
+    rows = [{**r, "setting": f"{r['setting']} [{label}]"} if r["setting"].endswith("+A") else r
+            for r in record["rows"]]
+    return {**record, "rows": rows}
+
+
+def merge(records: list[dict], drop: tuple[str, ...] = ()) -> dict:
     first = records[0]
     for r in records[1:]:
         diff = {k: (first["meta"].get(k), r["meta"].get(k)) for k in SAME if first["meta"].get(k) != r["meta"].get(k)}
@@ -37,9 +48,9 @@ def merge(records: list[dict]) -> dict:
     rows, seen = [], set()
     for rec in records:
         for row in rec["rows"]:
-            if row["setting"] not in seen:
+            if row["setting"] not in seen and row["setting"] not in drop:
                 seen.add(row["setting"])
-                rows.append(row)
+                rows.append({k: v for k, v in row.items() if k != "per_seed"})
     order = {"baseline": 0, "baseline_seeds_b": 1, "baseline_perturbed": 2, "node": 3, "fewer_steps": 4}
     rows.sort(key=lambda r: (order.get(r["kind"], 9), -(r.get("flops_reduction") or 0) if r["kind"] == "fewer_steps" else 0))
     spread = {}
@@ -55,11 +66,16 @@ def merge(records: list[dict]) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+")
+    p.add_argument("runs", nargs="+", help="RUN_DIR or RUN_DIR=LABEL (LABEL: the adapter of its +A rows)")
     p.add_argument("--out", required=True)
+    p.add_argument("--drop", action="append", default=[], help="leave out the row of this setting (repeatable)")
     args = p.parse_args(argv)
-    records = [json.loads((Path(d) / "bench_quality.json").read_text()) for d in args.runs]
-    record = merge(records)
+    records = []
+    for spec in args.runs:
+        folder, _, label = spec.partition("=")
+        record = json.loads((Path(folder) / "bench_quality.json").read_text())
+        records.append(label_adapter_rows(record, label) if label else record)
+    record = merge(records, tuple(args.drop))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_quality.json").write_text(json.dumps(record, indent=1, default=bench_quality._json_default))

@@ -41,3 +41,22 @@ def test_runs_of_other_samples_are_refused(change):
 
     with pytest.raises(SystemExit, match="differ"):
         m.merge([_record([_row("2x")]), _record([_row("2x+A")], **change)])
+
+
+def test_labels_keep_same_named_adapter_rows_of_different_adapters_apart():
+    import merge_quality_runs as m
+
+    a = m.label_adapter_rows(_record([_row("2x+A"), _row("2x")]), "2p")
+    b = m.label_adapter_rows(_record([_row("2x+A")]), "2p4p")
+    names = [r["setting"] for r in m.merge([a, b])["rows"]]
+    assert names == ["baseline", "2x+A [2p]", "2x", "2x+A [2p4p]"]  # training-free rows keep their name
+
+
+def test_dropped_rows_and_per_seed_values_are_left_out():
+    import merge_quality_runs as m
+
+    row = {**_row("tau=0.7+A"), "per_seed": {"lpips": [0.1, 0.2]}}
+    merged = m.merge([_record([row, _row("2x")])], drop=("tau=0.7+A",))
+    assert [r["setting"] for r in merged["rows"]] == ["baseline", "2x"]
+    merged = m.merge([_record([row])])
+    assert "per_seed" not in merged["rows"][1]
