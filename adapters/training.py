@@ -18,6 +18,7 @@ Checkpoints (adapter, LoRA, optimiser, RNG, pool) make a run resumable; rank 0 w
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,6 +46,7 @@ class TrainConfig:
     lr: float = 1e-3                    # adapter layers
     lora_lr: float = 2e-4
     warmup: int = 50
+    lr_final: float = 1.0               # cosine decay to this fraction of the lrs by the end (1 = constant)
     grad_clip: float = 1.0
     pool: int = 256                     # generated samples (all processes together)
     gen_batch: int = 16
@@ -59,6 +61,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self.factors = tuple(sorted({int(k) for k in self.factors}))
+        if not 0.0 <= self.lr_final <= 1.0:
+            raise ValueError(f"lr_final is a fraction of the learning rate in [0, 1], got {self.lr_final}")
         if not self.factors or any(k not in (2, 4) for k in self.factors):
             raise ValueError(f"factors must be 2 and/or 4, got {self.factors}")
         if self.rank < 1:
@@ -398,8 +402,10 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
             student, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
             find_unused_parameters=len(cfg.factors) > 1, broadcast_buffers=False)
 
-    def lr_factor(s):
-        return min(1.0, (s + 1) / max(cfg.warmup, 1))
+    def lr_factor(s, done):
+        """Linear warm-up, then cosine decay over the run (``done``: 0..1 of steps or of the time budget)."""
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
+        return min(1.0, (s + 1) / max(cfg.warmup, 1)) * (cfg.lr_final + (1.0 - cfg.lr_final) * cosine)
     base_lrs = [g["lr"] for g in optim.param_groups]
 
     history, first_loss, last_ckpt = [], None, time.time()
@@ -416,9 +422,12 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
     steps_this_run = 0
     samples_seen = 0
     while step < cfg.steps:
-        if deadline is not None and dist.all_mean(float(time.time() > deadline)) > 0:
-            say(f"time budget of {cfg.minutes} min reached at step {step}")
-            break
+        done = step / cfg.steps
+        if deadline is not None:  # one value for all processes: the same lr everywhere
+            done = max(done, dist.all_mean((time.time() - t_start) / (deadline - t_start)))
+            if done >= 1.0:
+                say(f"time budget of {cfg.minutes} min reached at step {step}")
+                break
         group = groups[int(torch.randint(len(groups), (1,), generator=gen))]
         pick = torch.randint(len(group), (cfg.batch,), generator=gen).tolist()
         entries = [group[i] for i in pick]
@@ -439,7 +448,7 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip))
         for g, base in zip(optim.param_groups, base_lrs):
-            g["lr"] = base * lr_factor(step)
+            g["lr"] = base * lr_factor(step, done)
         optim.step()
         step += 1
         steps_this_run += 1

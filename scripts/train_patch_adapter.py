@@ -166,6 +166,8 @@ def parse_args(argv=None):
     a("--steps", type=int, default=1000); a("--minutes", type=float, default=None)
     a("--batch", type=int, default=16, help="per process"); a("--lr", type=float, default=1e-3)
     a("--lora-lr", type=float, default=2e-4); a("--warmup", type=int, default=50)
+    a("--lr-final", type=float, default=1.0, help="cosine decay to this fraction of the lrs by the end "
+                                                  "(of --steps, or of --minutes when given; default 1 = constant)")
     a("--pool", type=int, default=256, help="generated samples (all processes)"); a("--gen-batch", type=int, default=16)
     a("--skip-steps", type=int, default=3, help="first schedule steps not trained on (always native)")
     a("--ckpt", default=None); a("--resume", action="store_true"); a("--ckpt-every-s", type=float, default=120.0)
@@ -198,7 +200,7 @@ def main(argv=None) -> dict:
     cfg = TrainConfig(factors=tuple(int(k) for k in args.factors.split(",")), rank=args.rank,
                       alpha=float(args.alpha if args.alpha is not None else args.rank), steps=args.steps,
                       minutes=args.minutes, batch=args.batch, lr=args.lr, lora_lr=args.lora_lr,
-                      warmup=args.warmup, pool=args.pool, gen_batch=args.gen_batch, skip_steps=args.skip_steps,
+                      warmup=args.warmup, lr_final=args.lr_final, pool=args.pool, gen_batch=args.gen_batch, skip_steps=args.skip_steps,
                       seed=args.seed, log_every=args.log_every, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every_s,
                       resume=args.resume)
     summary = train(provider, cfg, args.out, device=device, log=lambda m: print(m, flush=True))

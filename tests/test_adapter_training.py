@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -220,8 +221,12 @@ def test_tiny_wan_trains_both_factors(pack, script, tiny_wan, tmp_path, capsys):
     out = tmp_path / "tiny_wan.safetensors"
     summary, log = run(script, capsys, "--model", "tiny-wan", "--factors", "2,4", "--pool", "2", "--gen-batch", "2",
                        "--batch", "2", "--rank", "4", "--steps", "6", "--warmup", "1", "--log-every", "3",
-                       "--out", out)
+                       "--lr-final", "0.1", "--ckpt", tmp_path / "ckpt", "--out", out)
     assert summary["family"] == "wan" and summary["factors"] == [2, 4] and summary["steps"] == 6
+    # cosine decay: the last update (step 5 of 6) ran at 0.1 + 0.9 * (1 + cos(5 pi / 6)) / 2 of each lr
+    lrs = [g["lr"] for g in torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)["optim"]["param_groups"]]
+    factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 5 / 6))
+    assert lrs == pytest.approx([1e-3 * factor, 2e-4 * factor])
     adapter = load_adapter(out)
     assert adapter.spec.family == "wan" and adapter.spec.factors == (2, 4)
     assert set(adapter.lora) == {2, 4}
@@ -262,6 +267,8 @@ def test_clear_errors_for_bad_settings(pack, script, tmp_path):
         script.main(FLUX_ARGS + ["--factors", "3", "--out", str(out)])
     with pytest.raises(ValueError, match="rank must be >= 1"):
         script.main(FLUX_ARGS + ["--rank", "0", "--out", str(out)])
+    with pytest.raises(ValueError, match="lr_final is a fraction"):
+        script.main(FLUX_ARGS + ["--lr-final", "2", "--out", str(out)])
     with pytest.raises(ValueError, match="skip_steps=8 leaves no steps of the 8-step schedule"):
         script.main(FLUX_ARGS + ["--skip-steps", "8", "--out", str(out)])
     assert not out.exists()
