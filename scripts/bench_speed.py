@@ -36,7 +36,11 @@ Variants (``--variants``, comma-separated, run in order):
   4x80       first 20% native, rest 4p
   s=SCHED    a literal forced schedule, '/' instead of ',' (e.g. s=1x4/2x10/4x14)
 Suffix "+g" forces cuda_graphs=True, "+e" forces it off; a coarse variant without a suffix is
-expanded according to --cuda-graphs (both: eager, then graphs). baseline/tau0/dyn run eager
+expanded according to --cuda-graphs (both: eager, then graphs). Suffix "+A" attaches a patch
+adapter of rank --adapter-rank for the schedule's coarse sizes, as Load Patch Adapter does (eager:
+adapter steps do not use CUDA graphs). Its LoRA B is zero, as peft initialises it, so the images
+equal the training-free ones, but every adapter layer and LoRA product is computed: the time is a
+trained adapter's. baseline/tau0/dyn run eager
 unless suffixed. If the pack cannot be imported, the baseline still runs and the rest are
 marked skipped. Token counts: Flux image tokens (padded grid) + 512 text tokens (joint
 attention); Wan video tokens T*ceil(H/p)*ceil(W/p).
@@ -135,6 +139,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", default="", help="override steps: N or flux=28,wan=30")
     p.add_argument("--wan-sampler", default=None, help="override Wan sampler (default uni_pc)")
+    p.add_argument("--adapter-rank", type=int, default=32, help="LoRA rank of '+A' variants (default 32)")
     p.add_argument("--tau", type=float, default=None, help="tau for the 'dyn' variant")
     p.add_argument("--rho", type=float, default=None, help="rho for the 'dyn' variant")
     p.add_argument("--cuda-malloc-async", action="store_true",
@@ -272,6 +277,29 @@ def pack_module(submodule: str):
     return importlib.import_module(f"{comfy_runtime.load_pack().__name__}.{submodule}")
 
 
+def attach_untrained_adapter(patcher, factors, rank: int, seed: int):
+    """``patcher`` cloned with a patch adapter as the trainer starts one (coarse layers and LoRA B
+    zero, LoRA A random), attached the way the Load Patch Adapter node does."""
+    import torch
+
+    bindings = pack_module("adapters.bindings")
+    pa = pack_module("adapters.patch_adapter")
+    attach = pack_module("nodes.adapter_attach").attach_patch_adapter
+    binding = bindings.binding_for(patcher)
+    spec = pa.AdapterSpec(binding.family, binding.native_patch, binding.temporal_patch, binding.latent_channels,
+                          binding.hidden_size, tuple(factors), rank, float(rank), tuple(binding.feed_forward),
+                          pa.base_fingerprint(patcher, binding), {"untrained": "bench_speed"})
+    gen = torch.Generator().manual_seed(seed)
+    dm = patcher.model.diffusion_model
+    lora = {}
+    for k in factors:
+        lora[k] = {}
+        for name in binding.feed_forward:
+            out_f, in_f = dm.get_submodule(name).weight.shape
+            lora[k][name] = (torch.randn(rank, in_f, generator=gen) / in_f ** 0.5, torch.zeros(out_f, rank))
+    return attach(patcher, pa.PatchAdapter(spec, lora), 1.0, f"untrained rank {rank}")
+
+
 def load_pack():
     """Import the repo as package `elastic_tokens` and return (PatchScheduleConfig, apply_patch_schedule)."""
     ps = pack_module("nodes.patch_schedule")
@@ -288,6 +316,7 @@ class Variant:
     kind: str              # baseline | tau0 | dyn | forced
     schedule: str = ""     # forced schedule string (comma-separated, "FxN" groups)
     cuda_graphs: bool = False
+    adapter: bool = False  # "+A": an untrained patch adapter attached (see module doc)
 
 
 def expand_schedule(s: str) -> list[int]:
@@ -321,6 +350,13 @@ def build_variants(spec: str, graphs_mode: str, steps: int) -> list[Variant]:
     for raw in [t.strip() for t in spec.split(",") if t.strip()]:
         forced_graphs = None
         tok = raw
+        if tok.endswith("+A"):
+            tok = tok[:-2]
+            sched = forced_for(tok, steps)
+            if len(expand_schedule(sched)) != steps:
+                raise ValueError(f"variant {raw}: schedule {sched!r} does not have {steps} steps")
+            out.append(Variant(tok + "+A", "forced", sched, False, adapter=True))
+            continue
         if tok.endswith("+g"):
             tok, forced_graphs = tok[:-2], True
         elif tok.endswith("+e"):
@@ -655,7 +691,12 @@ def bench_model(model: str, args, pack, record, save):
                 PatchScheduleConfig, apply_patch_schedule = pack
                 cfg = make_config(PatchScheduleConfig, v, args)
                 res["config"] = _jsonable(cfg)
-                mp = apply_patch_schedule(patcher, cfg)
+                base = patcher
+                if v.adapter:
+                    factors = sorted({f for f in expand_schedule(v.schedule) if f > 1})
+                    base = attach_untrained_adapter(patcher, factors, args.adapter_rank, args.seed)
+                    res["adapter"] = {"factors": factors, "rank": args.adapter_rank}
+                mp = apply_patch_schedule(base, cfg)
             # warm-up; the first one counts diffusion_model.__call__s and their batch sizes
             # (a forward pre-hook; CUDA-graph replays bypass __call__, captures may add calls)
             counter = CallCounter(diffusion_model)
