@@ -249,6 +249,16 @@ class Student(nn.Module):
         self._cfg = cfg
         self._t_per_sigma = t_per_sigma
 
+    def teacher(self, x, sigma, cond: dict):
+        """The frozen native model's velocity (LoRA switched off): the distillation target."""
+        set_lora(self._layers, self._lora_params, None)
+        return self._fwd(x, sigma * self._t_per_sigma, transformer_options={}, **cond)
+
+    def lora_weights(self) -> dict:
+        """The trained LoRA of each factor as the adapter file stores it (LoRA switched off after)."""
+        set_lora(self._layers, self._lora_params, None)
+        return export_lora(self.dm, self._cfg.factors)
+
     def forward(self, x, sigma, cond: dict, factor: int):
         set_lora(self._layers, self._lora_params, factor)
 
@@ -325,6 +335,104 @@ def _interactive() -> bool:
     return sys.stderr.isatty()
 
 
+def _schedule_sigmas(provider, model_patcher, cfg: TrainConfig) -> tuple[torch.Tensor, float]:
+    """The sigmas of the provider's sampling schedule that training covers, and timestep per sigma."""
+    import comfy.samplers
+
+    sampling = model_patcher.get_model_object("model_sampling")
+    t_per_sigma = float(sampling.timestep(torch.tensor(1.0)))
+    sigmas = comfy.samplers.calculate_sigmas(sampling, provider.scheduler, provider.steps).float()
+    train_sigmas = sigmas[cfg.skip_steps:-1]
+    if train_sigmas.numel() == 0:
+        raise ValueError(f"skip_steps={cfg.skip_steps} leaves no steps of the {provider.steps}-step schedule")
+    return train_sigmas, t_per_sigma
+
+
+def _pool(provider, model_patcher, cfg: TrainConfig, dist: Dist, ckpt: Path | None, say):
+    """This process's share of the generated pool: from the checkpoint on resume, else generated."""
+    pool = _load_pool(ckpt, dist.rank) if (ckpt and cfg.resume) else None
+    if pool is None:
+        say(f"generating a pool of {cfg.pool} samples ({provider.steps} steps, cfg {provider.cfg}) "
+            f"on {dist.world} process(es)")
+        with torch.no_grad():
+            pool = generate_pool(provider, model_patcher, list(range(dist.rank, cfg.pool, dist.world)),
+                                 cfg.gen_batch, say)
+        if ckpt:
+            _save_pool(ckpt, dist.rank, *pool)
+    return pool
+
+
+def _build_student(model_patcher, binding, cfg: TrainConfig, device, t_per_sigma: float):
+    """A zero-initialised adapter plus peft LoRA in the frozen model: (student, trainable parameters)."""
+    spec = AdapterSpec(binding.family, binding.native_patch, binding.temporal_patch, binding.latent_channels,
+                       binding.hidden_size, cfg.factors, cfg.rank, cfg.alpha, tuple(binding.feed_forward),
+                       base_fingerprint(model_patcher, binding),
+                       {k: v for k, v in asdict(cfg).items() if k not in ("ckpt", "resume")})
+    adapter = PatchAdapter(spec).to(device)
+    dm = model_patcher.model.diffusion_model
+    for p in dm.parameters():
+        p.requires_grad_(False)
+    lora_params = inject_lora(dm, binding.feed_forward, cfg.factors, cfg.rank, cfg.alpha)
+    dm.to(device)
+    student = Student(dm, adapter, binding, training_forward(dm), lora_layers(dm), lora_params, cfg, t_per_sigma)
+    trainable = {n: p for n, p in student.named_parameters() if "lora_" in n or n.startswith("adapter.")}
+    for p in trainable.values():
+        p.requires_grad_(True)
+    return student, trainable
+
+
+def _optimizer(trainable: dict, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([
+        {"params": [p for n, p in trainable.items() if n.startswith("adapter.")], "lr": cfg.lr},
+        {"params": [p for n, p in trainable.items() if "lora_" in n], "lr": cfg.lora_lr}],
+        betas=(0.9, 0.99), weight_decay=0.0)
+
+
+def _lr_factor(cfg: TrainConfig, step: int, done: float) -> float:
+    """Linear warm-up, then cosine decay over the run (``done``: 0..1 of steps or of the time budget)."""
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
+    return min(1.0, (step + 1) / max(cfg.warmup, 1)) * (cfg.lr_final + (1.0 - cfg.lr_final) * cosine)
+
+
+def _batch(latents, conds, groups, train_sigmas, cfg: TrainConfig, gen: torch.Generator, device, dtype):
+    """One training batch: pool samples sharing a conditioning shape, noised to random schedule
+    sigmas, and the coarse factor to train on. Draws from ``gen`` in a fixed order (exact resume)."""
+    group = groups[int(torch.randint(len(groups), (1,), generator=gen))]
+    entries = [group[i] for i in torch.randint(len(group), (cfg.batch,), generator=gen).tolist()]
+    x0 = latents[[i for i, _ in entries]].to(device, torch.float32)
+    cond = _stack([conds[i][j] for i, j in entries], device, dtype)
+    sigma = train_sigmas[torch.randint(len(train_sigmas), (cfg.batch,), generator=gen)].to(device)
+    eps = torch.randn(x0.shape, generator=gen).to(device)
+    s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+    x_t = ((1.0 - s) * x0 + s * eps).to(dtype)
+    factor = cfg.factors[int(torch.randint(len(cfg.factors), (1,), generator=gen))]
+    return x_t, sigma, cond, factor
+
+
+def _resume(ckpt: Path | None, cfg: TrainConfig, trainable: dict, optim, gen: torch.Generator, say) -> int:
+    """Restore trainable tensors, optimiser and RNG from ``ckpt``; the step to continue from (0: fresh)."""
+    if not (ckpt and cfg.resume and (ckpt / "state.pt").is_file()):
+        return 0
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        for n, t in state["trainable"].items():
+            trainable[n].copy_(t)
+    optim.load_state_dict(state["optim"])
+    gen.set_state(state["rng"])
+    say(f"resumed from {ckpt} at step {int(state['step'])}")
+    return int(state["step"])
+
+
+def _progress_bar(dist: Dist, cfg: TrainConfig, step: int):
+    if not (dist.main and _interactive()):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=cfg.steps, initial=step, desc="adapter", unit="step", dynamic_ncols=True)
+
+
 def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | None = None, log=print) -> dict:
     """Train an adapter for ``provider``'s model and write it to ``out_path`` (rank 0).
 
@@ -332,7 +440,6 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
     ``conditioning``, ``steps``/``cfg``/``sampler``/``scheduler``). Returns a summary dict.
     """
     import comfy.model_management
-    import comfy.samplers
 
     t_start = time.time()
     dist = Dist.from_env(device)
@@ -342,85 +449,30 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
     if dist.device.type == "cuda":
         comfy.model_management.load_models_gpu([model_patcher], force_full_load=True)
     binding = binding_for(model_patcher)
-    dm = model_patcher.model.diffusion_model
     dtype = model_patcher.model.get_dtype() if dist.device.type == "cuda" else torch.float32
-    sampling = model_patcher.get_model_object("model_sampling")
-    t_per_sigma = float(sampling.timestep(torch.tensor(1.0)))
-    sigmas = comfy.samplers.calculate_sigmas(sampling, provider.scheduler, provider.steps).float()
-    train_sigmas = sigmas[cfg.skip_steps:-1]
-    if train_sigmas.numel() == 0:
-        raise ValueError(f"skip_steps={cfg.skip_steps} leaves no steps of the {provider.steps}-step schedule")
+    train_sigmas, t_per_sigma = _schedule_sigmas(provider, model_patcher, cfg)
 
     ckpt = Path(cfg.ckpt) if cfg.ckpt else None
-    pool = _load_pool(ckpt, dist.rank) if (ckpt and cfg.resume) else None
-    seeds = list(range(dist.rank, cfg.pool, dist.world))
-    if pool is None:
-        say(f"generating a pool of {cfg.pool} samples ({provider.steps} steps, cfg {provider.cfg}) "
-            f"on {dist.world} process(es)")
-        with torch.no_grad():
-            pool = generate_pool(provider, model_patcher, seeds, cfg.gen_batch, say)
-        if ckpt:
-            _save_pool(ckpt, dist.rank, *pool)
-    latents, conds = pool
+    latents, conds = _pool(provider, model_patcher, cfg, dist, ckpt, say)
     groups = _batches_by_shape(conds)
     t_pool = time.time() - t_start
 
-    fp = base_fingerprint(model_patcher, binding)
-    spec = AdapterSpec(binding.family, binding.native_patch, binding.temporal_patch, binding.latent_channels,
-                       binding.hidden_size, cfg.factors, cfg.rank, cfg.alpha, tuple(binding.feed_forward), fp,
-                       {k: v for k, v in asdict(cfg).items() if k not in ("ckpt", "resume")})
-    adapter = PatchAdapter(spec).to(dist.device)
-    for p in dm.parameters():
-        p.requires_grad_(False)
-    lora_params = inject_lora(dm, binding.feed_forward, cfg.factors, cfg.rank, cfg.alpha)
-    dm.to(dist.device)
-    layers = lora_layers(dm)
-    fwd = training_forward(dm)
-    student = Student(dm, adapter, binding, fwd, layers, lora_params, cfg, t_per_sigma)
-    trainable = {n: p for n, p in student.named_parameters() if "lora_" in n or n.startswith("adapter.")}
-    for p in trainable.values():
-        p.requires_grad_(True)
-    optim = torch.optim.AdamW([
-        {"params": [p for n, p in trainable.items() if n.startswith("adapter.")], "lr": cfg.lr},
-        {"params": [p for n, p in trainable.items() if "lora_" in n], "lr": cfg.lora_lr}],
-        betas=(0.9, 0.99), weight_decay=0.0)
+    student, trainable = _build_student(model_patcher, binding, cfg, dist.device, t_per_sigma)
+    optim = _optimizer(trainable, cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)
-    step = 0
-    if ckpt and cfg.resume and (ckpt / "state.pt").is_file():
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-        with torch.no_grad():
-            for n, t in state["trainable"].items():
-                trainable[n].copy_(t)
-        optim.load_state_dict(state["optim"])
-        step = int(state["step"])
-        gen.set_state(state["rng"])
-        say(f"resumed from {ckpt} at step {step}")
-
+    step = start_step = _resume(ckpt, cfg, trainable, optim, gen, say)  # 0: the first loss is training-free
     model = student
     if dist.world > 1:
         model = nn.parallel.DistributedDataParallel(
             student, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
             find_unused_parameters=len(cfg.factors) > 1, broadcast_buffers=False)
-
-    def lr_factor(s, done):
-        """Linear warm-up, then cosine decay over the run (``done``: 0..1 of steps or of the time budget)."""
-        cosine = 0.5 * (1.0 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
-        return min(1.0, (s + 1) / max(cfg.warmup, 1)) * (cfg.lr_final + (1.0 - cfg.lr_final) * cosine)
     base_lrs = [g["lr"] for g in optim.param_groups]
 
     history, first_loss, last_ckpt = [], None, time.time()
-    start_step = step  # 0: the first loss is the training-free step's; after a resume it is not
     deadline = t_start + 60.0 * cfg.minutes if cfg.minutes else None
-    progress = None
-    if dist.main and _interactive():
-        try:
-            from tqdm import tqdm
-            progress = tqdm(total=cfg.steps, initial=step, desc="adapter", unit="step", dynamic_ncols=True)
-        except ImportError:
-            progress = None
+    progress = _progress_bar(dist, cfg, step)
     t_loop = time.time()
-    steps_this_run = 0
-    samples_seen = 0
+    steps_this_run = samples_seen = 0
     while step < cfg.steps:
         done = step / cfg.steps
         if deadline is not None:  # one value for all processes: the same lr everywhere
@@ -428,27 +480,15 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
             if done >= 1.0:
                 say(f"time budget of {cfg.minutes} min reached at step {step}")
                 break
-        group = groups[int(torch.randint(len(groups), (1,), generator=gen))]
-        pick = torch.randint(len(group), (cfg.batch,), generator=gen).tolist()
-        entries = [group[i] for i in pick]
-        x0 = latents[[i for i, _ in entries]].to(dist.device, torch.float32)
-        cond = _stack([conds[i][j] for i, j in entries], dist.device, dtype)
-        sigma = train_sigmas[torch.randint(len(train_sigmas), (cfg.batch,), generator=gen)].to(dist.device)
-        eps = torch.randn(x0.shape, generator=gen).to(dist.device)
-        s = sigma.view(-1, *([1] * (x0.ndim - 1)))
-        x_t = ((1.0 - s) * x0 + s * eps).to(dtype)
-        factor = cfg.factors[int(torch.randint(len(cfg.factors), (1,), generator=gen))]
-
+        x_t, sigma, cond, factor = _batch(latents, conds, groups, train_sigmas, cfg, gen, dist.device, dtype)
         with torch.no_grad():
-            set_lora(layers, lora_params, None)
-            v_teacher = fwd(x_t, sigma * t_per_sigma, transformer_options={}, **cond).float()
-        v_student = model(x_t, sigma, cond, factor).float()
-        loss = F.mse_loss(v_student, v_teacher)
+            v_teacher = student.teacher(x_t, sigma, cond).float()
+        loss = F.mse_loss(model(x_t, sigma, cond, factor).float(), v_teacher)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip))
         for g, base in zip(optim.param_groups, base_lrs):
-            g["lr"] = base * lr_factor(step, done)
+            g["lr"] = base * _lr_factor(cfg, step, done)
         optim.step()
         step += 1
         steps_this_run += 1
@@ -470,8 +510,8 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
         progress.close()
     loop_s = time.time() - t_loop
 
-    set_lora(layers, lora_params, None)
-    adapter.lora = export_lora(dm, cfg.factors)
+    adapter = student.adapter
+    adapter.lora = student.lora_weights()
     tail = history[-max(1, min(len(history), cfg.log_every)):]
     summary = {
         "steps": step, "steps_this_run": steps_this_run, "world_size": dist.world,
