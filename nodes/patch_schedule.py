@@ -136,7 +136,10 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     step = run.step_index(sigma0)
     # fallback for calls that did not pass through apply_model (already observed otherwise)
     latent = None if run.config.forced else _first_chunk(x, options, run.binding.latent_channels)
-    factor = run.factor_for_step(step, latent, sigma0)
+    adapter: AdapterHolder | None = options.get(ADAPTER_KEY)
+    # with an adapter, the automatic schedule picks only the patch sizes it was trained for
+    allowed = adapter.factors if adapter is not None else None
+    factor = run.factor_for_step(step, latent, sigma0, allowed)
 
     if factor > 1:
         reason = spatial_blocker(bound)
@@ -149,7 +152,6 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     if factor == 1:
         return executor(*args, **kwargs)
 
-    adapter: AdapterHolder | None = options.get(ADAPTER_KEY)
     if adapter is not None and not adapter.covers(factor):
         run.note(f"{factor}p steps ran training-free: adapter {adapter.name} covers "
                  + ", ".join(f"{k}p" for k in adapter.factors))

@@ -104,8 +104,13 @@ class ScheduleRun:
         self._observed.add(step)
         self._trajectory.append((sigma, latent.detach().to(torch.float32, copy=True)))
 
-    def factor_for_step(self, step: int, latent: torch.Tensor | None, sigma: float) -> int:
-        """Patch-size factor of ``step``, decided on the first call of that step."""
+    def factor_for_step(self, step: int, latent: torch.Tensor | None, sigma: float,
+                        allowed: tuple[int, ...] | None = None) -> int:
+        """Patch-size factor of ``step``, decided on the first call of that step.
+
+        ``allowed`` (the coarse factors a patch adapter covers) limits the dynamic schedule's
+        choice; a forced schedule is followed as written.
+        """
         if step in self._decided:
             return self._decided[step]
         cfg = self.config
@@ -114,14 +119,15 @@ class ScheduleRun:
         else:
             if latent is not None:
                 self.observe(step, sigma, latent)
-            factor = self._dynamic_factor(step)
+            factor = self._dynamic_factor(step, allowed)
         self._decided[step] = factor
         if step < self.total_steps:
             self.report.step_factors[step] = factor
         return factor
 
-    def _dynamic_factor(self, step: int) -> int:
+    def _dynamic_factor(self, step: int, allowed: tuple[int, ...] | None = None) -> int:
         cfg = self.config
+        candidates = tuple(k for k in cfg.candidate_factors if allowed is None or k in allowed)
         n = max(self.total_steps, 1)
         if step < cfg.warmup_steps or not (cfg.start_percent <= step / n < cfg.end_percent):
             return 1
@@ -132,7 +138,9 @@ class ScheduleRun:
         if len({tuple(z.shape) for z in lat}) != 1:
             return 1
         d3 = third_difference(lat, sig)
-        factor, scores = choose_factor(d3, self.binding.native_patch, cfg.candidate_factors, cfg.tau, cfg.rho)
+        if not candidates:
+            return 1
+        factor, scores = choose_factor(d3, self.binding.native_patch, candidates, cfg.tau, cfg.rho)
         if step < self.total_steps:
             self.report.step_scores[step] = scores
         return factor

@@ -287,6 +287,22 @@ def test_dynamic_schedule_uses_the_adapter_on_its_coarse_steps(pack, tiny_flux, 
     assert_no_hooks_left(tiny_flux)
 
 
+def test_dynamic_schedule_picks_only_the_sizes_the_adapter_covers(pack, tiny_flux, tmp_path):
+    """tau = 1 sends every scored step to the largest patch (4p) without an adapter; with a 2p-only
+    adapter those steps run at 2p with it, never training-free at 4p."""
+    settings = dict(tau=1.0, rho=0.4, warmup_steps=3, end_percent=0.75)
+    free = with_schedule(tiny_flux, **settings)
+    sample(free, "flux", steps=12)
+    assert report(free).step_factors[3:9] == [4] * 6
+    adapter = round_trip(make_adapter(tiny_flux, factors=(2,), nonzero=True), tmp_path)
+    patched = with_schedule(attach(tiny_flux, adapter), **settings)
+    out, _ = sample(patched, "flux", steps=12)
+    rep = report(patched)
+    assert rep.step_factors[3:9] == [2] * 6 and rep.adapter_calls == 6
+    assert all(set(scores) == {2} for scores in rep.step_scores[3:9])
+    assert not rep.notes and torch.isfinite(out).all()
+
+
 # ----------------------------------------------------------------------------- attaching
 
 def test_adapters_for_another_model_are_refused_with_the_reason(pack, tiny_flux, tiny_wan, tmp_path):
