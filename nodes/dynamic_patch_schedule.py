@@ -29,7 +29,9 @@ class DynamicPatchSchedule(io.ComfyNode):
                                tooltip="Threshold. A step goes coarse when the share of the trajectory's "
                                        "change that varies inside a coarse patch is below tau. "
                                        "0 = never coarse (identical to the plain model); higher = "
-                                       "more coarse steps, faster, less detail."),
+                                       "more coarse steps, faster, less detail. Without a patch "
+                                       "adapter, coarse steps cost quality quickly: compare with "
+                                       "fewer plain steps at the same speed."),
                 io.Float.Input("rho", default=0.4, min=0.0, max=1.0, step=0.05, display_mode=slider,
                                tooltip="Percentile over patches used for the decision. Lower = judge "
                                        "by the calmer regions (more coarse steps); higher = let the "
@@ -43,7 +45,9 @@ class DynamicPatchSchedule(io.ComfyNode):
                                tooltip="Fraction of the sampling steps after which every step is native "
                                        "(the last steps add the fine detail)."),
                 io.Combo.Input("max_patch", options=list(_FACTOR_CHOICES), default="4p",
-                               tooltip="Largest patch allowed: 2p (4x fewer tokens) or 4p (16x fewer)."),
+                               tooltip="Largest patch allowed: 2p (4x fewer tokens) or 4p (16x fewer). "
+                                       "With a patch adapter attached, only the sizes it was trained "
+                                       "for are picked."),
                 io.String.Input("forced_schedule", default="",
                                 tooltip="Optional fixed schedule that overrides tau/rho: patch size per "
                                         "step, e.g. '1x6, 2x22' (6 native steps, then 22 at 2p) or "
