@@ -51,6 +51,8 @@ class TrainConfig:
     pool: int = 256                     # generated samples (all processes together)
     gen_batch: int = 16
     skip_steps: int = 3                 # first schedule steps (never coarse) are not trained on
+    schedule: tuple[int, ...] = ()      # a forced schedule (factor per step): train only its coarse
+                                        # steps, each at its own factor (overrides skip_steps)
     down: str = "area"
     up: str = "bilinear"
     seed: int = 0
@@ -67,6 +69,17 @@ class TrainConfig:
             raise ValueError(f"factors must be 2 and/or 4, got {self.factors}")
         if self.rank < 1:
             raise ValueError("rank must be >= 1")
+        self.schedule = tuple(int(k) for k in self.schedule)
+        missing = sorted({k for k in self.schedule if k > 1} - set(self.factors))
+        if missing:
+            raise ValueError(f"the schedule has {', '.join(f'{k}p' for k in missing)} steps but factors are "
+                             f"{self.factors}: train those factors too")
+        if self.schedule and not any(k > 1 for k in self.schedule):
+            raise ValueError("the schedule has no coarse step to train")
+        unused = sorted(set(self.factors) - set(self.schedule)) if self.schedule else []
+        if unused:
+            raise ValueError(f"the schedule never runs at {', '.join(f'{k}p' for k in unused)}: "
+                             f"leave {'it' if len(unused) == 1 else 'them'} out of the factors")
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -335,17 +348,26 @@ def _interactive() -> bool:
     return sys.stderr.isatty()
 
 
-def _schedule_sigmas(provider, model_patcher, cfg: TrainConfig) -> tuple[torch.Tensor, float]:
-    """The sigmas of the provider's sampling schedule that training covers, and timestep per sigma."""
+def _schedule_sigmas(provider, model_patcher, cfg: TrainConfig) -> tuple[dict[int, torch.Tensor], float]:
+    """The sigmas training covers, per coarse factor, and the timestep per sigma.
+
+    Default: every step from ``skip_steps`` on, for each factor. With ``cfg.schedule``: only the
+    steps that schedule runs coarse, each under its own factor.
+    """
     import comfy.samplers
 
     sampling = model_patcher.get_model_object("model_sampling")
     t_per_sigma = float(sampling.timestep(torch.tensor(1.0)))
     sigmas = comfy.samplers.calculate_sigmas(sampling, provider.scheduler, provider.steps).float()
+    if cfg.schedule:  # steps past its end run native, as in the node
+        if len(cfg.schedule) > provider.steps:
+            raise ValueError(f"the schedule has {len(cfg.schedule)} steps, the model samples {provider.steps}")
+        return {k: sigmas[[i for i, f in enumerate(cfg.schedule) if f == k]]
+                for k in cfg.factors if k in cfg.schedule}, t_per_sigma
     train_sigmas = sigmas[cfg.skip_steps:-1]
     if train_sigmas.numel() == 0:
         raise ValueError(f"skip_steps={cfg.skip_steps} leaves no steps of the {provider.steps}-step schedule")
-    return train_sigmas, t_per_sigma
+    return {k: train_sigmas for k in cfg.factors}, t_per_sigma
 
 
 def _pool(provider, model_patcher, cfg: TrainConfig, dist: Dist, ckpt: Path | None, say):
@@ -394,18 +416,25 @@ def _lr_factor(cfg: TrainConfig, step: int, done: float) -> float:
     return min(1.0, (step + 1) / max(cfg.warmup, 1)) * (cfg.lr_final + (1.0 - cfg.lr_final) * cosine)
 
 
-def _batch(latents, conds, groups, train_sigmas, cfg: TrainConfig, gen: torch.Generator, device, dtype):
-    """One training batch: pool samples sharing a conditioning shape, noised to random schedule
-    sigmas, and the coarse factor to train on. Draws from ``gen`` in a fixed order (exact resume)."""
+def _batch(latents, conds, groups, train_sigmas: dict, cfg: TrainConfig, gen: torch.Generator, device, dtype):
+    """One training batch: pool samples sharing a conditioning shape, noised to random sigmas of
+    the steps trained at one coarse factor, and that factor. Draws from ``gen`` in a fixed order
+    (exact resume); with a schedule the factor is drawn first, weighted by its number of steps."""
+    factor = None
+    if cfg.schedule:
+        coarse = [k for k in cfg.schedule if k > 1]
+        factor = coarse[int(torch.randint(len(coarse), (1,), generator=gen))]
     group = groups[int(torch.randint(len(groups), (1,), generator=gen))]
     entries = [group[i] for i in torch.randint(len(group), (cfg.batch,), generator=gen).tolist()]
     x0 = latents[[i for i, _ in entries]].to(device, torch.float32)
     cond = _stack([conds[i][j] for i, j in entries], device, dtype)
-    sigma = train_sigmas[torch.randint(len(train_sigmas), (cfg.batch,), generator=gen)].to(device)
+    pool_sigmas = train_sigmas[factor if factor is not None else cfg.factors[0]]
+    sigma = pool_sigmas[torch.randint(len(pool_sigmas), (cfg.batch,), generator=gen)].to(device)
     eps = torch.randn(x0.shape, generator=gen).to(device)
     s = sigma.view(-1, *([1] * (x0.ndim - 1)))
     x_t = ((1.0 - s) * x0 + s * eps).to(dtype)
-    factor = cfg.factors[int(torch.randint(len(cfg.factors), (1,), generator=gen))]
+    if factor is None:
+        factor = cfg.factors[int(torch.randint(len(cfg.factors), (1,), generator=gen))]
     return x_t, sigma, cond, factor
 
 

@@ -170,6 +170,8 @@ def parse_args(argv=None):
                                                   "(of --steps, or of --minutes when given; default 1 = constant)")
     a("--pool", type=int, default=256, help="generated samples (all processes)"); a("--gen-batch", type=int, default=16)
     a("--skip-steps", type=int, default=3, help="first schedule steps not trained on (always native)")
+    a("--schedule", default="", help="train for this forced schedule only, e.g. 2x19,1x9: its coarse steps, each "
+                                     "at its own patch size (as the node's forced_schedule; overrides --skip-steps)")
     a("--ckpt", default=None); a("--resume", action="store_true"); a("--ckpt-every-s", type=float, default=120.0)
     a("--log-every", type=int, default=25); a("--seed", type=int, default=0)
     a("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -196,11 +198,13 @@ def main(argv=None) -> dict:
 
     comfy_runtime.load_pack()
     from elastic_tokens.adapters.training import TrainConfig, train
+    from elastic_tokens.nodes.schedule_config import parse_forced_schedule
 
     cfg = TrainConfig(factors=tuple(int(k) for k in args.factors.split(",")), rank=args.rank,
                       alpha=float(args.alpha if args.alpha is not None else args.rank), steps=args.steps,
                       minutes=args.minutes, batch=args.batch, lr=args.lr, lora_lr=args.lora_lr,
-                      warmup=args.warmup, lr_final=args.lr_final, pool=args.pool, gen_batch=args.gen_batch, skip_steps=args.skip_steps,
+                      warmup=args.warmup, lr_final=args.lr_final, pool=args.pool, gen_batch=args.gen_batch,
+                      skip_steps=args.skip_steps, schedule=parse_forced_schedule(args.schedule),
                       seed=args.seed, log_every=args.log_every, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every_s,
                       resume=args.resume)
     summary = train(provider, cfg, args.out, device=device, log=lambda m: print(m, flush=True))

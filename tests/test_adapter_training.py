@@ -272,3 +272,32 @@ def test_clear_errors_for_bad_settings(pack, script, tmp_path):
     with pytest.raises(ValueError, match="skip_steps=8 leaves no steps of the 8-step schedule"):
         script.main(FLUX_ARGS + ["--skip-steps", "8", "--out", str(out)])
     assert not out.exists()
+
+
+def test_schedule_trains_only_its_coarse_steps_each_at_its_own_factor(pack, tiny_flux):
+    import types
+
+    import comfy.samplers
+    from elastic_tokens.adapters import training as tr
+
+    cfg = tr.TrainConfig(factors=(2, 4), schedule=(4, 4, 2, 2, 2), batch=16)  # steps 5..7 native
+    provider = types.SimpleNamespace(steps=8, scheduler="simple")
+    by_factor, _ = tr._schedule_sigmas(provider, tiny_flux, cfg)
+    sigmas = comfy.samplers.calculate_sigmas(tiny_flux.get_model_object("model_sampling"), "simple", 8).float()
+    assert torch.equal(by_factor[4], sigmas[:2]) and torch.equal(by_factor[2], sigmas[2:5])
+    conds = [[{"context": torch.zeros(1, 4, 8)}] for _ in range(3)]
+    gen, seen = torch.Generator().manual_seed(0), []
+    for _ in range(40):
+        x_t, sigma, _, factor = tr._batch(torch.zeros(3, 16, 8, 8), conds, tr._batches_by_shape(conds), by_factor,
+                                          cfg, gen, "cpu", torch.float32)
+        assert x_t.shape == (16, 16, 8, 8) and set(sigma.tolist()) <= set(by_factor[factor].tolist())
+        seen.append(factor)
+    assert set(seen) == {2, 4} and seen.count(2) > seen.count(4)  # 3 steps at 2p, 2 at 4p
+    with pytest.raises(ValueError, match="the schedule has 4p steps but factors are"):
+        tr.TrainConfig(factors=(2,), schedule=(4, 2, 1))
+    with pytest.raises(ValueError, match="the schedule never runs at 4p"):
+        tr.TrainConfig(factors=(2, 4), schedule=(2, 2, 1))
+    with pytest.raises(ValueError, match="no coarse step"):
+        tr.TrainConfig(factors=(2,), schedule=(1, 1))
+    with pytest.raises(ValueError, match="the schedule has 9 steps, the model samples 8"):
+        tr._schedule_sigmas(provider, tiny_flux, tr.TrainConfig(factors=(2,), schedule=(2,) * 9))
