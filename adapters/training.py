@@ -32,6 +32,7 @@ from .bindings import binding_for
 from .call_args import bind_call
 from .coarse_forward import coarse_velocity
 from .patch_adapter import AdapterSpec, PatchAdapter, base_fingerprint, save_adapter
+from .rollouts import ReplayBuffer, cfg_entries, rollout
 from .train_forward import training_forward
 
 
@@ -53,6 +54,10 @@ class TrainConfig:
     skip_steps: int = 3                 # first schedule steps (never coarse) are not trained on
     schedule: tuple[int, ...] = ()      # a forced schedule (factor per step): train only its coarse
                                         # steps, each at its own factor (overrides skip_steps)
+    rollout_every: int = 0              # every N steps, roll pool conditionings out through the
+    rollout_batch: int = 16             # schedule with the current student (adapters/rollouts.py)
+    rollout_share: float = 0.5          # and train this share of the batches on the visited states
+    rollout_keep: int = 4096            # (the most recent ``rollout_keep`` states per factor)
     down: str = "area"
     up: str = "bilinear"
     seed: int = 0
@@ -76,6 +81,10 @@ class TrainConfig:
                              f"{self.factors}: train those factors too")
         if self.schedule and not any(k > 1 for k in self.schedule):
             raise ValueError("the schedule has no coarse step to train")
+        if self.rollout_every and not self.schedule:
+            raise ValueError("rollouts follow a forced schedule: give one with --schedule")
+        if not 0.0 <= self.rollout_share <= 1.0:
+            raise ValueError(f"rollout_share is a fraction in [0, 1], got {self.rollout_share}")
         unused = sorted(set(self.factors) - set(self.schedule)) if self.schedule else []
         if unused:
             raise ValueError(f"the schedule never runs at {', '.join(f'{k}p' for k in unused)}: "
@@ -438,6 +447,17 @@ def _batch(latents, conds, groups, train_sigmas: dict, cfg: TrainConfig, gen: to
     return x_t, sigma, cond, factor
 
 
+def _replay_batch(buffer: ReplayBuffer, conds, entries: int, cfg: TrainConfig, gen: torch.Generator, device, dtype):
+    """One training batch of rollout states: a factor drawn as in :func:`_batch`, states of it,
+    and one conditioning entry (cond or uncond) of their samples."""
+    coarse = [k for k in cfg.schedule if k > 1]
+    factor = coarse[int(torch.randint(len(coarse), (1,), generator=gen))]
+    x, sigma, samples = buffer.draw(factor, cfg.batch, gen)
+    j = int(torch.randint(entries, (1,), generator=gen))
+    cond = _stack([conds[i][j] for i in samples.tolist()], device, dtype)
+    return x.to(device, dtype), sigma.to(device), cond, factor
+
+
 def _resume(ckpt: Path | None, cfg: TrainConfig, trainable: dict, optim, gen: torch.Generator, say) -> int:
     """Restore trainable tensors, optimiser and RNG from ``ckpt``; the step to continue from (0: fresh)."""
     if not (ckpt and cfg.resume and (ckpt / "state.pt").is_file()):
@@ -497,6 +517,17 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
             find_unused_parameters=len(cfg.factors) > 1, broadcast_buffers=False)
     base_lrs = [g["lr"] for g in optim.param_groups]
 
+    buffer = ReplayBuffer(cfg.rollout_keep) if cfg.rollout_every else None
+    if buffer is not None:
+        import comfy.samplers
+
+        entries = cfg_entries(conds, float(provider.cfg))
+        rollout_sigmas = comfy.samplers.calculate_sigmas(model_patcher.get_model_object("model_sampling"),
+                                                         provider.scheduler, provider.steps).float()
+        say(f"rollouts: every {cfg.rollout_every} steps, {cfg.rollout_batch} samples through the schedule "
+            f"(cfg {provider.cfg}); {100 * cfg.rollout_share:.0f}% of batches from their states"
+            + (" (the replay buffer starts empty after a resume)" if start_step else ""))
+
     history, first_loss, last_ckpt = [], None, time.time()
     deadline = t_start + 60.0 * cfg.minutes if cfg.minutes else None
     progress = _progress_bar(dist, cfg, step)
@@ -509,7 +540,15 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
             if done >= 1.0:
                 say(f"time budget of {cfg.minutes} min reached at step {step}")
                 break
-        x_t, sigma, cond, factor = _batch(latents, conds, groups, train_sigmas, cfg, gen, dist.device, dtype)
+        if buffer is not None and step % cfg.rollout_every == 0:
+            picks = torch.randint(len(conds), (cfg.rollout_batch,), generator=gen).tolist()
+            for k, x, s in rollout(student, _stack, conds, picks, cfg.schedule, rollout_sigmas, float(provider.cfg),
+                                   entries, latents.shape[1:], gen, dist.device, dtype):
+                buffer.add(k, x, s, torch.tensor(picks))
+        if buffer is not None and len(buffer) and float(torch.rand(1, generator=gen)) < cfg.rollout_share:
+            x_t, sigma, cond, factor = _replay_batch(buffer, conds, entries, cfg, gen, dist.device, dtype)
+        else:
+            x_t, sigma, cond, factor = _batch(latents, conds, groups, train_sigmas, cfg, gen, dist.device, dtype)
         with torch.no_grad():
             v_teacher = student.teacher(x_t, sigma, cond).float()
         loss = F.mse_loss(model(x_t, sigma, cond, factor).float(), v_teacher)

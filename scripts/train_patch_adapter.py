@@ -172,6 +172,12 @@ def parse_args(argv=None):
     a("--skip-steps", type=int, default=3, help="first schedule steps not trained on (always native)")
     a("--schedule", default="", help="train for this forced schedule only, e.g. 2x19,1x9: its coarse steps, each "
                                      "at its own patch size (as the node's forced_schedule; overrides --skip-steps)")
+    a("--rollout-every", type=int, default=0, help="with --schedule: every N steps roll pool conditionings out "
+                                                   "through it with the current student and train on the states "
+                                                   "it visits (DAgger-style; default 0 = off)")
+    a("--rollout-batch", type=int, default=16, help="samples per rollout (default 16)")
+    a("--rollout-share", type=float, default=0.5, help="share of batches drawn from rollout states (default 0.5)")
+    a("--rollout-keep", type=int, default=4096, help="rollout states kept per patch size (default 4096)")
     a("--ckpt", default=None); a("--resume", action="store_true"); a("--ckpt-every-s", type=float, default=120.0)
     a("--log-every", type=int, default=25); a("--seed", type=int, default=0)
     a("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -205,6 +211,8 @@ def main(argv=None) -> dict:
                       minutes=args.minutes, batch=args.batch, lr=args.lr, lora_lr=args.lora_lr,
                       warmup=args.warmup, lr_final=args.lr_final, pool=args.pool, gen_batch=args.gen_batch,
                       skip_steps=args.skip_steps, schedule=parse_forced_schedule(args.schedule),
+                      rollout_every=args.rollout_every, rollout_batch=args.rollout_batch,
+                      rollout_share=args.rollout_share, rollout_keep=args.rollout_keep,
                       seed=args.seed, log_every=args.log_every, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every_s,
                       resume=args.resume)
     summary = train(provider, cfg, args.out, device=device, log=lambda m: print(m, flush=True))

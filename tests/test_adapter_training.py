@@ -301,3 +301,78 @@ def test_schedule_trains_only_its_coarse_steps_each_at_its_own_factor(pack, tiny
         tr.TrainConfig(factors=(2,), schedule=(1, 1))
     with pytest.raises(ValueError, match="the schedule has 9 steps, the model samples 8"):
         tr._schedule_sigmas(provider, tiny_flux, tr.TrainConfig(factors=(2,), schedule=(2,) * 9))
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # one peft adapter per factor, by design
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_rollouts_follow_the_samplers_own_trajectory(pack, family):
+    """Rollout states (adapters/rollouts.py) are the states ComfyUI's KSampler visits with the node's
+    forced schedule: same noise, an untrained adapter (= training-free coarse steps), and for Wan
+    CFG 2 with cond and uncond. So training on them trains on the sampler's real trajectory."""
+    import argparse
+
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
+    import bench_quality
+    import comfy.sample
+    import comfy.samplers
+    from elastic_tokens.adapters import training as tr
+    from elastic_tokens.adapters.bindings import binding_for
+    from elastic_tokens.adapters.rollouts import cfg_entries, rollout
+    from elastic_tokens.nodes.patch_schedule import apply_patch_schedule
+    from elastic_tokens.nodes.schedule_config import PatchScheduleConfig
+
+    provider = (bench_quality.TinyFluxProvider(argparse.Namespace(size=64)) if family == "flux"
+                else bench_quality.TinyWanProvider(argparse.Namespace(size=32)))
+    model = provider.load()
+    schedule = (1, 2, 2, 4, 2, 1)
+    seeds = [0, 1]
+    empty = provider.empty_latent(len(seeds))
+    noise = torch.randn(empty.shape, generator=torch.Generator().manual_seed(5))
+    pos, neg = provider.conditioning(seeds)
+    seen = {}
+    comfy.sample.sample(apply_patch_schedule(model, PatchScheduleConfig(forced_schedule="1,2x2,4,2,1")), noise,
+                        provider.steps, provider.cfg, provider.sampler, provider.scheduler, pos, neg, empty, seed=0,
+                        disable_pbar=True, callback=lambda i, x0, x, n: seen.setdefault(i, x.clone()))
+
+    _, conds = tr.generate_pool(provider, model, seeds, len(seeds), lambda *a: None)
+    cfg = tr.TrainConfig(factors=(2, 4), rank=4, schedule=schedule)
+    sampling = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(sampling, provider.scheduler, provider.steps).float()
+    student, _ = tr._build_student(model, binding_for(model), cfg, "cpu", float(sampling.timestep(torch.tensor(1.0))))
+    entries = cfg_entries(conds, provider.cfg)
+    assert entries == (2 if family == "wan" else 1)
+    states = rollout(student, tr._stack, conds, [0, 1], schedule, sigmas, provider.cfg, entries, empty.shape[1:],
+                     torch.Generator().manual_seed(5), "cpu", torch.float32)
+    assert [k for k, _, _ in states] == [2, 2, 4, 2]
+    for (k, x, sig), step in zip(states, (1, 2, 3, 4)):
+        assert torch.allclose(sig, torch.full((2,), float(sigmas[step])))
+        torch.testing.assert_close(x, seen[step], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # one peft adapter per factor, by design
+def test_replay_buffer_rollout_settings_and_a_run_with_rollouts(pack, script, tmp_path, capsys):
+    from elastic_tokens.adapters import training as tr
+    from elastic_tokens.adapters.rollouts import ReplayBuffer, cfg_entries
+
+    buf = ReplayBuffer(keep=5)
+    for start in (0, 3):
+        buf.add(2, torch.arange(start, start + 3).float().view(3, 1), torch.full((3,), 0.5), torch.arange(3))
+    assert len(buf) == 5 and buf.x[2].flatten().tolist() == [1, 2, 3, 4, 5]  # the most recent 5
+    x, sigma, sample = buf.draw(2, 7, torch.Generator().manual_seed(0))
+    assert x.shape == (7, 1) and set(x.flatten().tolist()) <= {1, 2, 3, 4, 5} and sample.shape == (7,)
+    uneven = [[{"context": torch.zeros(1, n, 8)}] for n in (4, 5)]
+    with pytest.raises(ValueError, match="one shape across the pool"):
+        cfg_entries(uneven, 1.0)
+    with pytest.raises(ValueError, match="give one with --schedule"):
+        tr.TrainConfig(rollout_every=5)
+    with pytest.raises(ValueError, match="rollout_share is a fraction"):
+        tr.TrainConfig(schedule=(2, 1), rollout_every=5, rollout_share=1.5)
+
+    out = tmp_path / "rollouts.safetensors"
+    summary, log = run(script, capsys, *FLUX_ARGS, "--steps", "6", "--factors", "2,4", "--schedule", "1,2x3,4x2",
+                       "--rollout-every", "3", "--rollout-batch", "2", "--rollout-share", "1", "--out", out)
+    assert "rollouts: every 3 steps, 2 samples through the schedule" in log and summary["steps"] == 6
+    from elastic_tokens.adapters.patch_adapter import load_adapter
+
+    assert load_adapter(out).spec.training["rollout_every"] == 3

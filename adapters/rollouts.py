@@ -1,0 +1,74 @@
+"""Training states from the student's own sampling trajectories (DAgger-style rollouts).
+
+Distillation on re-noised pool samples trains each coarse step on states the *teacher* would
+visit. At sampling time some twenty coarse steps in a row move the latent off those states, and
+the errors compound: on the image proxy a recipe with a lower distillation loss sampled worse
+(BENCHMARKS.md §5). Rolling pool conditionings out through the forced schedule with the current
+student (Euler, the provider's CFG) and training on the states it actually visits, against the
+teacher's velocity there, aims at that drift. Used by adapters/training.py with ``--schedule``
+and ``--rollout-every``; not yet measured against plain distillation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ReplayBuffer:
+    """The most recent rollout states per coarse factor: latent, sigma and pool sample index."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.x: dict[int, torch.Tensor] = {}
+        self.sigma: dict[int, torch.Tensor] = {}
+        self.sample: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sigma.values())
+
+    def add(self, factor: int, x: torch.Tensor, sigma: torch.Tensor, sample: torch.Tensor) -> None:
+        if factor in self.x:
+            x, sigma, sample = (torch.cat([self.x[factor], x]), torch.cat([self.sigma[factor], sigma]),
+                                torch.cat([self.sample[factor], sample]))
+        self.x[factor], self.sigma[factor], self.sample[factor] = x[-self.keep:], sigma[-self.keep:], sample[-self.keep:]
+
+    def draw(self, factor: int, n: int, gen: torch.Generator):
+        """``n`` random states of ``factor``: (latents, sigmas, pool sample indices)."""
+        idx = torch.randint(len(self.sigma[factor]), (n,), generator=gen)
+        return self.x[factor][idx], self.sigma[factor][idx], self.sample[factor][idx]
+
+
+def cfg_entries(conds: list[list[dict]], cfg_scale: float) -> int:
+    """How many conditioning entries a rollout uses per sample: 2 (cond, uncond) with CFG, else 1.
+
+    Rollouts stack one entry of many samples, so each entry must have one shape across the pool.
+    """
+    entries = 2 if cfg_scale != 1.0 and all(len(c) >= 2 for c in conds) else 1
+    for j in range(entries):
+        shapes = {tuple(sorted((k, tuple(v.shape[1:])) for k, v in c[j].items())) for c in conds}
+        if len(shapes) > 1:
+            raise ValueError("rollouts need conditioning tensors of one shape across the pool "
+                             f"(entry {j} has {len(shapes)}); train without --rollout-every")
+    return entries
+
+
+@torch.no_grad()
+def rollout(student, stack, conds: list[list[dict]], samples: list[int], schedule: tuple[int, ...],
+            sigmas: torch.Tensor, cfg_scale: float, entries: int, latent_shape, gen: torch.Generator, device, dtype):
+    """Sample ``samples``' conditionings through ``schedule`` with the student at its coarse steps
+    and the teacher at native ones (Euler, CFG ``cfg_scale``); return the states of the coarse
+    steps as ``[(factor, x, sigma)]``. ``stack(entries, device, dtype)`` batches conditionings."""
+    per_entry = [stack([conds[i][j] for i in samples], device, dtype) for j in range(entries)]
+    x = float(sigmas[0]) * torch.randn((len(samples), *latent_shape), generator=gen).to(device)
+    states = []
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        factor = schedule[i] if i < len(schedule) else 1
+        sig = torch.full((len(samples),), s, device=device)
+        if factor > 1:
+            states.append((factor, x.clone(), sig))
+        v = [(student(x.to(dtype), sig, c, factor) if factor > 1 else student.teacher(x.to(dtype), sig, c)).float()
+             for c in per_entry]
+        velocity = v[0] if entries == 1 else v[1] + cfg_scale * (v[0] - v[1])
+        x = x + (s_next - s) * velocity
+    return states
