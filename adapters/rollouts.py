@@ -15,7 +15,10 @@ import torch
 
 
 class ReplayBuffer:
-    """The most recent rollout states per coarse factor: latent, sigma and pool sample index."""
+    """The most recent rollout states per coarse factor: latent, sigma and pool sample index.
+
+    Kept where the caller puts them (the trainer: CPU memory, in the model's dtype; a FLUX.1-dev
+    1024² latent is 0.5 MB in bf16, so 1,024 states are 0.5 GB)."""
 
     def __init__(self, keep: int):
         self.keep = keep
@@ -57,7 +60,8 @@ def rollout(student, stack, conds: list[list[dict]], samples: list[int], schedul
             sigmas: torch.Tensor, cfg_scale: float, entries: int, latent_shape, gen: torch.Generator, device, dtype):
     """Sample ``samples``' conditionings through ``schedule`` with the student at its coarse steps
     and the teacher at native ones (Euler, CFG ``cfg_scale``); return the states of the coarse
-    steps as ``[(factor, x, sigma)]``. ``stack(entries, device, dtype)`` batches conditionings."""
+    steps as ``[(factor, x, sigma)]`` on the CPU, ``x`` in ``dtype``. ``stack(entries, device,
+    dtype)`` batches conditionings."""
     per_entry = [stack([conds[i][j] for i in samples], device, dtype) for j in range(entries)]
     x = float(sigmas[0]) * torch.randn((len(samples), *latent_shape), generator=gen).to(device)
     states = []
@@ -66,7 +70,7 @@ def rollout(student, stack, conds: list[list[dict]], samples: list[int], schedul
         factor = schedule[i] if i < len(schedule) else 1
         sig = torch.full((len(samples),), s, device=device)
         if factor > 1:
-            states.append((factor, x.clone(), sig))
+            states.append((factor, x.to("cpu", dtype), sig.cpu()))
         v = [(student(x.to(dtype), sig, c, factor) if factor > 1 else student.teacher(x.to(dtype), sig, c)).float()
              for c in per_entry]
         velocity = v[0] if entries == 1 else v[1] + cfg_scale * (v[0] - v[1])

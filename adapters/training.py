@@ -57,7 +57,7 @@ class TrainConfig:
     rollout_every: int = 0              # every N steps, roll pool conditionings out through the
     rollout_batch: int = 16             # schedule with the current student (adapters/rollouts.py)
     rollout_share: float = 0.5          # and train this share of the batches on the visited states
-    rollout_keep: int = 4096            # (the most recent ``rollout_keep`` states per factor)
+    rollout_keep: int = 1024            # (the most recent ``rollout_keep`` states per factor)
     down: str = "area"
     up: str = "bilinear"
     seed: int = 0

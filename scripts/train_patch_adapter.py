@@ -177,7 +177,8 @@ def parse_args(argv=None):
                                                    "it visits (DAgger-style; default 0 = off)")
     a("--rollout-batch", type=int, default=16, help="samples per rollout (default 16)")
     a("--rollout-share", type=float, default=0.5, help="share of batches drawn from rollout states (default 0.5)")
-    a("--rollout-keep", type=int, default=4096, help="rollout states kept per patch size (default 4096)")
+    a("--rollout-keep", type=int, default=1024, help="rollout states kept per patch size, in CPU memory "
+                                                     "(default 1024)")
     a("--ckpt", default=None); a("--resume", action="store_true"); a("--ckpt-every-s", type=float, default=120.0)
     a("--log-every", type=int, default=25); a("--seed", type=int, default=0)
     a("--device", default=None, help="cuda or cpu (default: cuda if available)")
