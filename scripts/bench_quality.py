@@ -735,16 +735,24 @@ def plot(record: dict, path: Path) -> None:
             if base and base.get(xk) is not None and base.get(yk) is not None:
                 ax.plot([base[xk]], [base[yk]], "*", color="black", markersize=13, label="baseline", zorder=5)
             nodes = [r for r in rows if r["kind"] == "node" and r.get(xk) is not None and r.get(yk) is not None]
-            for with_adapter, color, text, label in (
-                    (False, "#2a7ab9", "#1d5a8a", "Dynamic Patch Schedule, training-free"),
-                    (True, "#2e9e4f", "#1f6e37", "Dynamic Patch Schedule + patch adapter")):
-                group = [r for r in nodes if ("+A" in r["setting"]) == with_adapter]  # "+A" or "+A [label]"
-                if not group:
-                    continue
-                ax.scatter([r[xk] for r in group], [r[yk] for r in group], color=color, zorder=6, label=label)
-                for r in group:
+            annotate = len(nodes) <= 10  # beyond that the labels only hide each other: the table has them
+            groups: dict = {}
+            for r in nodes:  # training-free, "+A", or "+A [label]" of merged runs: one colour each
+                label = (None if "+A" not in r["setting"]
+                         else (r["setting"].rsplit("[", 1)[1].rstrip("]") if r["setting"].endswith("]") else ""))
+                groups.setdefault(label, []).append(r)
+            palette = iter(["#2e9e4f", "#d9822b", "#8e44ad", "#c0392b", "#16a085"])
+            for label in sorted(groups, key=lambda g: (g is not None, g or "")):
+                group = groups[label]
+                color = "#2a7ab9" if label is None else next(palette, "#555555")
+                name = ("Dynamic Patch Schedule, training-free" if label is None else
+                        "Dynamic Patch Schedule + patch adapter" + (f" {label}" if label else ""))
+                ax.scatter([r[xk] for r in group], [r[yk] for r in group], color=color, zorder=6, label=name)
+                for r in group if annotate else ():
                     ax.annotate(r["setting"], (r[xk], r[yk]), textcoords="offset points", xytext=(4, 4),
-                                fontsize=8, color=text)
+                                fontsize=8, color=color)
+            if yk == "fid" and base and base.get("fid"):
+                ax.axhline(1.05 * base["fid"], color="#555555", ls=":", lw=1, label="baseline FID + 5%")
             if yk == "fid":
                 ax.set_yscale("log")
             if yk == "fid" and spread.get("fid_seeds_b") is not None:

@@ -60,3 +60,28 @@ def test_dropped_rows_and_per_seed_values_are_left_out():
     assert [r["setting"] for r in merged["rows"]] == ["baseline", "2x"]
     merged = m.merge([_record([row])])
     assert "per_seed" not in merged["rows"][1]
+
+
+def test_merged_runs_plot_one_colour_per_adapter(tmp_path, monkeypatch):
+    import bench_quality
+    import merge_quality_runs as m
+
+    def rec(rows, label):
+        r = _record([{**x, "lpips": 0.1, "flops_reduction": 2.0} for x in rows])
+        r["rows"][0].update(lpips=0.0, flops_reduction=1.0, steps=28)
+        r["meta"].update(real={"name": "test"}, device="cpu")
+        return m.label_adapter_rows(r, label)
+
+    merged = m.merge([rec([_row("2x+A"), _row("2x")], "v1"), rec([_row("2x+A")], "v2")])
+    merged["meta"]["merged_from"] = ["a", "b"]
+    labels = []
+    import matplotlib.axes
+
+    real_scatter = matplotlib.axes.Axes.scatter
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter",
+                        lambda self, *a, **k: labels.append(k.get("label")) or real_scatter(self, *a, **k))
+    bench_quality.plot(merged, tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+    assert labels[:3] == ["Dynamic Patch Schedule, training-free", "Dynamic Patch Schedule + patch adapter v1",
+                          "Dynamic Patch Schedule + patch adapter v2"]  # FID axis only: merged wall times differ
+    assert len(labels) == 6  # two panels (FID, LPIPS) x three groups; no measured-speedup row
