@@ -238,27 +238,7 @@ def export(args, out: Path, fwd, model, class_tokens, cfg, state, device, amp):
             "steps": str(state["step"]), "loss": f"{state['loss']:.6f}", "version": VERSION,
             "objective": "rectified flow: x_t=(1-t)x0+t*eps, timestep=t, v=eps-x0; guidance input 1.0; "
                          "raw latent (no process_latent_in)"}
-    for old in out.glob("image_proxy*.safetensors"):
-        old.unlink()
-    nbytes = sum(v.numel() * v.element_size() for v in sd.values())
-    limit = int(args.shard_mib * 2**20)
-    if nbytes + 2**16 <= limit:
-        save_file(sd, str(out / "image_proxy.safetensors"), metadata=meta)
-    else:  # the device machine returns files of at most 16 MiB: shard; merge with --merge DIR here
-        shards, cur, size = [], {}, 0
-        for k, v in sd.items():
-            b = v.numel() * v.element_size()
-            if cur and size + b + 2**16 > limit:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[k] = v
-            size += b
-        shards.append(cur)
-        for i, part in enumerate(shards):
-            save_file(part, str(out / f"image_proxy-{i + 1:05d}-of-{len(shards):05d}.safetensors"),
-                      metadata=dict(meta, shard=f"{i + 1}/{len(shards)}"))
-        print(f"[export] {nbytes / 2**20:.1f} MiB > --shard-mib {args.shard_mib}: wrote {len(shards)} shards; "
-              f"merge into image_proxy.safetensors with: {Path(__file__).name} --merge {out}", flush=True)
+    save_sharded(sd, out, "image_proxy", meta, args.shard_mib, Path(__file__).name)
     save_file({"class_tokens": class_tokens.detach().to(torch.float16).contiguous().cpu()},
               str(out / "image_proxy_text.safetensors"),
               metadata={"class_names": json.dumps(CLASS_NAMES + ["<empty>"]), "version": VERSION,
@@ -279,19 +259,48 @@ def export(args, out: Path, fwd, model, class_tokens, cfg, state, device, amp):
     return {"sizes": sizes, "sample_seconds": t_sample}
 
 
-def merge_shards(out: Path) -> Path:
-    """image_proxy-0000i-of-0000n.safetensors in ``out`` -> one image_proxy.safetensors (same metadata)."""
+def save_sharded(sd: dict, out: Path, stem: str, meta: dict, shard_mib: float, script: str) -> None:
+    """``out/{stem}.safetensors``, or shards of at most ``shard_mib`` MiB above that (the device
+    machine returns files of at most 16 MiB); ``script --merge DIR`` joins them. Earlier model
+    files of ``stem`` are removed first (its ``{stem}_text`` file stays)."""
+    from safetensors.torch import save_file
+    for old in out.glob(f"{stem}*.safetensors"):
+        if not old.name.startswith(f"{stem}_text"):
+            old.unlink()
+    nbytes = sum(v.numel() * v.element_size() for v in sd.values())
+    limit = int(shard_mib * 2**20)
+    if nbytes + 2**16 <= limit:
+        save_file(sd, str(out / f"{stem}.safetensors"), metadata=meta)
+        return
+    shards, cur, size = [], {}, 0
+    for k, v in sd.items():
+        b = v.numel() * v.element_size()
+        if cur and size + b + 2**16 > limit:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += b
+    shards.append(cur)
+    for i, part in enumerate(shards):
+        save_file(part, str(out / f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"),
+                  metadata=dict(meta, shard=f"{i + 1}/{len(shards)}"))
+    print(f"[export] {nbytes / 2**20:.1f} MiB > --shard-mib {shard_mib}: wrote {len(shards)} shards; merge into "
+          f"{stem}.safetensors with: {script} --merge {out}", flush=True)
+
+
+def merge_shards(out: Path, stem: str = "image_proxy") -> Path:
+    """{stem}-0000i-of-0000n.safetensors in ``out`` -> one {stem}.safetensors (same metadata)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
-    parts = sorted(Path(out).glob("image_proxy-*-of-*.safetensors"))
+    parts = sorted(Path(out).glob(f"{stem}-*-of-*.safetensors"))
     if not parts:
-        raise SystemExit(f"no image_proxy-*-of-*.safetensors shards in {out}")
+        raise SystemExit(f"no {stem}-*-of-*.safetensors shards in {out}")
     sd, meta = {}, None
     for part in parts:
         with safe_open(str(part), framework="pt") as f:
             meta = meta or {k: v for k, v in f.metadata().items() if k != "shard"}
             sd.update({k: f.get_tensor(k) for k in f.keys()})
-    dest = Path(out) / "image_proxy.safetensors"
+    dest = Path(out) / f"{stem}.safetensors"
     save_file(sd, str(dest), metadata=meta)
     print(f"[merge] {len(parts)} shards -> {dest} ({dest.stat().st_size / 2**20:.1f} MiB)")
     return dest

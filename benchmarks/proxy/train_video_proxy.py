@@ -297,50 +297,6 @@ def save_clip_grid(frames: torch.Tensor, path: Path) -> None:
     image_trainer().save_grid(frames.reshape(n * Fr, *frames.shape[2:]), n, path)
 
 
-def _save_sharded(sd: dict, out: Path, stem: str, meta: dict, shard_mib: float) -> None:
-    from safetensors.torch import save_file
-    for old in out.glob(f"{stem}*.safetensors"):
-        if not old.name.startswith(f"{stem}_text"):
-            old.unlink()
-    nbytes = sum(v.numel() * v.element_size() for v in sd.values())
-    limit = int(shard_mib * 2**20)
-    if nbytes + 2**16 <= limit:
-        save_file(sd, str(out / f"{stem}.safetensors"), metadata=meta)
-        return
-    shards, cur, size = [], {}, 0  # the device machine returns files of at most 16 MiB
-    for k, v in sd.items():
-        b = v.numel() * v.element_size()
-        if cur and size + b + 2**16 > limit:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = v
-        size += b
-    shards.append(cur)
-    for i, part in enumerate(shards):
-        save_file(part, str(out / f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"),
-                  metadata=dict(meta, shard=f"{i + 1}/{len(shards)}"))
-    print(f"[export] {nbytes / 2**20:.1f} MiB > --shard-mib {shard_mib}: wrote {len(shards)} shards; merge into "
-          f"{stem}.safetensors with: {Path(__file__).name} --merge {out}", flush=True)
-
-
-def merge_shards(out: Path) -> Path:
-    """video_proxy-0000i-of-0000n.safetensors in ``out`` -> one video_proxy.safetensors (same metadata)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    parts = sorted(Path(out).glob("video_proxy-*-of-*.safetensors"))
-    if not parts:
-        raise SystemExit(f"no video_proxy-*-of-*.safetensors shards in {out}")
-    sd, meta = {}, None
-    for part in parts:
-        with safe_open(str(part), framework="pt") as f:
-            meta = meta or {k: v for k, v in f.metadata().items() if k != "shard"}
-            sd.update({k: f.get_tensor(k) for k in f.keys()})
-    dest = Path(out) / "video_proxy.safetensors"
-    save_file(sd, str(dest), metadata=meta)
-    print(f"[merge] {len(parts)} shards -> {dest} ({dest.stat().st_size / 2**20:.1f} MiB)")
-    return dest
-
-
 def export(args, out: Path, fwd, model, class_tokens, cfg, state, device, amp, data_preview):
     from safetensors.torch import save_file
     out.mkdir(parents=True, exist_ok=True)
@@ -353,7 +309,7 @@ def export(args, out: Path, fwd, model, class_tokens, cfg, state, device, amp, d
                                           "compression (EmptyHunyuanLatentVideo 128x128, length 33)",
             "objective": "rectified flow: x_s=(1-s)x0+s*eps, timestep=1000*s, v=eps-x0; s=shift(logit-normal(0,1)) "
                          f"with train shift {args.train_shift}; raw latent (no Wan21 process_latent_in)"}
-    _save_sharded(sd, out, "video_proxy", meta, args.shard_mib)
+    image_trainer().save_sharded(sd, out, "video_proxy", meta, args.shard_mib, Path(__file__).name)
     save_file({"class_tokens": class_tokens.detach().to(torch.float16).contiguous().cpu()},
               str(out / "video_proxy_text.safetensors"),
               metadata={"class_names": json.dumps(CLASS_NAMES + ["<empty>"]), "version": VERSION,
@@ -393,7 +349,7 @@ def main(argv=None) -> dict:
     t_start = time.time()
     args = parse_args(argv)
     if args.merge:
-        return {"merged": str(merge_shards(Path(args.merge)))}
+        return {"merged": str(image_trainer().merge_shards(Path(args.merge), "video_proxy"))}
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = device.type == "cuda"
     setup_comfyui(device.type)
