@@ -123,6 +123,18 @@ class ProxyProvider:
     _model = None
     _tokens = None
 
+    def __init__(self, weights: Path, text_name: str, dtype, identity_latent: bool, how_to_make: str):
+        self.weights = weights
+        if not self.weights.is_file():
+            raise FileNotFoundError(f"{self.weights} is missing ({how_to_make})")
+        self.text_file = self.weights.with_name(text_name)
+        self.dtype_name = dtype or os.environ.get("ELASTIC_TOKENS_PROXY_DTYPE") or None
+        self.identity_latent = identity_latent
+        self._model = None
+        self._tokens = None
+        self.meta = None
+        self.class_names = None
+
     # ------------------------------------------------------------------ bench_quality interface
     def setup(self, device: str) -> None:
         """bench_quality's own setup (CPU: the tests' bootstrap; CUDA: bench_speed's, --highvram)."""
@@ -183,16 +195,8 @@ class ImageProxyProvider(ProxyProvider):
     latent_shape = (16, 32, 32)
 
     def __init__(self, args=None, weights=None, dtype=None, identity_latent: bool = False):
-        self.weights = Path(weights) if weights else weights_path()
-        if not self.weights.is_file():
-            raise FileNotFoundError(f"{self.weights} is missing (train_image_proxy.py --merge DIR writes it)")
-        self.text_file = self.weights.with_name(TEXT_FILE)
-        self.dtype_name = dtype or os.environ.get("ELASTIC_TOKENS_PROXY_DTYPE") or None
-        self.identity_latent = identity_latent
-        self._model = None
-        self._tokens = None
-        self.meta = None
-        self.class_names = None
+        super().__init__(Path(weights) if weights else weights_path(), TEXT_FILE, dtype, identity_latent,
+                         "train_image_proxy.py --merge DIR writes it")
 
     # ------------------------------------------------------------------ bench_quality interface
     def load(self):

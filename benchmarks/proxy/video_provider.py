@@ -116,13 +116,8 @@ def weights_path() -> Path:
 
 
 def data_dir() -> Path:
-    env = os.environ.get("ELASTIC_TOKENS_PROXY_DATA")
-    cands = [Path(env)] if env else [REPO / ".proxy_data", Path("/usr/share/datasets/fashion-mnist")]
-    for d in cands:
-        if (d / "t10k-images-idx3-ubyte.gz").is_file():
-            return d
-    raise FileNotFoundError(f"no Fashion-MNIST idx files in {[str(c) for c in cands]} "
-                            "(run scripts/proxy_data.sh or set ELASTIC_TOKENS_PROXY_DATA)")
+    """The Fashion-MNIST folder, as for the image proxy (image_provider.data_dir)."""
+    return image_provider().data_dir()
 
 
 def identity_latent_format():
@@ -166,18 +161,9 @@ class VideoProxyProvider(image_provider().ProxyProvider):
     _DEFAULT = object()
 
     def __init__(self, args=None, weights=None, dtype=None, identity_latent: bool = False, shift=_DEFAULT):
-        self.weights = Path(weights) if weights else weights_path()
-        if not self.weights.is_file():
-            raise FileNotFoundError(f"{self.weights} is missing (train_video_proxy.py --export DIR writes it; "
-                                    "--merge DIR joins shards)")
-        self.text_file = self.weights.with_name(TEXT_FILE)
-        self.dtype_name = dtype or os.environ.get("ELASTIC_TOKENS_PROXY_DTYPE") or None
-        self.identity_latent = identity_latent
+        super().__init__(Path(weights) if weights else weights_path(), TEXT_FILE, dtype, identity_latent,
+                         "train_video_proxy.py --export DIR writes it; --merge DIR joins shards")
         self.shift_arg = shift
-        self._model = None
-        self._tokens = None
-        self.meta = None
-        self.class_names = None
 
     # ------------------------------------------------------------------ bench_quality interface
     def load(self):
