@@ -3,8 +3,8 @@
 * OUTER_SAMPLE wrapper: makes a fresh :class:`ScheduleRun` for the run, moves our
   DIFFUSION_MODEL wrapper to the innermost place (so caches such as EasyCache, applied in any
   order, see full-size inputs and outputs and can skip our coarse calls too), logs the result.
-* APPLY_MODEL wrapper: records the sampler's own latent for the criterion, in full precision,
-  before ComfyUI casts it to the model's dtype (a bf16 latent's rounding noise would swamp the
+* APPLY_MODEL wrapper: hands the sampler's own latent to the run, in full precision, before
+  ComfyUI casts it to the model's dtype (a bf16 latent's rounding noise would swamp the
   trajectory's third difference and make every step look detailed).
 * DIFFUSION_MODEL wrapper: maps the call to its step, decides / reuses that step's patch size
   and either passes through untouched (native) or runs :func:`run_coarse`.
@@ -110,11 +110,13 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
                         **kwargs):
     run: ScheduleRun | None = (transformer_options.get(RUN_KEY)
                                if isinstance(transformer_options, dict) else None)
-    if run is not None and not run.config.forced and not run.config.never_coarse and isinstance(x, torch.Tensor):
-        sigma0 = float(t.flatten()[0])
-        run.observe(run.step_index(sigma0), sigma0,
-                    _first_chunk(x, transformer_options, run.binding.latent_channels))
-    return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    if run is None or run.config.forced:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    run.sampler_input = (x, t)  # read by the diffusion-model call inside, where the step is decided
+    try:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    finally:
+        run.sampler_input = None
 
 
 def diffusion_model_wrapper(executor, *args, **kwargs):
@@ -131,11 +133,11 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         run.account(x, text_tokens, 1)
         return executor(*args, **kwargs)
 
-    sigma = run.sigma_of(bound.arguments["timestep"])
+    # the sampler's own latent and sigma where apply_model handed them over, else this call's input
+    source, sigma = run.sampler_input or (x, run.sigma_of(bound.arguments["timestep"]))
     sigma0 = float(sigma.flatten()[0])
     step = run.step_index(sigma0)
-    # fallback for calls that did not pass through apply_model (already observed otherwise)
-    latent = None if run.config.forced else _first_chunk(x, options, run.binding.latent_channels)
+    latent = None if run.config.forced else _first_chunk(source, options, run.binding.latent_channels)
     adapter: AdapterHolder | None = options.get(ADAPTER_KEY)
     # with an adapter, the automatic schedule picks only the patch sizes it was trained for
     allowed = adapter.factors if adapter is not None else None

@@ -73,7 +73,7 @@ class ScheduleRun:
         self.report = RunReport(self.total_steps, [first] * self.total_steps, [{} for _ in range(self.total_steps)])
         self._decided: dict[int, int] = {}
         self._trajectory: deque = deque(maxlen=4)  # (sigma, latent) of the most recent steps
-        self._observed: set[int] = set()           # steps whose latent is in the trajectory
+        self.sampler_input: tuple | None = None  # (latent, sigma) of the current call before the dtype cast
         self.graphs = None  # the model's GraphCache, set by the wrapper when CUDA graphs are on
         self.graph_replays_before = 0
 
@@ -93,17 +93,6 @@ class ScheduleRun:
         return 0
 
     # -- decisions ---------------------------------------------------------------------
-    def observe(self, step: int, sigma: float, latent: torch.Tensor) -> None:
-        """Add ``latent`` (the sampler's, at ``sigma``) to the trajectory; the first call of a step wins.
-
-        Kept in float32 and copied: the criterion's third difference is small, and the sampler's
-        tensor must not change under us.
-        """
-        if step in self._observed:
-            return
-        self._observed.add(step)
-        self._trajectory.append((sigma, latent.detach().to(torch.float32, copy=True)))
-
     def factor_for_step(self, step: int, latent: torch.Tensor | None, sigma: float,
                         allowed: tuple[int, ...] | None = None) -> int:
         """Patch-size factor of ``step``, decided on the first call of that step.
@@ -117,8 +106,9 @@ class ScheduleRun:
         if cfg.forced:
             factor = cfg.forced[step] if step < len(cfg.forced) else 1
         else:
-            if latent is not None:
-                self.observe(step, sigma, latent)
+            if latent is not None:  # float32 copy: the third difference is small, and the
+                # sampler's tensor must not change under us
+                self._trajectory.append((sigma, latent.detach().to(torch.float32, copy=True)))
             factor = self._dynamic_factor(step, allowed)
         self._decided[step] = factor
         if step < self.total_steps:
@@ -168,5 +158,5 @@ class ScheduleRun:
     def release(self) -> None:
         """Drop this run's tensors (graphs stay with the model, see graph_replay.cache_for)."""
         self._trajectory.clear()
-        self._observed.clear()
+        self.sampler_input = None
         self.graphs = None
