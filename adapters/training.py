@@ -357,26 +357,30 @@ def _interactive() -> bool:
     return sys.stderr.isatty()
 
 
-def _schedule_sigmas(provider, model_patcher, cfg: TrainConfig) -> tuple[dict[int, torch.Tensor], float]:
-    """The sigmas training covers, per coarse factor, and the timestep per sigma.
+def _sampling_sigmas(provider, model_patcher) -> tuple[torch.Tensor, float]:
+    """The provider's sampling schedule (``steps + 1`` sigmas) and the timestep per sigma."""
+    import comfy.samplers
+
+    sampling = model_patcher.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(sampling, provider.scheduler, provider.steps).float()
+    return sigmas, float(sampling.timestep(torch.tensor(1.0)))
+
+
+def _train_sigmas(sigmas: torch.Tensor, cfg: TrainConfig) -> dict[int, torch.Tensor]:
+    """The sigmas training covers, per coarse factor.
 
     Default: every step from ``skip_steps`` on, for each factor. With ``cfg.schedule``: only the
     steps that schedule runs coarse, each under its own factor.
     """
-    import comfy.samplers
-
-    sampling = model_patcher.get_model_object("model_sampling")
-    t_per_sigma = float(sampling.timestep(torch.tensor(1.0)))
-    sigmas = comfy.samplers.calculate_sigmas(sampling, provider.scheduler, provider.steps).float()
+    steps = len(sigmas) - 1
     if cfg.schedule:  # steps past its end run native, as in the node
-        if len(cfg.schedule) > provider.steps:
-            raise ValueError(f"the schedule has {len(cfg.schedule)} steps, the model samples {provider.steps}")
-        return {k: sigmas[[i for i, f in enumerate(cfg.schedule) if f == k]]
-                for k in cfg.factors if k in cfg.schedule}, t_per_sigma
+        if len(cfg.schedule) > steps:
+            raise ValueError(f"the schedule has {len(cfg.schedule)} steps, the model samples {steps}")
+        return {k: sigmas[[i for i, f in enumerate(cfg.schedule) if f == k]] for k in cfg.factors if k in cfg.schedule}
     train_sigmas = sigmas[cfg.skip_steps:-1]
     if train_sigmas.numel() == 0:
-        raise ValueError(f"skip_steps={cfg.skip_steps} leaves no steps of the {provider.steps}-step schedule")
-    return {k: train_sigmas for k in cfg.factors}, t_per_sigma
+        raise ValueError(f"skip_steps={cfg.skip_steps} leaves no steps of the {steps}-step schedule")
+    return {k: train_sigmas for k in cfg.factors}
 
 
 def _pool(provider, model_patcher, cfg: TrainConfig, dist: Dist, ckpt: Path | None, say):
@@ -425,14 +429,17 @@ def _lr_factor(cfg: TrainConfig, step: int, done: float) -> float:
     return min(1.0, (step + 1) / max(cfg.warmup, 1)) * (cfg.lr_final + (1.0 - cfg.lr_final) * cosine)
 
 
+def _scheduled_factor(cfg: TrainConfig, gen: torch.Generator) -> int:
+    """A coarse factor of ``cfg.schedule``, drawn with the weight of its number of steps."""
+    coarse = [k for k in cfg.schedule if k > 1]
+    return coarse[int(torch.randint(len(coarse), (1,), generator=gen))]
+
+
 def _batch(latents, conds, groups, train_sigmas: dict, cfg: TrainConfig, gen: torch.Generator, device, dtype):
     """One training batch: pool samples sharing a conditioning shape, noised to random sigmas of
     the steps trained at one coarse factor, and that factor. Draws from ``gen`` in a fixed order
     (exact resume); with a schedule the factor is drawn first, weighted by its number of steps."""
-    factor = None
-    if cfg.schedule:
-        coarse = [k for k in cfg.schedule if k > 1]
-        factor = coarse[int(torch.randint(len(coarse), (1,), generator=gen))]
+    factor = _scheduled_factor(cfg, gen) if cfg.schedule else None
     group = groups[int(torch.randint(len(groups), (1,), generator=gen))]
     entries = [group[i] for i in torch.randint(len(group), (cfg.batch,), generator=gen).tolist()]
     x0 = latents[[i for i, _ in entries]].to(device, torch.float32)
@@ -450,8 +457,7 @@ def _batch(latents, conds, groups, train_sigmas: dict, cfg: TrainConfig, gen: to
 def _replay_batch(buffer: ReplayBuffer, conds, entries: int, cfg: TrainConfig, gen: torch.Generator, device, dtype):
     """One training batch of rollout states: a factor drawn as in :func:`_batch`, states of it,
     and one conditioning entry (cond or uncond) of their samples."""
-    coarse = [k for k in cfg.schedule if k > 1]
-    factor = coarse[int(torch.randint(len(coarse), (1,), generator=gen))]
+    factor = _scheduled_factor(cfg, gen)
     x, sigma, samples = buffer.draw(factor, cfg.batch, gen)
     j = int(torch.randint(entries, (1,), generator=gen))
     cond = _stack([conds[i][j] for i in samples.tolist()], device, dtype)
@@ -499,7 +505,8 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
         comfy.model_management.load_models_gpu([model_patcher], force_full_load=True)
     binding = binding_for(model_patcher)
     dtype = model_patcher.model.get_dtype() if dist.device.type == "cuda" else torch.float32
-    train_sigmas, t_per_sigma = _schedule_sigmas(provider, model_patcher, cfg)
+    sigmas, t_per_sigma = _sampling_sigmas(provider, model_patcher)
+    train_sigmas = _train_sigmas(sigmas, cfg)
 
     ckpt = Path(cfg.ckpt) if cfg.ckpt else None
     latents, conds = _pool(provider, model_patcher, cfg, dist, ckpt, say)
@@ -519,11 +526,7 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
 
     buffer = ReplayBuffer(cfg.rollout_keep) if cfg.rollout_every else None
     if buffer is not None:
-        import comfy.samplers
-
         entries = cfg_entries(conds, float(provider.cfg))
-        rollout_sigmas = comfy.samplers.calculate_sigmas(model_patcher.get_model_object("model_sampling"),
-                                                         provider.scheduler, provider.steps).float()
         say(f"rollouts: every {cfg.rollout_every} steps, {cfg.rollout_batch} samples through the schedule "
             f"(cfg {provider.cfg}); {100 * cfg.rollout_share:.0f}% of batches from their states"
             + (" (the replay buffer starts empty after a resume)" if start_step else ""))
@@ -542,7 +545,7 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
                 break
         if buffer is not None and step % cfg.rollout_every == 0:
             picks = torch.randint(len(conds), (cfg.rollout_batch,), generator=gen).tolist()
-            for k, x, s in rollout(student, _stack, conds, picks, cfg.schedule, rollout_sigmas, float(provider.cfg),
+            for k, x, s in rollout(student, _stack, conds, picks, cfg.schedule, sigmas, float(provider.cfg),
                                    entries, latents.shape[1:], gen, dist.device, dtype):
                 buffer.add(k, x, s, torch.tensor(picks))
         if buffer is not None and len(buffer) and float(torch.rand(1, generator=gen)) < cfg.rollout_share:

@@ -282,8 +282,9 @@ def test_schedule_trains_only_its_coarse_steps_each_at_its_own_factor(pack, tiny
 
     cfg = tr.TrainConfig(factors=(2, 4), schedule=(4, 4, 2, 2, 2), batch=16)  # steps 5..7 native
     provider = types.SimpleNamespace(steps=8, scheduler="simple")
-    by_factor, _ = tr._schedule_sigmas(provider, tiny_flux, cfg)
     sigmas = comfy.samplers.calculate_sigmas(tiny_flux.get_model_object("model_sampling"), "simple", 8).float()
+    assert torch.equal(tr._sampling_sigmas(provider, tiny_flux)[0], sigmas)
+    by_factor = tr._train_sigmas(sigmas, cfg)
     assert torch.equal(by_factor[4], sigmas[:2]) and torch.equal(by_factor[2], sigmas[2:5])
     conds = [[{"context": torch.zeros(1, 4, 8)}] for _ in range(3)]
     gen, seen = torch.Generator().manual_seed(0), []
@@ -300,7 +301,7 @@ def test_schedule_trains_only_its_coarse_steps_each_at_its_own_factor(pack, tiny
     with pytest.raises(ValueError, match="no coarse step"):
         tr.TrainConfig(factors=(2,), schedule=(1, 1))
     with pytest.raises(ValueError, match="the schedule has 9 steps, the model samples 8"):
-        tr._schedule_sigmas(provider, tiny_flux, tr.TrainConfig(factors=(2,), schedule=(2,) * 9))
+        tr._train_sigmas(sigmas, tr.TrainConfig(factors=(2,), schedule=(2,) * 9))
 
 
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # one peft adapter per factor, by design
