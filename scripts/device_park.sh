@@ -23,7 +23,8 @@ paths_of() {
     video) echo $P/video_proxy.safetensors $P/video_proxy_text.safetensors $P/video_proxy_samples.png \
                 $P/adapters/video_proxy_adapter_2p4p.safetensors ;;
     image) echo $P/image_proxy.safetensors $P/image_proxy_text.safetensors $P/image_proxy_samples.png \
-                $P/adapters/image_proxy_adapter_2p.safetensors $P/adapters/image_proxy_adapter_2p_v2.safetensors ;;
+                $P/adapters/image_proxy_adapter_2p.safetensors $P/adapters/image_proxy_adapter_2p_v2.safetensors \
+                $P/adapters/image_proxy_adapter_2p_sched.safetensors ;;
     all) paths_of results; paths_of video; paths_of image ;;
     *) echo "unknown group: $1 (results, video, image, all)" >&2; return 1 ;;
   esac
