@@ -6,7 +6,9 @@ the errors compound: on the image proxy a recipe with a lower distillation loss 
 (BENCHMARKS.md §5). Rolling pool conditionings out through the forced schedule with the current
 student (Euler, the provider's CFG) and training on the states it actually visits, against the
 teacher's velocity there, aims at that drift. Used by adapters/training.py with ``--schedule``
-and ``--rollout-every``; not yet measured against plain distillation.
+and ``--rollout-every``. On the image proxy, at equal training time, rollouts sampled no better
+than plain distillation on the schedule's steps (BENCHMARKS.md §5); they cost 40-65% of the steps.
+:func:`sample_through` is also the sampler of adapters/validation.py.
 """
 
 from __future__ import annotations
@@ -41,18 +43,40 @@ class ReplayBuffer:
         return self.x[factor][idx], self.sigma[factor][idx], self.sample[factor][idx]
 
 
-def cfg_entries(conds: list[list[dict]], cfg_scale: float) -> int:
+def cfg_entries(conds: list[list[dict]], cfg_scale: float, flag: str = "--rollout-every") -> int:
     """How many conditioning entries a rollout uses per sample: 2 (cond, uncond) with CFG, else 1.
 
-    Rollouts stack one entry of many samples, so each entry must have one shape across the pool.
+    Rollouts (and validation, ``flag``) stack one entry of many samples, so each entry must have
+    one shape across the pool.
     """
     entries = 2 if cfg_scale != 1.0 and all(len(c) >= 2 for c in conds) else 1
     for j in range(entries):
         shapes = {tuple(sorted((k, tuple(v.shape[1:])) for k, v in c[j].items())) for c in conds}
         if len(shapes) > 1:
-            raise ValueError("rollouts need conditioning tensors of one shape across the pool "
-                             f"(entry {j} has {len(shapes)}); train without --rollout-every")
+            raise ValueError(f"{flag} needs conditioning tensors of one shape across the pool "
+                             f"(entry {j} has {len(shapes)}); train without {flag}")
     return entries
+
+
+@torch.no_grad()
+def sample_through(student, per_entry: list[dict], x: torch.Tensor, schedule: tuple[int, ...],
+                   sigmas: torch.Tensor, cfg_scale: float, dtype, on_coarse=None) -> torch.Tensor:
+    """Euler from ``x`` (at ``sigmas[0]``) through ``schedule``: the student at its coarse steps,
+    the teacher at native ones (and past the schedule's end), CFG ``cfg_scale`` over the stacked
+    conditioning ``per_entry`` (cond, uncond). ``on_coarse(factor, x, sigma)`` sees the state of
+    every coarse step before it is taken. Returns the final latent (float32)."""
+    x = x.float()
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        factor = schedule[i] if i < len(schedule) else 1
+        sig = torch.full((x.shape[0],), s, device=x.device)
+        if factor > 1 and on_coarse is not None:
+            on_coarse(factor, x, sig)
+        v = [(student(x.to(dtype), sig, c, factor) if factor > 1 else student.teacher(x.to(dtype), sig, c)).float()
+             for c in per_entry]
+        velocity = v[0] if len(v) == 1 else v[1] + cfg_scale * (v[0] - v[1])
+        x = x + (s_next - s) * velocity
+    return x
 
 
 @torch.no_grad()
@@ -65,14 +89,6 @@ def rollout(student, stack, conds: list[list[dict]], samples: list[int], schedul
     per_entry = [stack([conds[i][j] for i in samples], device, dtype) for j in range(entries)]
     x = float(sigmas[0]) * torch.randn((len(samples), *latent_shape), generator=gen).to(device)
     states = []
-    for i in range(len(sigmas) - 1):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        factor = schedule[i] if i < len(schedule) else 1
-        sig = torch.full((len(samples),), s, device=device)
-        if factor > 1:
-            states.append((factor, x.to("cpu", dtype), sig.cpu()))
-        v = [(student(x.to(dtype), sig, c, factor) if factor > 1 else student.teacher(x.to(dtype), sig, c)).float()
-             for c in per_entry]
-        velocity = v[0] if entries == 1 else v[1] + cfg_scale * (v[0] - v[1])
-        x = x + (s_next - s) * velocity
+    sample_through(student, per_entry, x, schedule, sigmas, cfg_scale, dtype,
+                   on_coarse=lambda k, xs, sig: states.append((k, xs.to("cpu", dtype), sig.cpu())))
     return states

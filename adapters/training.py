@@ -34,6 +34,7 @@ from .coarse_forward import coarse_velocity
 from .patch_adapter import AdapterSpec, PatchAdapter, base_fingerprint, save_adapter
 from .rollouts import ReplayBuffer, cfg_entries, rollout
 from .train_forward import training_forward
+from .validation import BestAdapter, TrajectoryValidator, schedule_text
 
 
 @dataclass
@@ -58,6 +59,9 @@ class TrainConfig:
     rollout_batch: int = 16             # schedule with the current student (adapters/rollouts.py)
     rollout_share: float = 0.5          # and train this share of the batches on the visited states
     rollout_keep: int = 1024            # (the most recent ``rollout_keep`` states per factor)
+    val_every: int = 0                  # every N steps, sample held-out noise through the schedule
+    val_n: int = 32                     # (``val_schedule``, default ``schedule``) and keep the adapter
+    val_schedule: tuple[int, ...] = ()  # whose samples land closest to the native ones (validation.py)
     down: str = "area"
     up: str = "bilinear"
     seed: int = 0
@@ -83,6 +87,15 @@ class TrainConfig:
             raise ValueError("the schedule has no coarse step to train")
         if self.rollout_every and not self.schedule:
             raise ValueError("rollouts follow a forced schedule: give one with --schedule")
+        self.val_schedule = tuple(int(k) for k in self.val_schedule)
+        if self.val_every < 0 or self.val_n < 1:
+            raise ValueError(f"val_every must be >= 0 and val_n >= 1, got {self.val_every} and {self.val_n}")
+        if self.val_every and not (self.val_schedule or self.schedule):
+            raise ValueError("validation samples through a forced schedule: give one with --schedule or --val-schedule")
+        untrained = sorted({k for k in self.val_schedule if k > 1} - set(self.factors))
+        if untrained:
+            raise ValueError(f"the validation schedule has {', '.join(f'{k}p' for k in untrained)} steps but factors "
+                             f"are {self.factors}")
         if not 0.0 <= self.rollout_share <= 1.0:
             raise ValueError(f"rollout_share is a fraction in [0, 1], got {self.rollout_share}")
         unused = sorted(set(self.factors) - set(self.schedule)) if self.schedule else []
@@ -464,10 +477,12 @@ def _replay_batch(buffer: ReplayBuffer, conds, entries: int, cfg: TrainConfig, g
     return x.to(device, dtype), sigma.to(device), cond, factor
 
 
-def _resume(ckpt: Path | None, cfg: TrainConfig, trainable: dict, optim, gen: torch.Generator, say) -> int:
-    """Restore trainable tensors, optimiser and RNG from ``ckpt``; the step to continue from (0: fresh)."""
+def _resume(ckpt: Path | None, cfg: TrainConfig, trainable: dict, optim, gen: torch.Generator,
+            say) -> tuple[int, dict]:
+    """Restore trainable tensors, optimiser and RNG from ``ckpt``: the step to continue from (0:
+    fresh) and the checkpoint's ``extra`` (the validation record)."""
     if not (ckpt and cfg.resume and (ckpt / "state.pt").is_file()):
-        return 0
+        return 0, {}
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
     with torch.no_grad():
         for n, t in state["trainable"].items():
@@ -475,7 +490,26 @@ def _resume(ckpt: Path | None, cfg: TrainConfig, trainable: dict, optim, gen: to
     optim.load_state_dict(state["optim"])
     gen.set_state(state["rng"])
     say(f"resumed from {ckpt} at step {int(state['step'])}")
-    return int(state["step"])
+    return int(state["step"]), state.get("extra") or {}
+
+
+def _validator(student, provider, conds, latent_shape, sigmas, cfg: TrainConfig, dist: Dist, dtype, say):
+    """The trajectory validator of ``cfg`` on the main process (None when validation is off):
+    the first ``val_n`` pool conditionings of this process, fresh noise, chunks of ``gen_batch``."""
+    if not (cfg.val_every and dist.main):
+        return None
+    schedule = cfg.val_schedule or cfg.schedule
+    if len(schedule) > len(sigmas) - 1:
+        raise ValueError(f"the validation schedule has {len(schedule)} steps, the model samples {len(sigmas) - 1}")
+    samples = list(range(min(cfg.val_n, len(conds))))
+    entries = cfg_entries([conds[i] for i in samples], float(provider.cfg), flag="--val-every")
+    t0 = time.time()
+    validator = TrajectoryValidator(student, _stack, conds, samples, schedule, sigmas, float(provider.cfg), entries,
+                                    latent_shape, seed=1_000_003 + cfg.seed, batch=cfg.gen_batch,
+                                    device=dist.device, dtype=dtype)
+    say(f"validation: every {cfg.val_every} steps, {len(samples)} held-out noises through {schedule_text(schedule)} "
+        f"against native sampling (references took {time.time() - t0:.1f} s); the best adapter is kept")
+    return validator
 
 
 def _progress_bar(dist: Dist, cfg: TrainConfig, step: int):
@@ -516,7 +550,8 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
     student, trainable = _build_student(model_patcher, binding, cfg, dist.device, t_per_sigma)
     optim = _optimizer(trainable, cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)
-    step = start_step = _resume(ckpt, cfg, trainable, optim, gen, say)  # 0: the first loss is training-free
+    step, extra = _resume(ckpt, cfg, trainable, optim, gen, say)  # 0: the first loss is training-free
+    start_step = step
     model = student
     if dist.world > 1:
         model = nn.parallel.DistributedDataParallel(
@@ -531,6 +566,18 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
             f"(cfg {provider.cfg}); {100 * cfg.rollout_share:.0f}% of batches from their states"
             + (" (the replay buffer starts empty after a resume)" if start_step else ""))
 
+    validator = _validator(student, provider, conds, latents.shape[1:], sigmas, cfg, dist, dtype, say)
+    best = BestAdapter.from_checkpoint(extra.get("val"))
+
+    def validate():
+        if validator is None or best.seen(step):
+            return
+        mse = validator.error(student)
+        improved = best.offer(step, mse, trainable)
+        label = " (training-free)" if step == 0 else (" (best so far)" if improved else "")
+        say(f"validation at step {step}: final-latent MSE {mse:.5f} to native sampling{label}; "
+            f"best {best.mse:.5f} at step {best.step}")
+
     history, first_loss, last_ckpt = [], None, time.time()
     deadline = t_start + 60.0 * cfg.minutes if cfg.minutes else None
     progress = _progress_bar(dist, cfg, step)
@@ -543,6 +590,8 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
             if done >= 1.0:
                 say(f"time budget of {cfg.minutes} min reached at step {step}")
                 break
+        if cfg.val_every and step % cfg.val_every == 0:
+            validate()
         if buffer is not None and step % cfg.rollout_every == 0:
             picks = torch.randint(len(conds), (cfg.rollout_batch,), generator=gen).tolist()
             for k, x, s in rollout(student, _stack, conds, picks, cfg.schedule, sigmas, float(provider.cfg),
@@ -575,11 +624,20 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
             recent = history[-cfg.log_every:]
             say(f"step {step}: loss {sum(recent) / len(recent):.5f} (first {first_loss:.5f}), grad {grad_norm:.3f}")
         if ckpt and dist.main and time.time() - last_ckpt > cfg.ckpt_every_s:
-            _save_ckpt(ckpt, {n: p.detach().cpu() for n, p in trainable.items()}, optim, step, gen, {})
+            _save_ckpt(ckpt, {n: p.detach().cpu() for n, p in trainable.items()}, optim, step, gen,
+                       {"val": best.to_checkpoint()} if validator else {})
             last_ckpt = time.time()
     if progress is not None:
         progress.close()
     loop_s = time.time() - t_loop
+    validate()  # the last step, unless just done
+    if dist.main and ckpt:  # the last state, to resume from; the export below may be an earlier one
+        _save_ckpt(ckpt, {n: p.detach().cpu() for n, p in trainable.items()}, optim, step, gen,
+                   {"val": best.to_checkpoint()} if validator else {})
+    if validator is not None and best.step != step:
+        best.restore(trainable)
+        say(f"kept the adapter of step {best.step}: validation MSE {best.mse:.5f} "
+            f"(last step {step}: {best.history[-1][1]:.5f})")
 
     adapter = student.adapter
     adapter.lora = student.lora_weights()
@@ -594,12 +652,15 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
         "adapter_parameters": adapter.parameter_count(), "factors": list(cfg.factors), "rank": cfg.rank,
         "family": binding.family, "device": str(dist.device),
     }
+    if validator is not None:
+        summary["validation"] = {"every": cfg.val_every, "n": len(validator.noise),
+                                 "schedule": schedule_text(validator.schedule), "history": best.history,
+                                 "best_step": best.step, "best_mse": best.mse}
+        adapter.spec.training.update({"val_best_step": best.step, "val_mse": best.mse})
     adapter.spec.training.update({"final_loss": summary["final_loss"],
                                   ("first_loss" if start_step == 0 else "first_loss_after_resume"): first_loss,
                                   "steps_done": step, "world_size": dist.world})
     if dist.main:
-        if ckpt:
-            _save_ckpt(ckpt, {n: p.detach().cpu() for n, p in trainable.items()}, optim, step, gen, {})
         save_adapter(adapter, out_path)
         if first_loss is None:  # no step this run (resumed a finished run, or --minutes ran out first)
             result = f"no training step in this run ({step} steps done)"

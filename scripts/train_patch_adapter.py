@@ -24,6 +24,14 @@ Several GPUs of one host (DDP through torchrun; gloo when on CPU)::
 The adapter goes to ``--out`` (put it in ComfyUI's ``models/elastic_tokens/`` and load it with
 the "Load Patch Adapter" node). ``--ckpt DIR`` keeps a checkpoint (and the generated pool) there;
 ``--resume`` continues from it. A summary JSON is written beside the adapter.
+
+For one forced schedule (the node's ``forced_schedule``)::
+
+    python scripts/train_patch_adapter.py --model ... --out ... --schedule 2x19,1x9 --val-every 250
+
+trains only that schedule's coarse steps and, every 250 steps, samples held-out noise through it
+and writes the adapter whose samples landed closest to the native model's (the distillation loss
+alone did not predict sample quality: BENCHMARKS.md §5).
 """
 
 from __future__ import annotations
@@ -179,6 +187,12 @@ def parse_args(argv=None):
     a("--rollout-share", type=float, default=0.5, help="share of batches drawn from rollout states (default 0.5)")
     a("--rollout-keep", type=int, default=1024, help="rollout states kept per patch size, in CPU memory "
                                                      "(default 1024)")
+    a("--val-every", type=int, default=0, help="every N steps, sample --val-n held-out noises through the schedule "
+                                               "with the current adapter, measure how far they land from the "
+                                               "native samples, and write the best adapter instead of the last "
+                                               "(default 0 = off; the loss alone does not predict sample quality)")
+    a("--val-n", type=int, default=32, help="validation samples (default 32)")
+    a("--val-schedule", default="", help="schedule to validate through (default: --schedule), e.g. 2x19,1x9")
     a("--ckpt", default=None); a("--resume", action="store_true"); a("--ckpt-every-s", type=float, default=120.0)
     a("--log-every", type=int, default=25); a("--seed", type=int, default=0)
     a("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -214,6 +228,7 @@ def main(argv=None) -> dict:
                       skip_steps=args.skip_steps, schedule=parse_forced_schedule(args.schedule),
                       rollout_every=args.rollout_every, rollout_batch=args.rollout_batch,
                       rollout_share=args.rollout_share, rollout_keep=args.rollout_keep,
+                      val_every=args.val_every, val_n=args.val_n, val_schedule=parse_forced_schedule(args.val_schedule),
                       seed=args.seed, log_every=args.log_every, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every_s,
                       resume=args.resume)
     summary = train(provider, cfg, args.out, device=device, log=lambda m: print(m, flush=True))
