@@ -13,7 +13,8 @@ ComfyUI feeds the model (T5/CLIP context, pooled vectors, guidance, ...) is what
 
 Runs on one device or on several through ``torchrun`` (DDP; NCCL on GPUs, gloo on CPU): every
 process generates its own share of the pool, gradients of the adapter and LoRA are averaged.
-Checkpoints (adapter, LoRA, optimiser, RNG, pool) make a run resumable; rank 0 writes them.
+Checkpoints (adapter, LoRA, optimiser, pool, and every process's batch RNG) make a run resumable
+exactly; rank 0 writes the shared state.
 """
 
 from __future__ import annotations
@@ -306,12 +307,20 @@ class Student(nn.Module):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _save_ckpt(path: Path, student_state: dict, optim, step: int, gen: torch.Generator, extra: dict) -> None:
+def _save_ckpt(path: Path, dist: Dist, trainable: dict, optim, step: int, gen: torch.Generator,
+               extra: dict) -> None:
+    """Every process writes its batch RNG (``rng.rank<r>.pt``, so that each draws its own batches
+    again after a resume), then rank 0 the shared state. Called by all processes together."""
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "state.pt.tmp"
-    torch.save({"trainable": student_state, "optim": optim.state_dict(), "step": step,
-                "rng": gen.get_state(), "extra": extra}, tmp)
-    tmp.replace(path / "state.pt")
+    tmp = path / f"rng.rank{dist.rank}.pt.tmp"
+    torch.save({"step": step, "rng": gen.get_state()}, tmp)
+    tmp.replace(path / f"rng.rank{dist.rank}.pt")
+    dist.barrier()
+    if dist.main:
+        tmp = path / "state.pt.tmp"
+        torch.save({"trainable": {n: p.detach().cpu() for n, p in trainable.items()}, "optim": optim.state_dict(),
+                    "step": step, "rng": gen.get_state(), "extra": extra}, tmp)
+        tmp.replace(path / "state.pt")
 
 
 def _save_pool(path: Path, rank: int, latents: torch.Tensor, conds: list) -> None:
@@ -477,10 +486,10 @@ def _replay_batch(buffer: ReplayBuffer, conds, entries: int, cfg: TrainConfig, g
     return x.to(device, dtype), sigma.to(device), cond, factor
 
 
-def _resume(ckpt: Path | None, cfg: TrainConfig, trainable: dict, optim, gen: torch.Generator,
+def _resume(ckpt: Path | None, cfg: TrainConfig, dist: Dist, trainable: dict, optim, gen: torch.Generator,
             say) -> tuple[int, dict]:
-    """Restore trainable tensors, optimiser and RNG from ``ckpt``: the step to continue from (0:
-    fresh) and the checkpoint's ``extra`` (the validation record)."""
+    """Restore trainable tensors, optimiser and this process's batch RNG from ``ckpt``: the step to
+    continue from (0: fresh) and the checkpoint's ``extra`` (the validation record)."""
     if not (ckpt and cfg.resume and (ckpt / "state.pt").is_file()):
         return 0, {}
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
@@ -488,7 +497,15 @@ def _resume(ckpt: Path | None, cfg: TrainConfig, trainable: dict, optim, gen: to
         for n, t in state["trainable"].items():
             trainable[n].copy_(t)
     optim.load_state_dict(state["optim"])
-    gen.set_state(state["rng"])
+    own = ckpt / f"rng.rank{dist.rank}.pt"
+    saved = torch.load(own, weights_only=True) if own.is_file() else None
+    if saved is not None and int(saved["step"]) == int(state["step"]):
+        gen.set_state(saved["rng"])
+    elif dist.main:
+        gen.set_state(state["rng"])
+    if dist.world > 1 and dist.all_mean(float(saved is None or int(saved["step"]) != int(state["step"]))) > 0:
+        say("the checkpoint lacks some processes' random states (written by an older version or another "
+            "number of processes): those processes continue with fresh batch draws")
     say(f"resumed from {ckpt} at step {int(state['step'])}")
     return int(state["step"]), state.get("extra") or {}
 
@@ -550,7 +567,7 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
     student, trainable = _build_student(model_patcher, binding, cfg, dist.device, t_per_sigma)
     optim = _optimizer(trainable, cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)
-    step, extra = _resume(ckpt, cfg, trainable, optim, gen, say)  # 0: the first loss is training-free
+    step, extra = _resume(ckpt, cfg, dist, trainable, optim, gen, say)  # 0: the first loss is training-free
     start_step = step
     model = student
     if dist.world > 1:
@@ -623,17 +640,15 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
         if step % cfg.log_every == 0 or step == cfg.steps:
             recent = history[-cfg.log_every:]
             say(f"step {step}: loss {sum(recent) / len(recent):.5f} (first {first_loss:.5f}), grad {grad_norm:.3f}")
-        if ckpt and dist.main and time.time() - last_ckpt > cfg.ckpt_every_s:
-            _save_ckpt(ckpt, {n: p.detach().cpu() for n, p in trainable.items()}, optim, step, gen,
-                       {"val": best.to_checkpoint()} if validator else {})
+        if ckpt and dist.all_mean(float(time.time() - last_ckpt > cfg.ckpt_every_s)) > 0:  # all or none
+            _save_ckpt(ckpt, dist, trainable, optim, step, gen, {"val": best.to_checkpoint()} if validator else {})
             last_ckpt = time.time()
     if progress is not None:
         progress.close()
     loop_s = time.time() - t_loop
     validate()  # the last step, unless just done
-    if dist.main and ckpt:  # the last state, to resume from; the export below may be an earlier one
-        _save_ckpt(ckpt, {n: p.detach().cpu() for n, p in trainable.items()}, optim, step, gen,
-                   {"val": best.to_checkpoint()} if validator else {})
+    if ckpt:  # the last state, to resume from; the export below may be an earlier one
+        _save_ckpt(ckpt, dist, trainable, optim, step, gen, {"val": best.to_checkpoint()} if validator else {})
     if validator is not None and best.step != step:
         best.restore(trainable)
         say(f"kept the adapter of step {best.step}: validation MSE {best.mse:.5f} "

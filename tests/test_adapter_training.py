@@ -261,6 +261,29 @@ def test_torchrun_two_processes_on_cpu(pack, tmp_path):
     assert adapter.spec.training["world_size"] == 2 and adapter.spec.factors == (2,)
 
 
+def test_torchrun_resume_restores_every_processs_batches(pack, tmp_path):
+    """Two processes, 2 steps, then resumed to 4, give the adapter of an uninterrupted 4-step run:
+    each process gets its own random batch stream back (not rank 0's on every rank)."""
+    env = dict(os.environ, ELASTIC_TOKENS_TINY_TEXT_ENCODERS="1", OMP_NUM_THREADS="1")
+
+    def torchrun(steps, out, ckpt, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+               *FLUX_ARGS, "--size", "32", "--steps", str(steps), "--out", str(out), "--ckpt", str(ckpt),
+               "--device", "cpu", *extra]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    torchrun(4, tmp_path / "whole.safetensors", tmp_path / "ck_whole")
+    torchrun(2, tmp_path / "resumed.safetensors", tmp_path / "ck")
+    assert (tmp_path / "ck" / "rng.rank0.pt").is_file() and (tmp_path / "ck" / "rng.rank1.pt").is_file()
+    log = torchrun(4, tmp_path / "resumed.safetensors", tmp_path / "ck", "--resume")
+    assert "at step 2" in log and "lacks some processes' random states" not in log
+    expected, got = adapter_tensors(tmp_path / "whole.safetensors"), adapter_tensors(tmp_path / "resumed.safetensors")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
 def test_clear_errors_for_bad_settings(pack, script, tmp_path):
     out = tmp_path / "never.safetensors"
     with pytest.raises(ValueError, match="factors must be 2 and/or 4"):
