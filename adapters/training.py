@@ -56,6 +56,8 @@ class TrainConfig:
     skip_steps: int = 3                 # first schedule steps (never coarse) are not trained on
     schedule: tuple[int, ...] = ()      # a forced schedule (factor per step): train only its coarse
                                         # steps, each at its own factor (overrides skip_steps)
+    step_weights: dict = field(default_factory=dict)  # {sampling step: weight}: draw those steps' sigmas
+                                        # that much more often (1 for steps not named)
     rollout_every: int = 0              # every N steps, roll pool conditionings out through the
     rollout_batch: int = 16             # schedule with the current student (adapters/rollouts.py)
     rollout_share: float = 0.5          # and train this share of the batches on the visited states
@@ -88,6 +90,9 @@ class TrainConfig:
             raise ValueError("the schedule has no coarse step to train")
         if self.rollout_every and not self.schedule:
             raise ValueError("rollouts follow a forced schedule: give one with --schedule")
+        self.step_weights = {int(k): float(w) for k, w in dict(self.step_weights).items()}
+        if any(w <= 0 or k < 0 for k, w in self.step_weights.items()):
+            raise ValueError(f"step_weights: steps >= 0 and weights > 0, got {self.step_weights}")
         self.val_schedule = tuple(int(k) for k in self.val_schedule)
         if self.val_every < 0 or self.val_n < 1:
             raise ValueError(f"val_every must be >= 0 and val_n >= 1, got {self.val_every} and {self.val_n}")
@@ -405,6 +410,24 @@ def _train_sigmas(sigmas: torch.Tensor, cfg: TrainConfig) -> dict[int, torch.Ten
     return {k: train_sigmas for k in cfg.factors}
 
 
+def _train_weights(sigmas: torch.Tensor, cfg: TrainConfig) -> dict[int, torch.Tensor]:
+    """Per coarse factor, the drawing weight of each of :func:`_train_sigmas`' sigmas (empty
+    without ``cfg.step_weights``: uniform). Weighted steps must be steps that training covers."""
+    if not cfg.step_weights:
+        return {}
+    steps = len(sigmas) - 1
+    if cfg.schedule:
+        covered = {k: [i for i, f in enumerate(cfg.schedule) if f == k] for k in cfg.factors if k in cfg.schedule}
+    else:
+        covered = {k: list(range(cfg.skip_steps, steps)) for k in cfg.factors}
+    outside = sorted(set(cfg.step_weights) - {i for idx in covered.values() for i in idx})
+    if outside:
+        raise ValueError(f"step_weights names step(s) {outside} that training does not cover (coarse steps of "
+                         f"the schedule, or steps {cfg.skip_steps}..{steps - 1})")
+    return {k: torch.tensor([cfg.step_weights.get(i, 1.0) for i in idx], dtype=torch.float64)
+            for k, idx in covered.items()}
+
+
 def _pool(provider, model_patcher, cfg: TrainConfig, dist: Dist, ckpt: Path | None, say):
     """This process's share of the generated pool: from the checkpoint on resume, else generated."""
     pool = _load_pool(ckpt, dist.rank) if (ckpt and cfg.resume) else None
@@ -457,17 +480,24 @@ def _scheduled_factor(cfg: TrainConfig, gen: torch.Generator) -> int:
     return coarse[int(torch.randint(len(coarse), (1,), generator=gen))]
 
 
-def _batch(latents, conds, groups, train_sigmas: dict, cfg: TrainConfig, gen: torch.Generator, device, dtype):
+def _batch(latents, conds, groups, train_sigmas: dict, cfg: TrainConfig, gen: torch.Generator, device, dtype,
+           weights: dict | None = None):
     """One training batch: pool samples sharing a conditioning shape, noised to random sigmas of
-    the steps trained at one coarse factor, and that factor. Draws from ``gen`` in a fixed order
-    (exact resume); with a schedule the factor is drawn first, weighted by its number of steps."""
+    the steps trained at one coarse factor (``weights``: per sigma, else uniform), and that factor.
+    Draws from ``gen`` in a fixed order (exact resume); with a schedule the factor is drawn first,
+    weighted by its number of steps."""
     factor = _scheduled_factor(cfg, gen) if cfg.schedule else None
     group = groups[int(torch.randint(len(groups), (1,), generator=gen))]
     entries = [group[i] for i in torch.randint(len(group), (cfg.batch,), generator=gen).tolist()]
     x0 = latents[[i for i, _ in entries]].to(device, torch.float32)
     cond = _stack([conds[i][j] for i, j in entries], device, dtype)
-    pool_sigmas = train_sigmas[factor if factor is not None else cfg.factors[0]]
-    sigma = pool_sigmas[torch.randint(len(pool_sigmas), (cfg.batch,), generator=gen)].to(device)
+    key = factor if factor is not None else cfg.factors[0]
+    pool_sigmas = train_sigmas[key]
+    if weights:
+        pick = torch.multinomial(weights[key], cfg.batch, replacement=True, generator=gen)
+    else:
+        pick = torch.randint(len(pool_sigmas), (cfg.batch,), generator=gen)
+    sigma = pool_sigmas[pick].to(device)
     eps = torch.randn(x0.shape, generator=gen).to(device)
     s = sigma.view(-1, *([1] * (x0.ndim - 1)))
     x_t = ((1.0 - s) * x0 + s * eps).to(dtype)
@@ -558,6 +588,7 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
     dtype = model_patcher.model.get_dtype() if dist.device.type == "cuda" else torch.float32
     sigmas, t_per_sigma = _sampling_sigmas(provider, model_patcher)
     train_sigmas = _train_sigmas(sigmas, cfg)
+    train_weights = _train_weights(sigmas, cfg)
 
     ckpt = Path(cfg.ckpt) if cfg.ckpt else None
     latents, conds = _pool(provider, model_patcher, cfg, dist, ckpt, say)
@@ -617,7 +648,8 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
         if buffer is not None and len(buffer) and float(torch.rand(1, generator=gen)) < cfg.rollout_share:
             x_t, sigma, cond, factor = _replay_batch(buffer, conds, entries, cfg, gen, dist.device, dtype)
         else:
-            x_t, sigma, cond, factor = _batch(latents, conds, groups, train_sigmas, cfg, gen, dist.device, dtype)
+            x_t, sigma, cond, factor = _batch(latents, conds, groups, train_sigmas, cfg, gen, dist.device, dtype,
+                                              train_weights)
         with torch.no_grad():
             v_teacher = student.teacher(x_t, sigma, cond).float()
         loss = F.mse_loss(model(x_t, sigma, cond, factor).float(), v_teacher)

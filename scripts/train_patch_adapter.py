@@ -180,6 +180,8 @@ def parse_args(argv=None):
     a("--skip-steps", type=int, default=3, help="first schedule steps not trained on (always native)")
     a("--schedule", default="", help="train for this forced schedule only, e.g. 2x19,1x9: its coarse steps, each "
                                      "at its own patch size (as the node's forced_schedule; overrides --skip-steps)")
+    a("--step-weights", default="", help="draw these sampling steps' sigmas more (or less) often, e.g. 2-4:4 "
+                                         "(steps 2, 3 and 4 four times as often as the others; steps count from 0)")
     a("--rollout-every", type=int, default=0, help="with --schedule: every N steps roll pool conditionings out "
                                                    "through it with the current student and train on the states "
                                                    "it visits (DAgger-style; default 0 = off)")
@@ -228,7 +230,7 @@ def main(argv=None) -> dict:
                       skip_steps=args.skip_steps, schedule=parse_forced_schedule(args.schedule),
                       rollout_every=args.rollout_every, rollout_batch=args.rollout_batch,
                       rollout_share=args.rollout_share, rollout_keep=args.rollout_keep,
-                      val_every=args.val_every, val_n=args.val_n, val_schedule=parse_forced_schedule(args.val_schedule),
+                      step_weights=parse_step_weights(args.step_weights), val_every=args.val_every, val_n=args.val_n, val_schedule=parse_forced_schedule(args.val_schedule),
                       seed=args.seed, log_every=args.log_every, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every_s,
                       resume=args.resume)
     summary = train(provider, cfg, args.out, device=device, log=lambda m: print(m, flush=True))
@@ -237,6 +239,22 @@ def main(argv=None) -> dict:
         Path(args.out).with_suffix(".json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary, indent=2), flush=True)
     return summary
+
+
+def parse_step_weights(text: str) -> dict[int, float]:
+    """``"2-4:4, 7:0.5"`` -> ``{2: 4.0, 3: 4.0, 4: 4.0, 7: 0.5}``."""
+    out: dict[int, float] = {}
+    for part in (p.strip() for p in (text or "").split(",")):
+        if not part:
+            continue
+        try:
+            steps, weight = part.split(":")
+            first, _, last = steps.partition("-")
+            for i in range(int(first), int(last or first) + 1):
+                out[i] = float(weight)
+        except ValueError:
+            raise ValueError(f"--step-weights: {part!r} is not STEP:WEIGHT or FIRST-LAST:WEIGHT") from None
+    return out
 
 
 def _cuda() -> bool:

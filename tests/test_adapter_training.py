@@ -327,6 +327,33 @@ def test_schedule_trains_only_its_coarse_steps_each_at_its_own_factor(pack, tiny
         tr._train_sigmas(sigmas, tr.TrainConfig(factors=(2,), schedule=(2,) * 9))
 
 
+def test_step_weights_draw_the_named_steps_more_often(pack, script, tiny_flux):
+    import comfy.samplers
+    from elastic_tokens.adapters import training as tr
+
+    assert script.parse_step_weights("2-4:4, 7:0.5") == {2: 4.0, 3: 4.0, 4: 4.0, 7: 0.5}
+    with pytest.raises(ValueError, match="is not STEP:WEIGHT"):
+        script.parse_step_weights("2-4")
+    with pytest.raises(ValueError, match="weights > 0"):
+        tr.TrainConfig(step_weights={2: 0.0})
+    sigmas = comfy.samplers.calculate_sigmas(tiny_flux.get_model_object("model_sampling"), "simple", 8).float()
+    with pytest.raises(ValueError, match=r"names step\(s\) \[6\] that training does not cover"):
+        tr._train_weights(sigmas, tr.TrainConfig(schedule=(2,) * 5, step_weights={6: 2.0}))
+    assert tr._train_weights(sigmas, tr.TrainConfig(schedule=(2,) * 5)) == {}  # uniform, as before
+
+    cfg = tr.TrainConfig(factors=(2,), schedule=(2,) * 5, step_weights={1: 9.0}, batch=500)
+    by_factor, weights = tr._train_sigmas(sigmas, cfg), tr._train_weights(sigmas, cfg)
+    assert weights[2].tolist() == [1.0, 9.0, 1.0, 1.0, 1.0]
+    conds = [[{"context": torch.zeros(1, 4, 8)}]]
+    _, sigma, _, _ = tr._batch(torch.zeros(1, 16, 8, 8), conds, tr._batches_by_shape(conds), by_factor, cfg,
+                               torch.Generator().manual_seed(0), "cpu", torch.float32, weights)
+    share = float((sigma == sigmas[1]).float().mean())
+    assert 0.6 < share < 0.8  # 9 / 13 = 0.69
+    # default mode (steps from skip_steps on): indices are sampling steps, not offsets
+    weights = tr._train_weights(sigmas, tr.TrainConfig(factors=(2,), skip_steps=3, step_weights={3: 2.0}))
+    assert weights[2].tolist() == [2.0, 1.0, 1.0, 1.0, 1.0]
+
+
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # one peft adapter per factor, by design
 @pytest.mark.parametrize("family", ["flux", "wan"])
 def test_rollouts_follow_the_samplers_own_trajectory(pack, family):
