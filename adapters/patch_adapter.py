@@ -59,6 +59,15 @@ class AdapterSpec:
     fingerprint: dict = field(default_factory=dict, compare=False)
     training: dict = field(default_factory=dict, compare=False)
 
+    @classmethod
+    def for_model(cls, model_patcher, binding, factors, rank: int = 32, alpha: float | None = None,
+                  training: dict | None = None) -> "AdapterSpec":
+        """The spec of an adapter for ``model_patcher``: its binding's geometry and feed-forward
+        LoRA targets, and the fingerprint of its base weights (alpha defaults to the rank)."""
+        return cls(binding.family, binding.native_patch, binding.temporal_patch, binding.latent_channels,
+                   binding.hidden_size, tuple(factors), rank, float(rank if alpha is None else alpha),
+                   tuple(binding.feed_forward), base_fingerprint(model_patcher, binding), dict(training or {}))
+
     def patch_features(self, factor: int) -> int:
         return self.latent_channels * self.temporal_patch * (factor * self.native_patch) ** 2
 

@@ -32,7 +32,7 @@ from torch import nn
 from .bindings import binding_for
 from .call_args import bind_call
 from .coarse_forward import coarse_velocity
-from .patch_adapter import AdapterSpec, PatchAdapter, base_fingerprint, save_adapter
+from .patch_adapter import AdapterSpec, PatchAdapter, save_adapter
 from .rollouts import ReplayBuffer, cfg_entries, rollout
 from .train_forward import training_forward
 from .validation import BestAdapter, TrajectoryValidator, schedule_text
@@ -444,10 +444,8 @@ def _pool(provider, model_patcher, cfg: TrainConfig, dist: Dist, ckpt: Path | No
 
 def _build_student(model_patcher, binding, cfg: TrainConfig, device, t_per_sigma: float):
     """A zero-initialised adapter plus peft LoRA in the frozen model: (student, trainable parameters)."""
-    spec = AdapterSpec(binding.family, binding.native_patch, binding.temporal_patch, binding.latent_channels,
-                       binding.hidden_size, cfg.factors, cfg.rank, cfg.alpha, tuple(binding.feed_forward),
-                       base_fingerprint(model_patcher, binding),
-                       {k: v for k, v in asdict(cfg).items() if k not in ("ckpt", "resume")})
+    spec = AdapterSpec.for_model(model_patcher, binding, cfg.factors, cfg.rank, cfg.alpha,
+                                 {k: v for k, v in asdict(cfg).items() if k not in ("ckpt", "resume")})
     adapter = PatchAdapter(spec).to(device)
     dm = model_patcher.model.diffusion_model
     for p in dm.parameters():

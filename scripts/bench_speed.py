@@ -286,9 +286,7 @@ def attach_untrained_adapter(patcher, factors, rank: int, seed: int):
     pa = pack_module("adapters.patch_adapter")
     attach = pack_module("nodes.adapter_attach").attach_patch_adapter
     binding = bindings.binding_for(patcher)
-    spec = pa.AdapterSpec(binding.family, binding.native_patch, binding.temporal_patch, binding.latent_channels,
-                          binding.hidden_size, tuple(factors), rank, float(rank), tuple(binding.feed_forward),
-                          pa.base_fingerprint(patcher, binding), {"untrained": "bench_speed"})
+    spec = pa.AdapterSpec.for_model(patcher, binding, factors, rank, training={"untrained": "bench_speed"})
     gen = torch.Generator().manual_seed(seed)
     dm = patcher.model.diffusion_model
     lora = {}

@@ -12,6 +12,7 @@ nothing behind on the model (forward hooks, options of the MODEL passed in).
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
@@ -35,15 +36,11 @@ def make_adapter(model, factors=(2,), *, rank=4, nonzero=False, lora_b=None, coa
     ``lora_b`` / ``coarse`` override ``nonzero`` for the LoRA B and the coarse layers separately
     (``coarse`` may name the layers to fill, e.g. ``("deembed", "residual")``)."""
     from elastic_tokens.adapters.bindings import binding_for
-    from elastic_tokens.adapters.patch_adapter import AdapterSpec, PatchAdapter, base_fingerprint
+    from elastic_tokens.adapters.patch_adapter import AdapterSpec, PatchAdapter
 
     binding = binding_for(model)
-    fields = dict(family=binding.family, native_patch=binding.native_patch, temporal_patch=binding.temporal_patch,
-                  latent_channels=binding.latent_channels, hidden_size=binding.hidden_size, factors=tuple(factors),
-                  rank=rank, alpha=float(rank), lora_targets=tuple(binding.feed_forward),
-                  fingerprint=base_fingerprint(model, binding), training={"test": True})
-    fields.update(spec_changes)
-    spec = AdapterSpec(**fields)
+    spec = dataclasses.replace(AdapterSpec.for_model(model, binding, factors, rank, training={"test": True}),
+                               **spec_changes)
     gen = torch.Generator().manual_seed(seed)
     lora_b = nonzero if lora_b is None else lora_b
     coarse = nonzero if coarse is None else coarse
