@@ -440,18 +440,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def run_device(args) -> tuple[torch.device, bool]:
+    """The proxy trainers' device (``--device``, else CUDA when there is one), ComfyUI set up for
+    it, TF32 matmuls on CUDA; and whether to train under bf16 autocast (on CUDA)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    setup_comfyui(device.type)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device, device.type == "cuda"
+
+
 def main(argv=None) -> dict:
     t_start = time.time()
     args = parse_args(argv)
     if args.merge:
         return {"merged": str(merge_shards(Path(args.merge)))}
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    amp = device.type == "cuda"
-    setup_comfyui(device.type)
+    device, amp = run_device(args)
     fwd = load_flux_forward()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     cfg = flux_config(args)
     torch.manual_seed(args.seed)

@@ -134,18 +134,13 @@ DATA_RECIPE = ("Fashion-MNIST (Debian dataset-fashion-mnist, train split 60k) ->
 # --------------------------------------------------------------------------- shared code of the image proxy
 
 def image_trainer():
-    """benchmarks/proxy/train_image_proxy.py as a module (setup_comfyui, read_idx, load_data, save_grid)."""
+    """benchmarks/proxy/train_image_proxy.py as a module (run_device, read_idx, load_data, save_grid)."""
     import train_image_proxy  # benchmarks/proxy is on sys.path (see the top of this file)
 
     return train_image_proxy
 
 
 CLASS_NAMES = image_trainer().CLASS_NAMES
-
-
-def setup_comfyui(device: str) -> None:
-    image_trainer().setup_comfyui(device)
-    import comfy.ldm.wan.model  # noqa: F401
 
 
 def load_wan_forward():
@@ -350,13 +345,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.merge:
         return {"merged": str(image_trainer().merge_shards(Path(args.merge), "video_proxy"))}
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    amp = device.type == "cuda"
-    setup_comfyui(device.type)
+    device, amp = image_trainer().run_device(args)
     fwd = load_wan_forward()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     cfg = wan_config(args)
     torch.manual_seed(args.seed)
