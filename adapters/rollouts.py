@@ -58,6 +58,11 @@ def cfg_entries(conds: list[list[dict]], cfg_scale: float, flag: str = "--rollou
     return entries
 
 
+def stack_entries(stack, conds: list[list[dict]], samples: list[int], entries: int, device, dtype) -> list[dict]:
+    """The conditioning of ``samples``, one stacked batch per entry (cond, then uncond)."""
+    return [stack([conds[i][j] for i in samples], device, dtype) for j in range(entries)]
+
+
 @torch.no_grad()
 def sample_through(student, per_entry: list[dict], x: torch.Tensor, schedule: tuple[int, ...],
                    sigmas: torch.Tensor, cfg_scale: float, dtype, on_coarse=None) -> torch.Tensor:
@@ -86,7 +91,7 @@ def rollout(student, stack, conds: list[list[dict]], samples: list[int], schedul
     and the teacher at native ones (Euler, CFG ``cfg_scale``); return the states of the coarse
     steps as ``[(factor, x, sigma)]`` on the CPU, ``x`` in ``dtype``. ``stack(entries, device,
     dtype)`` batches conditionings."""
-    per_entry = [stack([conds[i][j] for i in samples], device, dtype) for j in range(entries)]
+    per_entry = stack_entries(stack, conds, samples, entries, device, dtype)
     x = float(sigmas[0]) * torch.randn((len(samples), *latent_shape), generator=gen).to(device)
     states = []
     sample_through(student, per_entry, x, schedule, sigmas, cfg_scale, dtype,

@@ -82,10 +82,12 @@ class TrainConfig:
         if self.rank < 1:
             raise ValueError("rank must be >= 1")
         self.schedule = tuple(int(k) for k in self.schedule)
-        missing = sorted({k for k in self.schedule if k > 1} - set(self.factors))
-        if missing:
-            raise ValueError(f"the schedule has {', '.join(f'{k}p' for k in missing)} steps but factors are "
-                             f"{self.factors}: train those factors too")
+        self.val_schedule = tuple(int(k) for k in self.val_schedule)
+        for what, schedule in (("the schedule", self.schedule), ("the validation schedule", self.val_schedule)):
+            missing = sorted({k for k in schedule if k > 1} - set(self.factors))
+            if missing:
+                raise ValueError(f"{what} has {', '.join(f'{k}p' for k in missing)} steps but factors are "
+                                 f"{self.factors}: train those factors too")
         if self.schedule and not any(k > 1 for k in self.schedule):
             raise ValueError("the schedule has no coarse step to train")
         if self.rollout_every and not self.schedule:
@@ -93,15 +95,10 @@ class TrainConfig:
         self.step_weights = {int(k): float(w) for k, w in dict(self.step_weights).items()}
         if any(w <= 0 or k < 0 for k, w in self.step_weights.items()):
             raise ValueError(f"step_weights: steps >= 0 and weights > 0, got {self.step_weights}")
-        self.val_schedule = tuple(int(k) for k in self.val_schedule)
         if self.val_every < 0 or self.val_n < 1:
             raise ValueError(f"val_every must be >= 0 and val_n >= 1, got {self.val_every} and {self.val_n}")
         if self.val_every and not (self.val_schedule or self.schedule):
             raise ValueError("validation samples through a forced schedule: give one with --schedule or --val-schedule")
-        untrained = sorted({k for k in self.val_schedule if k > 1} - set(self.factors))
-        if untrained:
-            raise ValueError(f"the validation schedule has {', '.join(f'{k}p' for k in untrained)} steps but factors "
-                             f"are {self.factors}")
         if not 0.0 <= self.rollout_share <= 1.0:
             raise ValueError(f"rollout_share is a fraction in [0, 1], got {self.rollout_share}")
         unused = sorted(set(self.factors) - set(self.schedule)) if self.schedule else []
@@ -393,21 +390,31 @@ def _sampling_sigmas(provider, model_patcher) -> tuple[torch.Tensor, float]:
     return sigmas, float(sampling.timestep(torch.tensor(1.0)))
 
 
-def _train_sigmas(sigmas: torch.Tensor, cfg: TrainConfig) -> dict[int, torch.Tensor]:
-    """The sigmas training covers, per coarse factor.
+def _fits(schedule: tuple[int, ...], sigmas: torch.Tensor, what: str = "the schedule") -> None:
+    """A forced schedule may be shorter than the sampling (later steps run native), not longer."""
+    if len(schedule) > len(sigmas) - 1:
+        raise ValueError(f"{what} has {len(schedule)} steps, the model samples {len(sigmas) - 1}")
+
+
+def _train_steps(sigmas: torch.Tensor, cfg: TrainConfig) -> dict[int, list[int]]:
+    """The sampling steps training covers, per coarse factor.
 
     Default: every step from ``skip_steps`` on, for each factor. With ``cfg.schedule``: only the
     steps that schedule runs coarse, each under its own factor.
     """
     steps = len(sigmas) - 1
     if cfg.schedule:  # steps past its end run native, as in the node
-        if len(cfg.schedule) > steps:
-            raise ValueError(f"the schedule has {len(cfg.schedule)} steps, the model samples {steps}")
-        return {k: sigmas[[i for i, f in enumerate(cfg.schedule) if f == k]] for k in cfg.factors if k in cfg.schedule}
-    train_sigmas = sigmas[cfg.skip_steps:-1]
-    if train_sigmas.numel() == 0:
+        _fits(cfg.schedule, sigmas)
+        return {k: [i for i, f in enumerate(cfg.schedule) if f == k] for k in cfg.factors if k in cfg.schedule}
+    covered = list(range(cfg.skip_steps, steps))
+    if not covered:
         raise ValueError(f"skip_steps={cfg.skip_steps} leaves no steps of the {steps}-step schedule")
-    return {k: train_sigmas for k in cfg.factors}
+    return {k: covered for k in cfg.factors}
+
+
+def _train_sigmas(sigmas: torch.Tensor, cfg: TrainConfig) -> dict[int, torch.Tensor]:
+    """The sigmas of :func:`_train_steps`, per coarse factor."""
+    return {k: sigmas[idx] for k, idx in _train_steps(sigmas, cfg).items()}
 
 
 def _train_weights(sigmas: torch.Tensor, cfg: TrainConfig) -> dict[int, torch.Tensor]:
@@ -415,15 +422,11 @@ def _train_weights(sigmas: torch.Tensor, cfg: TrainConfig) -> dict[int, torch.Te
     without ``cfg.step_weights``: uniform). Weighted steps must be steps that training covers."""
     if not cfg.step_weights:
         return {}
-    steps = len(sigmas) - 1
-    if cfg.schedule:
-        covered = {k: [i for i, f in enumerate(cfg.schedule) if f == k] for k in cfg.factors if k in cfg.schedule}
-    else:
-        covered = {k: list(range(cfg.skip_steps, steps)) for k in cfg.factors}
+    covered = _train_steps(sigmas, cfg)
     outside = sorted(set(cfg.step_weights) - {i for idx in covered.values() for i in idx})
     if outside:
         raise ValueError(f"step_weights names step(s) {outside} that training does not cover (coarse steps of "
-                         f"the schedule, or steps {cfg.skip_steps}..{steps - 1})")
+                         f"the schedule, or steps {cfg.skip_steps}..{len(sigmas) - 2})")
     return {k: torch.tensor([cfg.step_weights.get(i, 1.0) for i in idx], dtype=torch.float64)
             for k, idx in covered.items()}
 
@@ -544,8 +547,7 @@ def _validator(student, provider, conds, latent_shape, sigmas, cfg: TrainConfig,
     if not (cfg.val_every and dist.main):
         return None
     schedule = cfg.val_schedule or cfg.schedule
-    if len(schedule) > len(sigmas) - 1:
-        raise ValueError(f"the validation schedule has {len(schedule)} steps, the model samples {len(sigmas) - 1}")
+    _fits(schedule, sigmas, "the validation schedule")
     samples = list(range(min(cfg.val_n, len(conds))))
     entries = cfg_entries([conds[i] for i in samples], float(provider.cfg), flag="--val-every")
     t0 = time.time()
@@ -624,6 +626,9 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
         say(f"validation at step {step}: final-latent MSE {mse:.5f} to native sampling{label}; "
             f"best {best.mse:.5f} at step {best.step}")
 
+    def checkpoint():
+        _save_ckpt(ckpt, dist, trainable, optim, step, gen, {"val": best.to_checkpoint()} if validator else {})
+
     history, first_loss, last_ckpt = [], None, time.time()
     deadline = t_start + 60.0 * cfg.minutes if cfg.minutes else None
     progress = _progress_bar(dist, cfg, step)
@@ -671,14 +676,14 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
             recent = history[-cfg.log_every:]
             say(f"step {step}: loss {sum(recent) / len(recent):.5f} (first {first_loss:.5f}), grad {grad_norm:.3f}")
         if ckpt and dist.all_mean(float(time.time() - last_ckpt > cfg.ckpt_every_s)) > 0:  # all or none
-            _save_ckpt(ckpt, dist, trainable, optim, step, gen, {"val": best.to_checkpoint()} if validator else {})
+            checkpoint()
             last_ckpt = time.time()
     if progress is not None:
         progress.close()
     loop_s = time.time() - t_loop
     validate()  # the last step, unless just done
     if ckpt:  # the last state, to resume from; the export below may be an earlier one
-        _save_ckpt(ckpt, dist, trainable, optim, step, gen, {"val": best.to_checkpoint()} if validator else {})
+        checkpoint()
     if validator is not None and best.step != step:
         best.restore(trainable)
         say(f"kept the adapter of step {best.step}: validation MSE {best.mse:.5f} "

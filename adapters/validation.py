@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .rollouts import sample_through
+from .rollouts import sample_through, stack_entries
 
 
 class TrajectoryValidator:
@@ -37,8 +37,7 @@ class TrajectoryValidator:
         self._chunks = []
         for start in range(0, len(samples), max(1, batch)):
             part = samples[start:start + max(1, batch)]
-            per_entry = [stack([conds[i][j] for i in part], device, dtype) for j in range(entries)]
-            self._chunks.append((len(part), per_entry))
+            self._chunks.append((len(part), stack_entries(stack, conds, part, entries, device, dtype)))
         self.noise = torch.randn((len(samples), *latent_shape), generator=torch.Generator().manual_seed(seed))
         self.reference = self._sample(student, ())
 
