@@ -11,6 +11,14 @@ sigmas of the sampling schedule where coarse steps can happen. The conditioning 
 (cond and uncond of CFG) is recorded from the model's real calls during generation, so whatever
 ComfyUI feeds the model (T5/CLIP context, pooled vectors, guidance, ...) is what training sees.
 
+With classifier-free guidance the sampler does not use either branch alone but
+``v_u + s (v_c - v_u)``: a student error becomes ``e_u + s (e_c - e_u)``. Where the two branches'
+errors are weakly correlated (on the image proxy at CFG 3: correlation 0.4-0.6 at sigma
+0.99-0.9, where the guided error was 4-7x the per-branch one, BENCHMARKS.md §5), a per-branch
+loss under-weights exactly what moves the trajectory. ``guided`` (``--guided W``) trains on
+``(1 - W) * per-branch MSE + W * MSE of the guided velocity``, each batch carrying both branches
+of the same noisy latents.
+
 Runs on one device or on several through ``torchrun`` (DDP; NCCL on GPUs, gloo on CPU): every
 process generates its own share of the pool, gradients of the adapter and LoRA are averaged.
 Checkpoints (adapter, LoRA, optimiser, pool, and every process's batch RNG) make a run resumable
@@ -19,6 +27,7 @@ exactly; rank 0 writes the shared state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -65,6 +74,10 @@ class TrainConfig:
     val_every: int = 0                  # every N steps, sample held-out noise through the schedule
     val_n: int = 32                     # (``val_schedule``, default ``schedule``) and keep the adapter
     val_schedule: tuple[int, ...] = ()  # whose samples land closest to the native ones (validation.py)
+    guided: float = 0.0                 # weight of the CFG-guided velocity's error in the loss (0..1;
+                                        # 0 = per-branch only); needs a provider with CFG != 1
+    ema: float = 0.0                    # decay of an exponential moving average of the trainable
+                                        # weights (0 = off); validation and the written adapter use it
     down: str = "area"
     up: str = "bilinear"
     seed: int = 0
@@ -99,6 +112,10 @@ class TrainConfig:
             raise ValueError(f"val_every must be >= 0 and val_n >= 1, got {self.val_every} and {self.val_n}")
         if self.val_every and not (self.val_schedule or self.schedule):
             raise ValueError("validation samples through a forced schedule: give one with --schedule or --val-schedule")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema is a decay in [0, 1), got {self.ema}")
+        if not 0.0 <= self.guided <= 1.0:
+            raise ValueError(f"guided is a weight in [0, 1], got {self.guided}")
         if not 0.0 <= self.rollout_share <= 1.0:
             raise ValueError(f"rollout_share is a fraction in [0, 1], got {self.rollout_share}")
         unused = sorted(set(self.factors) - set(self.schedule)) if self.schedule else []
@@ -491,6 +508,8 @@ def _batch(latents, conds, groups, train_sigmas: dict, cfg: TrainConfig, gen: to
     group = groups[int(torch.randint(len(groups), (1,), generator=gen))]
     entries = [group[i] for i in torch.randint(len(group), (cfg.batch,), generator=gen).tolist()]
     x0 = latents[[i for i, _ in entries]].to(device, torch.float32)
+    if cfg.guided:  # both branches of each drawn sample: rows [cond of all, uncond of all]
+        entries = [(i, j) for j in (0, 1) for i, _ in entries]
     cond = _stack([conds[i][j] for i, j in entries], device, dtype)
     key = factor if factor is not None else cfg.factors[0]
     pool_sigmas = train_sigmas[key]
@@ -502,9 +521,75 @@ def _batch(latents, conds, groups, train_sigmas: dict, cfg: TrainConfig, gen: to
     eps = torch.randn(x0.shape, generator=gen).to(device)
     s = sigma.view(-1, *([1] * (x0.ndim - 1)))
     x_t = ((1.0 - s) * x0 + s * eps).to(dtype)
+    if cfg.guided:
+        x_t, sigma = x_t.repeat(2, *([1] * (x_t.ndim - 1))), sigma.repeat(2)
     if factor is None:
         factor = cfg.factors[int(torch.randint(len(cfg.factors), (1,), generator=gen))]
     return x_t, sigma, cond, factor
+
+
+def _loss(v_student: torch.Tensor, v_teacher: torch.Tensor, guided: float, cfg_scale: float) -> torch.Tensor:
+    """Per-branch velocity MSE, blended with the MSE of the CFG-guided velocity ``v_u + s (v_c - v_u)``
+    (rows: the first half cond, the second uncond, as :func:`_batch` draws them when ``guided``)."""
+    branch = F.mse_loss(v_student, v_teacher)
+    if not guided:
+        return branch
+
+    def guide(v):
+        c, u = v.chunk(2)
+        return u + cfg_scale * (c - u)
+    return (1.0 - guided) * branch + guided * F.mse_loss(guide(v_student), guide(v_teacher))
+
+
+def _check_guided(conds: list[list[dict]], cfg_scale: float) -> None:
+    """``--guided`` needs CFG and a cond and an uncond per sample that stack into one batch."""
+    if cfg_scale == 1.0 or not all(len(c) >= 2 for c in conds):
+        raise ValueError("--guided trains on the CFG-guided velocity, but this model samples without CFG "
+                         f"(cfg {cfg_scale:g}): train without --guided")
+    shapes = {tuple(sorted((k, tuple(v.shape[1:])) for k, v in c[j].items())) for c in conds for j in (0, 1)}
+    if len(shapes) > 1:
+        raise ValueError("--guided stacks each sample's cond and uncond in one batch, but their conditioning "
+                         "tensors differ in shape here; train without --guided")
+
+
+class WeightAverage:
+    """Exponential moving average of the trainable tensors (float32 copies on their device).
+
+    With a constant learning rate the adapter keeps moving around its optimum (on the image proxy
+    the trajectory error of consecutive checkpoints 250 steps apart varied by 30%); the average
+    sits nearer the middle. The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` so early
+    averages are not dominated by the zero initialisation."""
+
+    def __init__(self, trainable: dict, decay: float, state: dict | None = None):
+        self.decay = decay
+        self.updates = int((state or {}).get("updates", 0))
+        saved = (state or {}).get("tensors") or {}
+        self.tensors = {n: (saved[n].to(p.device, torch.float32) if n in saved else p.detach().float().clone())
+                        for n, p in trainable.items()}
+
+    @torch.no_grad()
+    def update(self, trainable: dict) -> None:
+        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        for n, p in trainable.items():
+            self.tensors[n].lerp_(p.detach().float(), 1.0 - d)
+        self.updates += 1
+
+    @contextlib.contextmanager
+    def swapped_in(self, trainable: dict):
+        """The averaged weights in place of the trained ones while the context is open."""
+        saved = {n: p.detach().clone() for n, p in trainable.items()}
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(self.tensors[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in trainable.items():
+                    p.copy_(saved[n])
+
+    def to_checkpoint(self) -> dict:
+        return {"updates": self.updates, "tensors": {n: t.cpu() for n, t in self.tensors.items()}}
 
 
 def _replay_batch(buffer: ReplayBuffer, conds, entries: int, cfg: TrainConfig, gen: torch.Generator, device, dtype):
@@ -512,6 +597,9 @@ def _replay_batch(buffer: ReplayBuffer, conds, entries: int, cfg: TrainConfig, g
     and one conditioning entry (cond or uncond) of their samples."""
     factor = _scheduled_factor(cfg, gen)
     x, sigma, samples = buffer.draw(factor, cfg.batch, gen)
+    if cfg.guided:  # both branches, as in :func:`_batch`
+        cond = _stack([conds[i][j] for j in (0, 1) for i in samples.tolist()], device, dtype)
+        return x.repeat(2, *([1] * (x.ndim - 1))).to(device, dtype), sigma.repeat(2).to(device), cond, factor
     j = int(torch.randint(entries, (1,), generator=gen))
     cond = _stack([conds[i][j] for i in samples.tolist()], device, dtype)
     return x.to(device, dtype), sigma.to(device), cond, factor
@@ -607,6 +695,11 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
             find_unused_parameters=len(cfg.factors) > 1, broadcast_buffers=False)
     base_lrs = [g["lr"] for g in optim.param_groups]
 
+    cfg_scale = float(provider.cfg)
+    if cfg.guided:
+        _check_guided(conds, cfg_scale)
+        say(f"loss: {1 - cfg.guided:g} x per-branch MSE + {cfg.guided:g} x MSE of the guided velocity "
+            f"(cfg {cfg_scale:g}); {cfg.batch} samples x 2 branches per batch")
     buffer = ReplayBuffer(cfg.rollout_keep) if cfg.rollout_every else None
     if buffer is not None:
         entries = cfg_entries(conds, float(provider.cfg))
@@ -616,18 +709,29 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
 
     validator = _validator(student, provider, conds, latents.shape[1:], sigmas, cfg, dist, dtype, say)
     best = BestAdapter.from_checkpoint(extra.get("val"))
+    average = WeightAverage(trainable, cfg.ema, extra.get("ema")) if cfg.ema else None
+    if average is not None:
+        say(f"weights: exponential moving average, decay {cfg.ema:g}; validated and written instead of the "
+            "last weights")
+
+    def evaluated():  # what validation sees and the file gets: the average, when there is one
+        return average.swapped_in(trainable) if average is not None else contextlib.nullcontext()
 
     def validate():
         if validator is None or best.seen(step):
             return
-        mse = validator.error(student)
-        improved = best.offer(step, mse, trainable)
+        with evaluated():
+            mse = validator.error(student)
+            improved = best.offer(step, mse, trainable)
         label = " (training-free)" if step == 0 else (" (best so far)" if improved else "")
         say(f"validation at step {step}: final-latent MSE {mse:.5f} to native sampling{label}; "
             f"best {best.mse:.5f} at step {best.step}")
 
     def checkpoint():
-        _save_ckpt(ckpt, dist, trainable, optim, step, gen, {"val": best.to_checkpoint()} if validator else {})
+        extra = {"val": best.to_checkpoint()} if validator else {}
+        if average is not None:
+            extra["ema"] = average.to_checkpoint()
+        _save_ckpt(ckpt, dist, trainable, optim, step, gen, extra)
 
     history, first_loss, last_ckpt = [], None, time.time()
     deadline = t_start + 60.0 * cfg.minutes if cfg.minutes else None
@@ -655,13 +759,15 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
                                               train_weights)
         with torch.no_grad():
             v_teacher = student.teacher(x_t, sigma, cond).float()
-        loss = F.mse_loss(model(x_t, sigma, cond, factor).float(), v_teacher)
+        loss = _loss(model(x_t, sigma, cond, factor).float(), v_teacher, cfg.guided, cfg_scale)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip))
         for g, base in zip(optim.param_groups, base_lrs):
             g["lr"] = base * _lr_factor(cfg, step, done)
         optim.step()
+        if average is not None:
+            average.update(trainable)
         step += 1
         steps_this_run += 1
         samples_seen += cfg.batch * dist.world
@@ -684,10 +790,15 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
     validate()  # the last step, unless just done
     if ckpt:  # the last state, to resume from; the export below may be an earlier one
         checkpoint()
-    if validator is not None and best.step != step:
+    if validator is not None and best.state is not None:  # the weights validation saw at its best step
         best.restore(trainable)
-        say(f"kept the adapter of step {best.step}: validation MSE {best.mse:.5f} "
-            f"(last step {step}: {best.history[-1][1]:.5f})")
+        if best.step != step:
+            say(f"kept the adapter of step {best.step}: validation MSE {best.mse:.5f} "
+                f"(last step {step}: {best.history[-1][1]:.5f})")
+    elif average is not None:
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(average.tensors[n])
 
     adapter = student.adapter
     adapter.lora = student.lora_weights()

@@ -172,7 +172,7 @@ def parse_args(argv=None):
     a("--factors", default="2", help="coarse factors to train, e.g. 2 or 2,4")
     a("--rank", type=int, default=32); a("--alpha", type=float, default=None, help="LoRA alpha (default = rank)")
     a("--steps", type=int, default=1000); a("--minutes", type=float, default=None)
-    a("--batch", type=int, default=16, help="per process"); a("--lr", type=float, default=1e-3)
+    a("--batch", type=int, default=16, help="samples per process (with --guided each is run for cond and uncond)"); a("--lr", type=float, default=1e-3)
     a("--lora-lr", type=float, default=2e-4); a("--warmup", type=int, default=50)
     a("--lr-final", type=float, default=1.0, help="cosine decay to this fraction of the lrs by the end "
                                                   "(of --steps, or of --minutes when given; default 1 = constant)")
@@ -193,6 +193,13 @@ def parse_args(argv=None):
                                                "with the current adapter, measure how far they land from the "
                                                "native samples, and write the best adapter instead of the last "
                                                "(default 0 = off; the loss alone does not predict sample quality)")
+    a("--guided", type=float, default=0.0, help="weight (0..1) of the CFG-guided velocity's error in the loss: "
+                                                "(1-W) x per-branch MSE + W x MSE of v_u + cfg (v_c - v_u), each "
+                                                "batch carrying both branches of --batch samples (default 0; for "
+                                                "models sampled with CFG, where the guided error is what moves the "
+                                                "trajectory)")
+    a("--ema", type=float, default=0.0, help="keep an exponential moving average of the adapter with this decay "
+                                             "(e.g. 0.999); validation and the written file use it (default 0 = off)")
     a("--val-n", type=int, default=32, help="validation samples (default 32)")
     a("--val-schedule", default="", help="schedule to validate through (default: --schedule), e.g. 2x19,1x9")
     a("--ckpt", default=None); a("--resume", action="store_true"); a("--ckpt-every-s", type=float, default=120.0)
@@ -231,6 +238,7 @@ def main(argv=None) -> dict:
                       rollout_every=args.rollout_every, rollout_batch=args.rollout_batch,
                       rollout_share=args.rollout_share, rollout_keep=args.rollout_keep,
                       step_weights=parse_step_weights(args.step_weights), val_every=args.val_every, val_n=args.val_n, val_schedule=parse_forced_schedule(args.val_schedule),
+                      guided=args.guided, ema=args.ema,
                       seed=args.seed, log_every=args.log_every, ckpt=args.ckpt, ckpt_every_s=args.ckpt_every_s,
                       resume=args.resume)
     summary = train(provider, cfg, args.out, device=device, log=lambda m: print(m, flush=True))

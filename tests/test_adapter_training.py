@@ -519,3 +519,113 @@ def test_validation_keeps_the_best_adapter_and_resumes_its_record(pack, script, 
     summary, log = run(script, capsys, *args, "--steps", "8", "--out", out, "--ckpt", ckpt, "--resume")
     assert summary["validation"]["history"][-1] == [8, 2.0] and summary["validation"]["best_step"] == 2
     assert "resumed from" in log and "validation at step 6" not in log
+
+
+# ----------------------------------------------------------------------------- guided loss, weight average
+
+def test_guided_loss_is_the_error_of_the_cfg_combination(pack):
+    """``--guided W`` blends the per-branch velocity MSE with the MSE of ``v_u + s (v_c - v_u)``,
+    the velocity the sampler actually steps with; each batch holds both branches of the same noisy
+    latents (cond rows first)."""
+    import torch.nn.functional as F
+    from elastic_tokens.adapters import training as tr
+
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 4, 3, 3, generator=gen), torch.randn(6, 4, 3, 3, generator=gen)
+    branch = F.mse_loss(student, teacher)
+    assert torch.equal(tr._loss(student, teacher, 0.0, 3.0), branch)
+
+    def guide(v):
+        return v[3:] + 3.0 * (v[:3] - v[3:])
+    guided = F.mse_loss(guide(student), guide(teacher))
+    torch.testing.assert_close(tr._loss(student, teacher, 1.0, 3.0), guided)
+    torch.testing.assert_close(tr._loss(student, teacher, 0.25, 3.0), 0.75 * branch + 0.25 * guided)
+
+    # a batch: both branches of each drawn sample at the same noisy latent and sigma
+    cfg = tr.TrainConfig(factors=(2,), schedule=(2, 2, 2, 1), batch=5, guided=1.0)
+    conds = [[{"context": torch.full((1, 2, 8), float(i))}, {"context": torch.full((1, 2, 8), -1.0 - i)}]
+             for i in range(4)]
+    sigmas = {2: torch.tensor([0.9, 0.8, 0.7])}
+    x_t, sigma, cond, factor = tr._batch(torch.randn(4, 16, 8, 8), conds, tr._batches_by_shape(conds), sigmas,
+                                         cfg, torch.Generator().manual_seed(1), "cpu", torch.float32)
+    assert x_t.shape[0] == sigma.shape[0] == cond["context"].shape[0] == 10 and factor == 2
+    assert torch.equal(x_t[:5], x_t[5:]) and torch.equal(sigma[:5], sigma[5:])
+    c, u = cond["context"][:5, 0, 0], cond["context"][5:, 0, 0]
+    assert (c >= 0).all() and torch.equal(u, -1.0 - c)  # uncond of the same samples, in the same order
+
+    with pytest.raises(ValueError, match="guided is a weight in"):
+        tr.TrainConfig(guided=1.5)
+    with pytest.raises(ValueError, match="samples without CFG"):
+        tr._check_guided(conds, 1.0)
+    with pytest.raises(ValueError, match="differ in shape"):
+        tr._check_guided([[{"context": torch.zeros(1, 2, 8)}, {"context": torch.zeros(1, 3, 8)}]], 3.0)
+    tr._check_guided(conds, 3.0)
+
+
+def test_guided_run_lowers_the_guided_error(pack, script, tiny_flux, tmp_path, capsys):
+    """A short --guided run (tiny Flux sampled with CFG 2) brings the coarse step's guided velocity
+    closer to the native one on held-out inputs; without CFG the flag is refused before any work."""
+    from elastic_tokens.adapters.patch_adapter import load_adapter
+
+    out = tmp_path / "guided.safetensors"
+    summary, log = run(script, capsys, *FLUX_ARGS, "--cfg", "2", "--guided", "1", "--steps", STEPS, "--out", out)
+    assert "loss: 0 x per-branch MSE + 1 x MSE of the guided velocity (cfg 2); 4 samples x 2 branches" in log
+    assert load_adapter(out).spec.training["guided"] == 1.0
+
+    x, sigma, cond = eval_batch(tiny_flux)
+    _, negative = tiny_models.flux_conditioning(batch=1, seed=0)  # the provider's uncond
+    context, extra = negative[0]
+    n = x.shape[0]
+    uncond = dict(context=context.expand(n, -1, -1), y=extra["pooled_output"].expand(n, -1), guidance=cond["guidance"])
+
+    def guided(velocities_c, velocities_u):
+        return velocities_u + 2.0 * (velocities_c - velocities_u)
+    vc = sampling_velocities(tiny_flux, load_adapter(out), x, sigma, cond)
+    vu = sampling_velocities(tiny_flux, load_adapter(out), x, sigma, uncond)
+    native, free, trained = (guided(c, u) for c, u in zip(vc, vu))
+    free_error, trained_error = float(((free - native) ** 2).mean()), float(((trained - native) ** 2).mean())
+    assert trained_error < 0.8 * free_error, (free_error, trained_error)
+
+    with pytest.raises(ValueError, match="samples without CFG"):
+        script.main(FLUX_ARGS + ["--guided", "1", "--steps", "2", "--out", str(tmp_path / "never.safetensors")])
+    assert not (tmp_path / "never.safetensors").exists()
+
+
+def test_weight_average_follows_the_ramped_decay_and_swaps_back(pack):
+    from elastic_tokens.adapters.training import WeightAverage
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    average = WeightAverage({"w": p}, 0.9)
+    expected = torch.zeros(3)
+    for n, value in enumerate([1.0, 2.0, 3.0, 4.0]):
+        with torch.no_grad():
+            p.fill_(value)
+        average.update({"w": p})
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * value
+        torch.testing.assert_close(average.tensors["w"], expected)
+    with average.swapped_in({"w": p}):
+        torch.testing.assert_close(p.detach(), expected)
+    assert torch.equal(p.detach(), torch.full((3,), 4.0))  # the trained weights are back
+    restored = WeightAverage({"w": p}, 0.9, average.to_checkpoint())
+    assert restored.updates == 4 and torch.equal(restored.tensors["w"], average.tensors["w"])
+    with pytest.raises(ValueError, match="ema is a decay in"):
+        from elastic_tokens.adapters.training import TrainConfig
+        TrainConfig(ema=1.0)
+
+
+def test_ema_run_writes_the_average_and_resumes_it_exactly(pack, script, flux_run, tmp_path, capsys):
+    reference, _ = flux_run  # the same run without --ema
+    half, args = STEPS // 2, [*FLUX_ARGS, "--ema", "0.9"]
+    whole = tmp_path / "whole.safetensors"
+    _, log = run(script, capsys, *args, "--steps", STEPS, "--out", whole)
+    assert "exponential moving average, decay 0.9" in log
+    plain, averaged = adapter_tensors(reference), adapter_tensors(whole)
+    assert any(not torch.allclose(plain[k], averaged[k], atol=1e-6) for k in plain)  # the average, not the last
+
+    out, ckpt = tmp_path / "resumed.safetensors", tmp_path / "ckpt"
+    run(script, capsys, *args, "--steps", half, "--out", out, "--ckpt", ckpt)
+    run(script, capsys, *args, "--steps", STEPS, "--out", out, "--ckpt", ckpt, "--resume")
+    got = adapter_tensors(out)
+    for key in averaged:
+        torch.testing.assert_close(got[key], averaged[key], rtol=0, atol=1e-6, msg=key)
