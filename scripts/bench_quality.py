@@ -24,6 +24,8 @@ decisions) and runs, in order:
 3. the node (Dynamic Patch Schedule) at each ``--settings`` entry: forced schedules (``2x`` every
    step at 2p, ``2x80`` first 20% native then 2p, ``4x``, ``4x80``, ``s=1x4/2x10/4x14`` a literal
    schedule; names as in scripts/bench_speed.py) and dynamic ones (``tau=0.5``; ``--rho``).
+   ``+A`` attaches ``--adapter`` (``+A*0.8``: at strength 0.8); ``@N`` samples that setting with N
+   steps (``s=2x21/1x9@30+A``), its token-FLOPs still compared with the baseline's N steps.
 4. the plain competitor of each node setting S: the baseline with ``round(N / est(S))`` steps,
    where ``est(S)`` is the node's own token-FLOP estimate (``last_report.estimated_speedup``), so
    both cost the same transformer FLOPs; plus any ``--extra-steps``. Each distinct step count
@@ -144,14 +146,14 @@ def load_node():
 _ADAPTERS: dict = {}
 
 
-def attach_adapter(model, path: str):
+def attach_adapter(model, path: str, strength: float = 1.0):
     """``model`` with the patch adapter at ``path`` attached, as the Load Patch Adapter node does."""
     from elastic_tokens.adapters.patch_adapter import load_adapter
     from elastic_tokens.nodes.adapter_attach import attach_patch_adapter
 
     if path not in _ADAPTERS:
         _ADAPTERS[path] = load_adapter(path)
-    return attach_patch_adapter(model, _ADAPTERS[path], 1.0, Path(path).name)
+    return attach_patch_adapter(model, _ADAPTERS[path], strength, Path(path).name)
 
 
 def _sync():
@@ -452,6 +454,7 @@ class Setting:
     seed_offset: int = 0        # seeds are seed + seed_offset + i
     perturb: float = 0.0
     adapter: bool = False       # "+A" settings: the node with --adapter attached (Load Patch Adapter)
+    strength: float = 1.0       # "+A*0.8": the adapter at that strength
 
     @property
     def schedule(self) -> str:
@@ -466,20 +469,29 @@ class Setting:
 def parse_settings(spec: str, steps: int, rho: float, cuda_graphs: bool) -> list[Setting]:
     out = []
     for name in [t.strip() for t in spec.split(",") if t.strip()]:
-        tok, adapter = (name[:-2], True) if name.endswith("+A") else (name, False)
+        tok, adapter, strength = name, False, 1.0
+        if "+A" in name:  # "+A" or "+A*0.8" (adapter strength)
+            tok, _, rest = name.partition("+A")
+            adapter = True
+            if rest:
+                if not rest.startswith("*"):
+                    raise SystemExit(f"setting {name}: write the adapter strength as +A*0.8")
+                strength = float(rest[1:])
+        tok, _, at = tok.partition("@")  # "@30": this setting samples 30 steps (its cost still
+        run_steps = int(at) if at else steps  # counts against the baseline's N)
         if tok.startswith("tau="):  # tau=X, or tau=X:2 for patches up to 2p only (max_factor 2)
             value, _, cap = tok[4:].partition(":")
             node = {"tau": float(value), "rho": rho, "cuda_graphs": cuda_graphs}
             if cap:
                 node["max_factor"] = int(cap)
-            out.append(Setting(name, "node", steps, node, adapter=adapter))
+            out.append(Setting(name, "node", run_steps, node, adapter=adapter, strength=strength))
             continue
-        sched = forced_for(tok, steps)
+        sched = forced_for(tok, run_steps)
         n = len(expand_schedule(sched))
-        if n > steps:
-            raise SystemExit(f"setting {tok}: schedule {sched!r} has {n} steps, the run has {steps}")
-        out.append(Setting(name, "node", steps, {"forced_schedule": sched, "cuda_graphs": cuda_graphs},
-                           adapter=adapter))
+        if n > run_steps:
+            raise SystemExit(f"setting {tok}: schedule {sched!r} has {n} steps, the run has {run_steps}")
+        out.append(Setting(name, "node", run_steps, {"forced_schedule": sched, "cuda_graphs": cuda_graphs},
+                           adapter=adapter, strength=strength))
     names = [s.name for s in out]
     if len(set(names)) != len(names):
         raise SystemExit(f"duplicate settings in {spec!r}")
@@ -511,7 +523,7 @@ def run_setting(provider, model, setting: Setting, seeds: list[int], args, node_
     if setting.adapter:
         if not args.adapter:
             raise SystemExit(f"setting {setting.name} needs --adapter PATH")
-        mp = attach_adapter(mp, args.adapter)
+        mp = attach_adapter(mp, args.adapter, setting.strength)
     if setting.node is not None:
         PatchScheduleConfig, apply_patch_schedule = node_api
         mp = apply_patch_schedule(mp, PatchScheduleConfig(**setting.node))
@@ -619,6 +631,12 @@ def fill_costs(rows: list[dict], base_steps: int) -> dict:
             r["est_speedup"] = base_steps / r["steps"]
         r["speedup"] = base["wall_s"] / r["wall_s"] if r["wall_s"] else None
     return info
+
+
+def _vs_baseline(row: dict, base_steps: int) -> float:
+    """The node's token-FLOP reduction of ``row`` against the baseline's ``base_steps`` native
+    steps (``est_speedup`` is against native steps at the row's own step count, "@N")."""
+    return row["est_speedup"] * base_steps / row["steps"]
 
 
 def competitor_steps(est_speedup: float, base_steps: int) -> int:
@@ -816,7 +834,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--settings", default=DEFAULT_SETTINGS,
                    help=f"node settings, comma list: 2x 2x80 4x 4x80 s=1x4/2x10/4x14 tau=X tau=X:2 (max 2p); "
-                        f"+A: with --adapter (default {DEFAULT_SETTINGS})")
+                        f"+A: with --adapter, +A*0.8 at strength 0.8; @N (before +A): sample N steps, e.g. "
+                        f"s=2x21/1x9@30+A, its cost still counted against the baseline's steps "
+                        f"(default {DEFAULT_SETTINGS})")
     p.add_argument("--rho", type=float, default=0.4, help="rho for tau=X settings (default 0.4)")
     p.add_argument("--cuda-graphs", action="store_true", help="node setting cuda_graphs=True")
     p.add_argument("--adapter", default=None,
@@ -955,14 +975,14 @@ def main(argv=None) -> int:
         gc.collect()
 
     # the plain competitor of each node setting: same token-FLOPs by the node's own estimate
-    wanted = {competitor_steps(r["est_speedup"], steps) for r in node_rows if r["est_speedup"]}
+    wanted = {competitor_steps(_vs_baseline(r, steps), steps) for r in node_rows if r["est_speedup"]}
     wanted |= {k for k in extra if 1 <= k < steps}
     plain = {steps: base_row}
     for k in sorted(wanted - {steps}, reverse=True):
         plain[k] = do(Setting(f"{k} step{'s' if k > 1 else ''}", "fewer_steps", k), base_images)[0]
     for r in node_rows:
         if r["est_speedup"]:
-            k = competitor_steps(r["est_speedup"], steps)
+            k = competitor_steps(_vs_baseline(r, steps), steps)
             comp = plain[k]
             r["competitor"], r["competitor_steps"] = comp["setting"], k
             r["delta_fid_vs_competitor"] = r["fid"] - comp["fid"]

@@ -165,6 +165,18 @@ def test_settings_and_competitor_steps():
     assert bench_quality.competitor_steps(100.0, 28) == 1
     with pytest.raises(SystemExit):
         bench_quality.parse_settings("2x,2x", 8, 0.4, False)
+    # "@N": the setting samples N steps; "+A*S": the adapter at strength S
+    longer, stronger = bench_quality.parse_settings("s=2x7/1x3@10+A,s=2x5/1x3+A*1.1", 8, 0.4, False)
+    assert (longer.steps, longer.schedule, longer.adapter, longer.strength) == (10, "2x7,1x3", True, 1.0)
+    assert (stronger.steps, stronger.adapter, stronger.strength) == (8, True, 1.1)
+    with pytest.raises(SystemExit, match="has 10 steps, the run has 8"):
+        bench_quality.parse_settings("s=2x7/1x3+A", 8, 0.4, False)
+    with pytest.raises(SystemExit, match="adapter strength as"):
+        bench_quality.parse_settings("2x+A1.1", 8, 0.4, False)
+    # its competitor costs what it costs against the baseline's 8 steps, not against its own 10
+    row = {"est_speedup": 2.5, "steps": 10}
+    assert bench_quality._vs_baseline(row, 8) == 2.0
+    assert bench_quality.competitor_steps(bench_quality._vs_baseline(row, 8), 8) == 4
 
 
 def test_noise_is_per_seed_so_batch_size_does_not_change_images(pack, tiny_flux):
