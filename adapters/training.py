@@ -479,6 +479,25 @@ def _build_student(model_patcher, binding, cfg: TrainConfig, device, t_per_sigma
     return student, trainable
 
 
+def student_with(model_patcher, adapter: PatchAdapter, device) -> Student:
+    """The trainer's student holding ``adapter``'s tensors: the coarse velocities training optimised,
+    for measurements outside training (scripts/cfg_error.py). peft LoRA is injected into
+    ``model_patcher``'s diffusion model: pass a model loaded for this purpose."""
+    spec = adapter.spec
+    t_per_sigma = float(model_patcher.get_model_object("model_sampling").timestep(torch.tensor(1.0)))
+    cfg = TrainConfig(factors=spec.factors, rank=spec.rank, alpha=spec.alpha,
+                      down=spec.training.get("down", "area"), up=spec.training.get("up", "bilinear"))
+    student, _ = _build_student(model_patcher, binding_for(model_patcher), cfg, device, t_per_sigma)
+    with torch.no_grad():
+        student.adapter.coarse.load_state_dict(adapter.coarse.state_dict())
+        for k, layers in adapter.lora.items():
+            for name, (a, b) in layers.items():
+                module = student.dm.get_submodule(name)
+                module.lora_A[f"k{k}"].weight.copy_(a)
+                module.lora_B[f"k{k}"].weight.copy_(b)
+    return student.eval()
+
+
 def _optimizer(trainable: dict, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW([
         {"params": [p for n, p in trainable.items() if n.startswith("adapter.")], "lr": cfg.lr},

@@ -759,7 +759,8 @@ def plot(record: dict, path: Path) -> None:
                 label = (None if "+A" not in r["setting"]
                          else (r["setting"].rsplit("[", 1)[1].rstrip("]") if r["setting"].endswith("]") else ""))
                 groups.setdefault(label, []).append(r)
-            palette = iter(["#2e9e4f", "#d9822b", "#8e44ad", "#c0392b", "#16a085"])
+            palette = iter(["#2e9e4f", "#d9822b", "#8e44ad", "#c0392b", "#16a085", "#e84393", "#b8860b",
+                            "#00bcd4", "#6d4c41", "#7f8c8d"])
             for label in sorted(groups, key=lambda g: (g is not None, g or "")):
                 group = groups[label]
                 color = "#2a7ab9" if label is None else next(palette, "#555555")

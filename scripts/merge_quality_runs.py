@@ -5,6 +5,9 @@ call and adapter rows in the next).
 
     python scripts/merge_quality_runs.py RUN_DIR[=LABEL] [RUN_DIR[=LABEL] ...] --out DIR
 
+A run's raw output is its ``bench_quality.json``, or that file gzipped (``bench_quality.json.gz``:
+raw runs are stored compressed in the repository).
+
 ``=LABEL`` names the adapter of that run: its ``+A`` rows become ``setting [LABEL]``, so runs with
 different adapters can hold settings of the same name. ``--drop SETTING`` leaves a row out (one
 measured with code that has since changed). Per-seed values stay in the source runs' JSON.
@@ -18,6 +21,7 @@ baseline's spread (seeds B, perturbed) comes from the first run that measured it
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -28,9 +32,19 @@ import bench_quality  # noqa: E402
 SAME = ("n", "steps", "seed", "sampler", "scheduler", "cfg")
 
 
+def read_run(folder: Path) -> dict:
+    """A bench_quality run's record from ``folder`` (``bench_quality.json`` or ``.json.gz``)."""
+    plain, packed = folder / "bench_quality.json", folder / "bench_quality.json.gz"
+    if plain.is_file():
+        return json.loads(plain.read_text())
+    if packed.is_file():
+        return json.loads(gzip.decompress(packed.read_bytes()))
+    raise SystemExit(f"{folder}: no bench_quality.json(.gz)")
+
+
 def label_adapter_rows(record: dict, label: str) -> dict:
     """``record`` with its adapter rows (``+A``) renamed ``setting [label]``."""
-    rows = [{**r, "setting": f"{r['setting']} [{label}]"} if r["setting"].endswith("+A") else r
+    rows = [{**r, "setting": f"{r['setting']} [{label}]"} if "+A" in r["setting"] else r
             for r in record["rows"]]
     return {**record, "rows": rows}
 
@@ -73,7 +87,7 @@ def main(argv=None):
     records = []
     for spec in args.runs:
         folder, _, label = spec.partition("=")
-        record = json.loads((Path(folder) / "bench_quality.json").read_text())
+        record = read_run(Path(folder))
         records.append(label_adapter_rows(record, label) if label else record)
     record = merge(records, tuple(args.drop))
     out = Path(args.out)

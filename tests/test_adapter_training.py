@@ -629,3 +629,24 @@ def test_ema_run_writes_the_average_and_resumes_it_exactly(pack, script, flux_ru
     got = adapter_tensors(out)
     for key in averaged:
         torch.testing.assert_close(got[key], averaged[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_cfg_error_script_measures_the_guided_amplification(pack, flux_run, capsys):
+    """scripts/cfg_error.py: one row per coarse step of the schedule, the guided error consistent
+    with the branch errors and their correlation (|e_u + s(e_c - e_u)|^2 expanded), refusals."""
+    spec = importlib.util.spec_from_file_location("cfg_error", REPO / "scripts" / "cfg_error.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    adapter, _ = flux_run
+    args = ["--model", "tiny-flux", "--size", "64", "--adapter", str(adapter), "--n", "3"]
+    rows = module.main(args + ["--schedule", "1x2,2x3,1x3", "--cfg", "2"])
+    assert [r["step"] for r in rows] == [2, 3, 4] and all(r["factor"] == 2 for r in rows)
+    for r in rows:
+        s, mc, mu = 2.0, r["mse_cond"], r["mse_uncond"]
+        expanded = s * s * mc + (s - 1) ** 2 * mu - 2 * s * (s - 1) * r["corr"] * math.sqrt(mc * mu)
+        assert r["mse_guided"] == pytest.approx(expanded, rel=1e-3) and -1.0 <= r["corr"] <= 1.0
+    assert "mse guided" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="samples without CFG"):
+        module.main(args + ["--schedule", "2x3,1x5"])
+    with pytest.raises(ValueError, match="no coarse step"):
+        module.main(args + ["--schedule", "1x8", "--cfg", "2"])

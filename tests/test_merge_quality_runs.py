@@ -47,9 +47,25 @@ def test_labels_keep_same_named_adapter_rows_of_different_adapters_apart():
     import merge_quality_runs as m
 
     a = m.label_adapter_rows(_record([_row("2x+A"), _row("2x")]), "2p")
-    b = m.label_adapter_rows(_record([_row("2x+A")]), "2p4p")
+    b = m.label_adapter_rows(_record([_row("2x+A"), _row("2x+A*1.1")]), "2p4p")
     names = [r["setting"] for r in m.merge([a, b])["rows"]]
-    assert names == ["baseline", "2x+A [2p]", "2x", "2x+A [2p4p]"]  # training-free rows keep their name
+    assert names == ["baseline", "2x+A [2p]", "2x", "2x+A [2p4p]", "2x+A*1.1 [2p4p]"]  # training-free rows keep their name
+
+
+def test_runs_are_read_plain_or_gzipped(tmp_path):
+    import gzip
+    import json
+
+    import merge_quality_runs as m
+
+    record = _record([_row("2x")])
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "bench_quality.json").write_text(json.dumps(record))
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "packed" / "bench_quality.json.gz").write_bytes(gzip.compress(json.dumps(record).encode()))
+    assert m.read_run(tmp_path / "plain") == m.read_run(tmp_path / "packed") == record
+    with pytest.raises(SystemExit, match="no bench_quality.json"):
+        m.read_run(tmp_path)
 
 
 def test_dropped_rows_and_per_seed_values_are_left_out():
