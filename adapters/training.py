@@ -13,11 +13,12 @@ ComfyUI feeds the model (T5/CLIP context, pooled vectors, guidance, ...) is what
 
 With classifier-free guidance the sampler does not use either branch alone but
 ``v_u + s (v_c - v_u)``: a student error becomes ``e_u + s (e_c - e_u)``. Where the two branches'
-errors are weakly correlated (on the image proxy at CFG 3: correlation 0.4-0.6 at sigma
-0.99-0.9, where the guided error was 4-7x the per-branch one, BENCHMARKS.md §5), a per-branch
-loss under-weights exactly what moves the trajectory. ``guided`` (``--guided W``) trains on
-``(1 - W) * per-branch MSE + W * MSE of the guided velocity``, each batch carrying both branches
-of the same noisy latents.
+errors are weakly correlated (on the image proxy at CFG 3: correlation 0.4-0.8 at sigma
+0.99-0.89, where the guided error was 4-7.5x the per-branch one; scripts/cfg_error.py), a
+per-branch loss under-weights what moves the trajectory there. ``guided`` (``--guided W``) trains
+on ``(1 - W) * per-branch MSE + W * MSE of the guided velocity``, each batch carrying both branches
+of the same noisy latents. Measured on the image proxy it lowered the guided error at high noise
+but raised it later, and did not improve FID (BENCHMARKS.md §5): it is off by default.
 
 Runs on one device or on several through ``torchrun`` (DDP; NCCL on GPUs, gloo on CPU): every
 process generates its own share of the pool, gradients of the adapter and LoRA are averaged.

@@ -7,8 +7,8 @@ error, where they are not it is up to ``s^2 + (s-1)^2`` times larger. This follo
 own native trajectory (Euler, the provider's CFG, ``--n`` seeds) and, at every coarse step of
 ``--schedule``, evaluates the adapter's coarse step (the trainer's student, adapters/training.py)
 against the native model on both branches. It prints per step the branch MSEs, the guided MSE,
-their ratio and the branches' error correlation. On the image proxy (CFG 3) the ratio was 4-7
-at sigma 0.99-0.9 (BENCHMARKS.md §5), which motivated ``--guided`` in the trainer; training on
+their ratio and the branches' error correlation. On the image proxy (CFG 3) the ratio was 4-7.5
+at sigma 0.99-0.89 (BENCHMARKS.md §5), which motivated ``--guided`` in the trainer; training on
 the guided error did not improve FID there.
 
     python scripts/cfg_error.py --model benchmarks/proxy/image_provider.py:make_provider \\
