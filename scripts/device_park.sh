@@ -7,8 +7,8 @@
 #   bash scripts/device_park.sh park [GROUP ...]   # default groups: results
 #   bash scripts/device_park.sh restore            # everything parked goes back
 #
-# Groups: results (benchmarks/quality_proxy, 38 MiB), video (video proxy + its adapter, 23 MiB),
-# image (image proxy + its adapters, 24 MiB), all (the three). Typical calls: FID parts travel with
+# Groups: results (benchmarks/quality_proxy, 48 MiB), video (video proxy + its adapter, 23 MiB),
+# image (image proxy + its adapters, 31 MiB), all (the three). Typical calls: FID parts travel with
 # `park results` (image + video stay, ~48 MiB) or `park all` (~1 MiB of code); a call that needs a
 # parked proxy copies it to /tmp on the device in an earlier call (scripts/device_quality_carry.sh).
 # Run `restore` before committing: `git status` must show no deletions.
@@ -24,7 +24,8 @@ paths_of() {
                 $P/adapters/video_proxy_adapter_2p4p.safetensors ;;
     image) echo $P/image_proxy.safetensors $P/image_proxy_text.safetensors $P/image_proxy_samples.png \
                 $P/adapters/image_proxy_adapter_2p.safetensors $P/adapters/image_proxy_adapter_2p_v2.safetensors \
-                $P/adapters/image_proxy_adapter_2p_sched.safetensors ;;
+                $P/adapters/image_proxy_adapter_2p_sched.safetensors $P/adapters/image_proxy_adapter_2x19.safetensors \
+                $P/adapters/image_proxy_adapter_2x21_30steps.safetensors ;;
     all) paths_of results; paths_of video; paths_of image ;;
     *) echo "unknown group: $1 (results, video, image, all)" >&2; return 1 ;;
   esac
