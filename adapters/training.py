@@ -594,13 +594,16 @@ class WeightAverage:
             self.tensors[n].lerp_(p.detach().float(), 1.0 - d)
         self.updates += 1
 
+    @torch.no_grad()
+    def copy_to(self, trainable: dict) -> None:
+        for n, p in trainable.items():
+            p.copy_(self.tensors[n])
+
     @contextlib.contextmanager
     def swapped_in(self, trainable: dict):
         """The averaged weights in place of the trained ones while the context is open."""
         saved = {n: p.detach().clone() for n, p in trainable.items()}
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(self.tensors[n])
+        self.copy_to(trainable)
         try:
             yield
         finally:
@@ -748,10 +751,10 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
             f"best {best.mse:.5f} at step {best.step}")
 
     def checkpoint():
-        extra = {"val": best.to_checkpoint()} if validator else {}
+        records = {"val": best.to_checkpoint()} if validator else {}
         if average is not None:
-            extra["ema"] = average.to_checkpoint()
-        _save_ckpt(ckpt, dist, trainable, optim, step, gen, extra)
+            records["ema"] = average.to_checkpoint()
+        _save_ckpt(ckpt, dist, trainable, optim, step, gen, records)
 
     history, first_loss, last_ckpt = [], None, time.time()
     deadline = t_start + 60.0 * cfg.minutes if cfg.minutes else None
@@ -816,9 +819,7 @@ def train(provider, cfg: TrainConfig, out_path: str | Path, *, device: str | Non
             say(f"kept the adapter of step {best.step}: validation MSE {best.mse:.5f} "
                 f"(last step {step}: {best.history[-1][1]:.5f})")
     elif average is not None:
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(average.tensors[n])
+        average.copy_to(trainable)
 
     adapter = student.adapter
     adapter.lora = student.lora_weights()
