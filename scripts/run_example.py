@@ -804,8 +804,10 @@ Read these numbers for what they are:
  * Quality: PSNR/SSIM compare each setting with the baseline on the same seed and classes (the grid
    shows them). Training-free coarse steps lose to simply running fewer steps at the same cost on
    this proxy; the trained patch adapter (benchmarks/proxy/adapters) closes much of the gap: on the
-   image proxy it beats the fewer-steps competitor on FID, not yet on LPIPS (BENCHMARKS.md section 5:
-   FID and LPIPS over 2,000 samples on an H100).
+   image proxy it beats the fewer-steps competitor on FID, not on LPIPS, and an adapter trained for
+   2x19,1x9 (strength 1.1) reaches 2.08x fewer token-FLOPs at +1.3% FID (BENCHMARKS.md section 5:
+   FID and LPIPS over 2,000 samples on an H100; this job shows the first adapter, which the
+   automatic schedule needs).
  * Speed: CPU timings of small proxies (9.3M / 7.0M parameters, 256-576 image tokens per sample), where
    per-step overhead weighs far more than in the 12B / 1.3B transformers; the node's "% FLOPs
    skipped" counts the proxy's own FLOPs. They are NOT the GPU speed-ups on FLUX.1-dev / Wan 2.1;
