@@ -43,6 +43,11 @@ class ReplayBuffer:
         return self.x[factor][idx], self.sigma[factor][idx], self.sample[factor][idx]
 
 
+def shape_key(entry: dict) -> tuple:
+    """What must match for conditioning entries to stack into one batch: names and per-sample shapes."""
+    return tuple(sorted((k, tuple(v.shape[1:])) for k, v in entry.items()))
+
+
 def cfg_entries(conds: list[list[dict]], cfg_scale: float, flag: str = "--rollout-every") -> int:
     """How many conditioning entries a rollout uses per sample: 2 (cond, uncond) with CFG, else 1.
 
@@ -51,7 +56,7 @@ def cfg_entries(conds: list[list[dict]], cfg_scale: float, flag: str = "--rollou
     """
     entries = 2 if cfg_scale != 1.0 and all(len(c) >= 2 for c in conds) else 1
     for j in range(entries):
-        shapes = {tuple(sorted((k, tuple(v.shape[1:])) for k, v in c[j].items())) for c in conds}
+        shapes = {shape_key(c[j]) for c in conds}
         if len(shapes) > 1:
             raise ValueError(f"{flag} needs conditioning tensors of one shape across the pool "
                              f"(entry {j} has {len(shapes)}); train without {flag}")

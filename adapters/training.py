@@ -43,7 +43,7 @@ from .bindings import binding_for
 from .call_args import bind_call
 from .coarse_forward import coarse_velocity
 from .patch_adapter import AdapterSpec, PatchAdapter, save_adapter
-from .rollouts import ReplayBuffer, cfg_entries, rollout
+from .rollouts import ReplayBuffer, cfg_entries, rollout, shape_key
 from .train_forward import training_forward
 from .validation import BestAdapter, TrajectoryValidator, schedule_text
 
@@ -388,8 +388,7 @@ def _batches_by_shape(conds: list[list[dict]]):
     groups: dict[tuple, list] = {}
     for i, per in enumerate(conds):
         for j, c in enumerate(per):
-            sig = tuple(sorted((k, tuple(v.shape[1:])) for k, v in c.items()))
-            groups.setdefault(sig, []).append((i, j))
+            groups.setdefault(shape_key(c), []).append((i, j))
     return list(groups.values())
 
 
@@ -563,11 +562,10 @@ def _loss(v_student: torch.Tensor, v_teacher: torch.Tensor, guided: float, cfg_s
 
 def _check_guided(conds: list[list[dict]], cfg_scale: float) -> None:
     """``--guided`` needs CFG and a cond and an uncond per sample that stack into one batch."""
-    if cfg_scale == 1.0 or not all(len(c) >= 2 for c in conds):
+    if cfg_entries(conds, cfg_scale, flag="--guided") != 2:
         raise ValueError("--guided trains on the CFG-guided velocity, but this model samples without CFG "
                          f"(cfg {cfg_scale:g}): train without --guided")
-    shapes = {tuple(sorted((k, tuple(v.shape[1:])) for k, v in c[j].items())) for c in conds for j in (0, 1)}
-    if len(shapes) > 1:
+    if any(shape_key(c[0]) != shape_key(c[1]) for c in conds):
         raise ValueError("--guided stacks each sample's cond and uncond in one batch, but their conditioning "
                          "tensors differ in shape here; train without --guided")
 

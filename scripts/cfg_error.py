@@ -61,8 +61,7 @@ def main(argv=None) -> list[dict]:
         raise ValueError(f"schedule {args.schedule!r} has no coarse step to measure")
     model = provider.load()
     sigmas, _ = training._sampling_sigmas(provider, model)
-    if len(schedule) > len(sigmas) - 1:
-        raise ValueError(f"the schedule has {len(schedule)} steps, the model samples {len(sigmas) - 1}")
+    training._fits(schedule, sigmas)
     device = torch.device(args.device)
     dtype = model.model.get_dtype() if device.type == "cuda" else torch.float32
     seeds = list(range(args.n))
