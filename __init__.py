@@ -5,7 +5,14 @@ Nothing ComfyUI-specific is imported at module import time, so ``kernels`` stays
 importable (and testable) with torch alone.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
+
+
+def last_run_report(model):
+    """The report of ``model``'s latest sampling run (runtime/report.py), or None."""
+    from .runtime.report import last_run_report as report
+
+    return report(model)
 
 
 def comfy_entrypoint():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
-from .patch_schedule import apply_patch_schedule
-from .schedule_config import PatchScheduleConfig
+from ..ideas.patch import apply_patch_schedule
+from ..ideas.patch.config import PatchScheduleConfig
 
 _FACTOR_CHOICES = {"4p": 4, "2p": 2}
 
@@ -22,7 +22,9 @@ class DynamicPatchSchedule(io.ComfyNode):
                 "DDiT-style dynamic patching for Flux and Wan 2.x: steps whose latent changes are "
                 "smooth run with 2x or 4x larger patches (4x or 16x fewer tokens); steps that refine "
                 "detail run at the native patch size. Training-free. Place between the model loader "
-                "and the sampler; the log reports the schedule and the FLOPs saved."),
+                "and the sampler; the log reports the schedule and the FLOPs saved. Stacks with the "
+                "pack's other nodes (one token plan per step); two patch schedules in one graph run "
+                "each step at the larger patch either asks for."),
             inputs=[
                 io.Model.Input("model", tooltip="A Flux-family or Wan 2.x model."),
                 io.Float.Input("tau", default=0.5, min=0.0, max=1.0, step=0.01, display_mode=slider,
@@ -71,8 +73,8 @@ class DynamicPatchSchedule(io.ComfyNode):
                 forced_schedule, coarse_embed, coarse_deembed, cuda_graphs) -> io.NodeOutput:
         config = PatchScheduleConfig(
             tau=tau, rho=rho, warmup_steps=warmup_steps, start_percent=start_percent,
-            end_percent=end_percent, max_factor=_FACTOR_CHOICES[max_patch],
-            forced_schedule=forced_schedule, downsample=coarse_embed, upsample=coarse_deembed,
+            end_percent=end_percent, max_patch=_FACTOR_CHOICES[max_patch],
+            forced_schedule=forced_schedule, coarse_embed=coarse_embed, coarse_deembed=coarse_deembed,
             cuda_graphs=cuda_graphs)
         return io.NodeOutput(apply_patch_schedule(model, config))
 

@@ -11,8 +11,8 @@ import os
 
 from comfy_api.v0_0_2 import io
 
-from ..adapters.patch_adapter import load_adapter
-from .adapter_attach import attach_patch_adapter
+from ..ideas.patch.adapter_attach import attach_patch_adapter
+from ..ideas.patch.adapter_file import load_adapter
 
 FOLDER = "elastic_tokens"
 

@@ -14,7 +14,7 @@
 #   trampoline 0.1.2     needed by torchsde
 #   peft 0.21.0          the adapter trainer's LoRA (pure python; the image may not have it)
 #   av (PyAV)            comfy_api.latest (so nodes' V3 API, comfy_api.v0_0_2) imports it at import
-#                        time; only video I/O uses it. Without it scripts/bench_speed.py installs an
+#                        time; only video I/O uses it. Without it bench/bench_speed.py installs an
 #                        empty stand-in module, which is enough for sampling benchmarks.
 # Not needed: einops, scipy, psutil, pyyaml, aiohttp, yarl, safetensors, sentencepiece, tokenizers,
 # transformers, pillow, tqdm, requests (all in the image); pydantic, spandrel, kornia, alembic,

@@ -33,4 +33,8 @@ else
   echo "install_runtime: done in $((SECONDS - start)) s" >&2
 fi
 
+# the proxies' data set (Fashion-MNIST, for their FID reference and training); tests that need it
+# skip, saying so, where it cannot be had
+bash "$ROOT/scripts/proxy_data.sh" || echo "install_runtime: Fashion-MNIST not installed (scripts/proxy_data.sh)" >&2
+
 PYTHONPATH="$ROOT/tests/support" "$VENV/bin/python" -c 'import comfy_runtime; print(comfy_runtime.comfyui_path())'

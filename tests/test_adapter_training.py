@@ -1,7 +1,7 @@
-"""Patch-adapter training (adapters/training.py through scripts/train_patch_adapter.py) on CPU.
+"""Patch-adapter training (training/distill.py through scripts/train_patch_adapter.py) on CPU.
 
 Short self-distillation runs on the tests' tiny Flux and Wan (the ``tiny-flux`` / ``tiny-wan``
-providers of scripts/bench_quality.py): the written adapter loads and attaches, is closer to the
+providers of bench/bench_quality.py): the written adapter loads and attaches, is closer to the
 native teacher than the training-free coarse step on inputs it never saw, gives at sampling time
 exactly the velocity the trainer's student optimised, resumes exactly from a checkpoint without
 regenerating its pool, and the torchrun (DDP, gloo) path completes.
@@ -35,10 +35,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models r
 
 @pytest.fixture(scope="module")
 def script(pack):
-    spec = importlib.util.spec_from_file_location("train_patch_adapter", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The training command's module (scripts/train_patch_adapter.py runs its ``main``)."""
+    from elastic_tokens.training import cli
+
+    return cli
 
 
 def run(script, capsys, *argv) -> tuple[dict, str]:
@@ -57,7 +57,7 @@ def flux_run(script, tmp_path_factory):
 
 
 def adapter_tensors(path):
-    from elastic_tokens.adapters.patch_adapter import load_adapter, state_dict_for_file
+    from elastic_tokens.ideas.patch.adapter_file import load_adapter, state_dict_for_file
 
     return state_dict_for_file(load_adapter(path))
 
@@ -99,15 +99,15 @@ def eval_batch(model):
 def sampling_velocities(model, adapter, x, sigma, cond):
     """(native, training-free 2p, adapter 2p) velocities through the sampling-time code: the
     schedule's default resize modes, AdapterHolder's layers and its LoRA as forward hooks."""
-    from elastic_tokens.adapters.bindings import binding_for
-    from elastic_tokens.adapters.coarse_forward import coarse_velocity
-    from elastic_tokens.nodes.adapter_attach import AdapterHolder
-    from elastic_tokens.nodes.schedule_config import PatchScheduleConfig
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.runtime.coarse import coarse_velocity
+    from elastic_tokens.ideas.patch.adapter_attach import AdapterHolder
+    from elastic_tokens.ideas.patch.config import PatchScheduleConfig
 
     dm = model.model.diffusion_model
     binding = binding_for(model)
     t_per_sigma = float(model.get_model_object("model_sampling").timestep(torch.tensor(1.0)))
-    modes = dict(down=PatchScheduleConfig().downsample, up=PatchScheduleConfig().upsample)
+    modes = dict(coarse_embed=PatchScheduleConfig().coarse_embed, coarse_deembed=PatchScheduleConfig().coarse_deembed)
 
     def call(xs, ts, opts):
         return dm(xs, ts, transformer_options=opts, **cond)
@@ -126,9 +126,9 @@ def sampling_velocities(model, adapter, x, sigma, cond):
 def trainer_student_velocity(adapter, x, sigma, cond):
     """The trainer's own student (peft LoRA in a fresh copy of the tiny Flux, the autograd-safe
     forward) holding ``adapter``'s exported tensors: what training optimised."""
-    from elastic_tokens.adapters import training
-    from elastic_tokens.adapters.bindings import binding_for
-    from elastic_tokens.adapters.train_forward import training_forward
+    from elastic_tokens.training import distill as training
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.families.autograd_forward import training_forward
 
     model = tiny_models.load_tiny_flux()  # peft changes the modules: never the session's model
     dm = model.model.diffusion_model
@@ -150,9 +150,9 @@ def trainer_student_velocity(adapter, x, sigma, cond):
 # ----------------------------------------------------------------------------- tests
 
 def test_trained_flux_adapter_loads_attaches_and_beats_training_free(pack, flux_run, tiny_flux):
-    from elastic_tokens.adapters.bindings import binding_for
-    from elastic_tokens.adapters.patch_adapter import base_fingerprint, fingerprint_problems, load_adapter
-    from elastic_tokens.nodes.adapter_attach import ADAPTER_KEY, attach_patch_adapter
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.ideas.patch.adapter_file import base_fingerprint, fingerprint_problems, load_adapter
+    from elastic_tokens.ideas.patch.adapter_attach import ADAPTER_KEY, attach_patch_adapter
 
     out, summary = flux_run
     adapter = load_adapter(out)
@@ -213,10 +213,10 @@ def test_resume_continues_exactly_without_regenerating_the_pool(pack, script, fl
 
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # one peft adapter per factor, by design
 def test_tiny_wan_trains_both_factors(pack, script, tiny_wan, tmp_path, capsys):
-    from elastic_tokens.adapters.patch_adapter import load_adapter
-    from elastic_tokens.nodes.adapter_attach import attach_patch_adapter
-    from elastic_tokens.nodes.patch_schedule import apply_patch_schedule
-    from elastic_tokens.nodes.schedule_config import PatchScheduleConfig
+    from elastic_tokens.ideas.patch.adapter_file import load_adapter
+    from elastic_tokens.ideas.patch.adapter_attach import attach_patch_adapter
+    from elastic_tokens.ideas.patch import apply_patch_schedule
+    from elastic_tokens.ideas.patch.config import PatchScheduleConfig
 
     out = tmp_path / "tiny_wan.safetensors"
     summary, log = run(script, capsys, "--model", "tiny-wan", "--factors", "2,4", "--pool", "2", "--gen-batch", "2",
@@ -241,7 +241,9 @@ def test_tiny_wan_trains_both_factors(pack, script, tiny_wan, tmp_path, capsys):
     latent = tiny_models.wan_latent(32, 32, 5)["samples"]
     result = comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, 0), 6, 2.0, "euler", "simple", pos, neg,
                                  latent, seed=0, disable_pbar=True)
-    report = patched.model_options["transformer_options"]["elastic_tokens_patch_schedule"].last_report
+    from elastic_tokens import last_run_report
+
+    report = last_run_report(patched)
     assert torch.isfinite(result).all() and report.adapter_calls == 4 and not report.notes
 
 
@@ -255,7 +257,7 @@ def test_torchrun_two_processes_on_cpu(pack, tmp_path):
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4 and summary["device"] == "cpu"
     assert "on 2 process(es)" in proc.stdout
-    from elastic_tokens.adapters.patch_adapter import load_adapter
+    from elastic_tokens.ideas.patch.adapter_file import load_adapter
 
     adapter = load_adapter(out)
     assert adapter.spec.training["world_size"] == 2 and adapter.spec.factors == (2,)
@@ -301,7 +303,7 @@ def test_schedule_trains_only_its_coarse_steps_each_at_its_own_factor(pack, tiny
     import types
 
     import comfy.samplers
-    from elastic_tokens.adapters import training as tr
+    from elastic_tokens.training import distill as tr
 
     cfg = tr.TrainConfig(factors=(2, 4), schedule=(4, 4, 2, 2, 2), batch=16)  # steps 5..7 native
     provider = types.SimpleNamespace(steps=8, scheduler="simple")
@@ -329,7 +331,7 @@ def test_schedule_trains_only_its_coarse_steps_each_at_its_own_factor(pack, tiny
 
 def test_step_weights_draw_the_named_steps_more_often(pack, script, tiny_flux):
     import comfy.samplers
-    from elastic_tokens.adapters import training as tr
+    from elastic_tokens.training import distill as tr
 
     assert script.parse_step_weights("2-4:4, 7:0.5") == {2: 4.0, 3: 4.0, 4: 4.0, 7: 0.5}
     with pytest.raises(ValueError, match="is not STEP:WEIGHT"):
@@ -357,21 +359,21 @@ def test_step_weights_draw_the_named_steps_more_often(pack, script, tiny_flux):
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # one peft adapter per factor, by design
 @pytest.mark.parametrize("family", ["flux", "wan"])
 def test_rollouts_follow_the_samplers_own_trajectory(pack, family):
-    """Rollout states (adapters/rollouts.py) are the states ComfyUI's KSampler visits with the node's
+    """Rollout states (training/rollouts.py) are the states ComfyUI's KSampler visits with the node's
     forced schedule: same noise, an untrained adapter (= training-free coarse steps), and for Wan
     CFG 2 with cond and uncond. So training on them trains on the sampler's real trajectory."""
     import argparse
 
-    if str(REPO / "scripts") not in sys.path:
-        sys.path.insert(0, str(REPO / "scripts"))
+    if str(REPO / "bench") not in sys.path:
+        sys.path.insert(0, str(REPO / "bench"))
     import bench_quality
     import comfy.sample
     import comfy.samplers
-    from elastic_tokens.adapters import training as tr
-    from elastic_tokens.adapters.bindings import binding_for
-    from elastic_tokens.adapters.rollouts import cfg_entries, rollout
-    from elastic_tokens.nodes.patch_schedule import apply_patch_schedule
-    from elastic_tokens.nodes.schedule_config import PatchScheduleConfig
+    from elastic_tokens.training import distill as tr
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.training.rollouts import cfg_entries, rollout
+    from elastic_tokens.ideas.patch import apply_patch_schedule
+    from elastic_tokens.ideas.patch.config import PatchScheduleConfig
 
     provider = (bench_quality.TinyFluxProvider(argparse.Namespace(size=64)) if family == "flux"
                 else bench_quality.TinyWanProvider(argparse.Namespace(size=32)))
@@ -403,8 +405,8 @@ def test_rollouts_follow_the_samplers_own_trajectory(pack, family):
 
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # one peft adapter per factor, by design
 def test_replay_buffer_rollout_settings_and_a_run_with_rollouts(pack, script, tmp_path, capsys):
-    from elastic_tokens.adapters import training as tr
-    from elastic_tokens.adapters.rollouts import ReplayBuffer, cfg_entries
+    from elastic_tokens.training import distill as tr
+    from elastic_tokens.training.rollouts import ReplayBuffer, cfg_entries
 
     buf = ReplayBuffer(keep=5)
     for start in (0, 3):
@@ -424,7 +426,7 @@ def test_replay_buffer_rollout_settings_and_a_run_with_rollouts(pack, script, tm
     summary, log = run(script, capsys, *FLUX_ARGS, "--steps", "6", "--factors", "2,4", "--schedule", "1,2x3,4x2",
                        "--rollout-every", "3", "--rollout-batch", "2", "--rollout-share", "1", "--out", out)
     assert "rollouts: every 3 steps, 2 samples through the schedule" in log and summary["steps"] == 6
-    from elastic_tokens.adapters.patch_adapter import load_adapter
+    from elastic_tokens.ideas.patch.adapter_file import load_adapter
 
     assert load_adapter(out).spec.training["rollout_every"] == 3
 
@@ -433,22 +435,22 @@ def test_replay_buffer_rollout_settings_and_a_run_with_rollouts(pack, script, tm
 
 @pytest.mark.parametrize("family", ["flux", "wan"])
 def test_validation_measures_what_the_sampler_does(pack, family):
-    """adapters/validation.py samples as ComfyUI's KSampler with the node does: its references are
+    """training/validation.py samples as ComfyUI's KSampler with the node does: its references are
     the native samples of the same noise, and its error for an untrained adapter (training-free
     coarse steps) is the MSE between the node's samples and the native ones (Wan: CFG 2)."""
     import argparse
 
-    if str(REPO / "scripts") not in sys.path:
-        sys.path.insert(0, str(REPO / "scripts"))
+    if str(REPO / "bench") not in sys.path:
+        sys.path.insert(0, str(REPO / "bench"))
     import bench_quality
     import comfy.sample
     import comfy.samplers
-    from elastic_tokens.adapters import training as tr
-    from elastic_tokens.adapters.bindings import binding_for
-    from elastic_tokens.adapters.rollouts import cfg_entries
-    from elastic_tokens.adapters.validation import TrajectoryValidator
-    from elastic_tokens.nodes.patch_schedule import apply_patch_schedule
-    from elastic_tokens.nodes.schedule_config import PatchScheduleConfig
+    from elastic_tokens.training import distill as tr
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.training.rollouts import cfg_entries
+    from elastic_tokens.training.validation import TrajectoryValidator
+    from elastic_tokens.ideas.patch import apply_patch_schedule
+    from elastic_tokens.ideas.patch.config import PatchScheduleConfig
 
     provider = (bench_quality.TinyFluxProvider(argparse.Namespace(size=64)) if family == "flux"
                 else bench_quality.TinyWanProvider(argparse.Namespace(size=32)))
@@ -484,9 +486,10 @@ def test_validation_keeps_the_best_adapter_and_resumes_its_record(pack, script, 
     """With --val-every the written adapter is the one of the best validated step (here step 2 of
     6, by a scripted error sequence), bit-identical to a plain 2-step run; the record survives a
     resume; bad settings are refused before any work."""
-    from elastic_tokens.adapters import training as tr
-    from elastic_tokens.adapters import validation
-    from elastic_tokens.adapters.patch_adapter import load_adapter
+    from elastic_tokens.training import distill as tr
+    from elastic_tokens.ideas.patch.config import format_schedule
+    from elastic_tokens.training import validation
+    from elastic_tokens.ideas.patch.adapter_file import load_adapter
 
     with pytest.raises(ValueError, match="validation samples through a forced schedule"):
         tr.TrainConfig(val_every=5)
@@ -494,7 +497,7 @@ def test_validation_keeps_the_best_adapter_and_resumes_its_record(pack, script, 
         tr.TrainConfig(schedule=(2, 1), val_every=5, val_n=0)
     with pytest.raises(ValueError, match="the validation schedule has 4p steps"):
         tr.TrainConfig(factors=(2,), val_every=5, val_schedule=(4, 1))
-    assert validation.schedule_text((2, 2, 2, 1, 4)) == "2x3,1x1,4x1"
+    assert format_schedule((2, 2, 2, 1, 4)) == "2x3,1x1,4x1"
 
     errors = iter([5.0, 1.0, 3.0, 4.0, 2.0])  # steps 0, 2, 4, 6; then 8 after the resume
     monkeypatch.setattr(validation.TrajectoryValidator, "error", lambda self, student: next(errors))
@@ -528,7 +531,7 @@ def test_guided_loss_is_the_error_of_the_cfg_combination(pack):
     the velocity the sampler actually steps with; each batch holds both branches of the same noisy
     latents (cond rows first)."""
     import torch.nn.functional as F
-    from elastic_tokens.adapters import training as tr
+    from elastic_tokens.training import distill as tr
 
     gen = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(6, 4, 3, 3, generator=gen), torch.randn(6, 4, 3, 3, generator=gen)
@@ -565,7 +568,7 @@ def test_guided_loss_is_the_error_of_the_cfg_combination(pack):
 def test_guided_run_lowers_the_guided_error(pack, script, tiny_flux, tmp_path, capsys):
     """A short --guided run (tiny Flux sampled with CFG 2) brings the coarse step's guided velocity
     closer to the native one on held-out inputs; without CFG the flag is refused before any work."""
-    from elastic_tokens.adapters.patch_adapter import load_adapter
+    from elastic_tokens.ideas.patch.adapter_file import load_adapter
 
     out = tmp_path / "guided.safetensors"
     summary, log = run(script, capsys, *FLUX_ARGS, "--cfg", "2", "--guided", "1", "--steps", STEPS, "--out", out)
@@ -592,7 +595,7 @@ def test_guided_run_lowers_the_guided_error(pack, script, tiny_flux, tmp_path, c
 
 
 def test_weight_average_follows_the_ramped_decay_and_swaps_back(pack):
-    from elastic_tokens.adapters.training import WeightAverage
+    from elastic_tokens.training.distill import WeightAverage
 
     p = torch.nn.Parameter(torch.zeros(3))
     average = WeightAverage({"w": p}, 0.9)
@@ -610,7 +613,7 @@ def test_weight_average_follows_the_ramped_decay_and_swaps_back(pack):
     restored = WeightAverage({"w": p}, 0.9, average.to_checkpoint())
     assert restored.updates == 4 and torch.equal(restored.tensors["w"], average.tensors["w"])
     with pytest.raises(ValueError, match="ema is a decay in"):
-        from elastic_tokens.adapters.training import TrainConfig
+        from elastic_tokens.training.distill import TrainConfig
         TrainConfig(ema=1.0)
 
 
@@ -632,9 +635,9 @@ def test_ema_run_writes_the_average_and_resumes_it_exactly(pack, script, flux_ru
 
 
 def test_cfg_error_script_measures_the_guided_amplification(pack, flux_run, capsys):
-    """scripts/cfg_error.py: one row per coarse step of the schedule, the guided error consistent
+    """bench/cfg_error.py: one row per coarse step of the schedule, the guided error consistent
     with the branch errors and their correlation (|e_u + s(e_c - e_u)|^2 expanded), refusals."""
-    spec = importlib.util.spec_from_file_location("cfg_error", REPO / "scripts" / "cfg_error.py")
+    spec = importlib.util.spec_from_file_location("cfg_error", REPO / "bench" / "cfg_error.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     adapter, _ = flux_run

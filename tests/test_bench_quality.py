@@ -1,4 +1,4 @@
-"""The quality benchmark (scripts/bench_quality.py) and its metrics (scripts/quality_metrics.py).
+"""The quality benchmark (bench/bench_quality.py) and its metrics (bench/quality_metrics.py).
 
 * Metric sanity on deterministic synthetic images: identical images give LPIPS 0, PSNR inf,
   SSIM 1; a strongly degraded image scores worse than a mildly degraded one on every paired
@@ -23,7 +23,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # Not the repo root on sys.path: the pack's own `nodes/` would shadow ComfyUI's `nodes` module.
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "bench"))
 import bench_quality  # noqa: E402
 import quality_metrics as qm  # noqa: E402
 
@@ -201,7 +201,7 @@ def test_noise_is_per_seed_so_batch_size_does_not_change_images(pack, tiny_flux)
 
 def test_command_end_to_end_tiny_flux(tmp_path):
     out = tmp_path / "bq"
-    cmd = [sys.executable, str(REPO / "scripts" / "bench_quality.py"), "--model", "tiny-flux", "--n", "4",
+    cmd = [sys.executable, str(REPO / "bench" / "bench_quality.py"), "--model", "tiny-flux", "--n", "4",
            "--steps", "4", "--batch", "2", "--settings", "2x,2x80,tau=0.5", "--warmup", "0",
            "--bootstrap", "200", "--save-samples", "2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -1,4 +1,4 @@
-"""scripts/bench_speed.py's "+A" variants: a real (untrained) patch adapter attached to the model it
+"""bench/bench_speed.py's "+A" variants: a real (untrained) patch adapter attached to the model it
 times, on the tiny Flux at CPU size (the GPU numbers are in BENCHMARKS.md, not asserted here)."""
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "bench"))
 
 
 def test_adapter_variants_parse_and_run_eager(pack):
@@ -23,7 +23,7 @@ def test_adapter_variants_parse_and_run_eager(pack):
 
 
 def test_adapter_variant_times_adapter_steps(pack, tmp_path):
-    cmd = [sys.executable, str(REPO / "scripts" / "bench_speed.py"), "--tiny", "--models", "flux", "--steps", "6",
+    cmd = [sys.executable, str(REPO / "bench" / "bench_speed.py"), "--tiny", "--models", "flux", "--steps", "6",
            "--repeats", "1", "--warmup", "0", "--cuda-graphs", "off", "--variants", "2x80,s=4x2/2x2/1x2+A",
            "--adapter-rank", "4", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -1,6 +1,6 @@
 """What decides whether a coarse call may be replayed as a CUDA graph, and how calls are keyed.
 
-Replay itself needs a GPU: scripts/bench_speed.py checks on the device that graph replay gives
+Replay itself needs a GPU: bench/bench_speed.py checks on the device that graph replay gives
 the eager result on the same seed (``graph_vs_eager_rel`` in benchmarks/). Here: the rules.
 """
 
@@ -9,7 +9,7 @@ from comfy_runtime import load_pack
 
 load_pack()
 
-from elastic_tokens.nodes.graph_replay import _signature, _tensors, graphable  # noqa: E402
+from elastic_tokens.runtime.graph_replay import _signature, _tensors, graphable  # noqa: E402
 
 
 def test_only_tensors_none_and_scalars_are_graphable():
@@ -32,9 +32,9 @@ def test_signature_keys_on_shapes_and_scalars_not_on_values_or_options():
 
 
 def test_graphs_are_kept_per_model_until_weights_move_or_the_model_is_unloaded(pack, tiny_flux):
-    from elastic_tokens.nodes import graph_replay
-    from elastic_tokens.nodes.patch_schedule import apply_patch_schedule
-    from elastic_tokens.nodes.schedule_config import PatchScheduleConfig
+    from elastic_tokens.runtime import graph_replay
+    from elastic_tokens.ideas.patch import apply_patch_schedule
+    from elastic_tokens.ideas.patch.config import PatchScheduleConfig
 
     model = torch.nn.Linear(4, 4)
     first = graph_replay.cache_for(model)

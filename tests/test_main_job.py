@@ -1,4 +1,4 @@
-"""The main job (scripts/run_example.py) and its image metrics (scripts/image_metrics.py).
+"""The main job (bench/run_example.py) and its image metrics (bench/image_metrics.py).
 
 * Metric tests, plain numpy: PSNR/SSIM of identical images are inf / 1.0, known values, more noise
   scores lower, animated WEBP frames read back exactly.
@@ -27,7 +27,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Not the repo root on sys.path: the pack's own `nodes/` would shadow ComfyUI's `nodes` module.
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests" / "support"))
 import image_metrics  # noqa: E402
 import run_example  # noqa: E402
@@ -121,8 +121,8 @@ def test_parse_schedule_line():
     line = ("Dynamic Patch Schedule: 28/28 steps (6 at p, 22 at 2p, 0 at 4p); 40% of transformer FLOPs "
             "skipped, ~1.67x estimated; sampling took 1.83 s")
     assert run_example.parse_schedule_line(line) == {
-        "steps": "28/28", "parts": "6 at p, 22 at 2p, 0 at 4p", "flops_skipped_pct": 40.0,
-        "estimated_speedup": 1.67, "sampling_s": 1.83}
+        "nodes": "Dynamic Patch Schedule", "steps": "28/28", "parts": "6 at p, 22 at 2p, 0 at 4p",
+        "flops_skipped_pct": 40.0, "estimated_speedup": 1.67, "tokens_skipped_pct": 0.0, "sampling_s": 1.83}
     assert run_example.parse_schedule_line("something else") == {}
 
 

@@ -1,4 +1,4 @@
-"""scripts/merge_quality_runs.py: benchmark runs split across device calls merge only when they
+"""bench/merge_quality_runs.py: benchmark runs split across device calls merge only when they
 sampled the same thing, and the merged table keeps each row once."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
 def _record(rows, fid=37.1, n=2000, model="image-proxy", spread=None):

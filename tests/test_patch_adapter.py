@@ -21,7 +21,6 @@ import torch
 import tiny_models
 
 ADAPTER_KEY = "elastic_tokens_patch_adapter"
-SCHEDULE_KEY = "elastic_tokens_patch_schedule"
 SEED = 7
 
 
@@ -35,8 +34,8 @@ def make_adapter(model, factors=(2,), *, rank=4, nonzero=False, lora_b=None, coa
     B zero as peft initialises them). ``nonzero``: small random corrections and LoRA B.
     ``lora_b`` / ``coarse`` override ``nonzero`` for the LoRA B and the coarse layers separately
     (``coarse`` may name the layers to fill, e.g. ``("deembed", "residual")``)."""
-    from elastic_tokens.adapters.bindings import binding_for
-    from elastic_tokens.adapters.patch_adapter import AdapterSpec, PatchAdapter
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.ideas.patch.adapter_file import AdapterSpec, PatchAdapter
 
     binding = binding_for(model)
     spec = dataclasses.replace(AdapterSpec.for_model(model, binding, factors, rank, training={"test": True}),
@@ -65,7 +64,7 @@ def make_adapter(model, factors=(2,), *, rank=4, nonzero=False, lora_b=None, coa
 
 
 def round_trip(adapter, tmp_path, name="adapter.safetensors"):
-    from elastic_tokens.adapters.patch_adapter import load_adapter, save_adapter
+    from elastic_tokens.ideas.patch.adapter_file import load_adapter, save_adapter
 
     return load_adapter(save_adapter(adapter, tmp_path / name))
 
@@ -79,14 +78,14 @@ def inputs(family):
 
 
 def with_schedule(model, **settings):
-    from elastic_tokens.nodes.patch_schedule import apply_patch_schedule
-    from elastic_tokens.nodes.schedule_config import PatchScheduleConfig
+    from elastic_tokens.ideas.patch import apply_patch_schedule
+    from elastic_tokens.ideas.patch.config import PatchScheduleConfig
 
     return apply_patch_schedule(model, PatchScheduleConfig(**settings))
 
 
 def attach(model, adapter, strength=1.0, name="test-adapter"):
-    from elastic_tokens.nodes.adapter_attach import attach_patch_adapter
+    from elastic_tokens.ideas.patch.adapter_attach import attach_patch_adapter
 
     return attach_patch_adapter(model, adapter, strength, name)
 
@@ -105,7 +104,9 @@ def sample(model, family, steps=8):
 
 
 def report(model):
-    return model.model_options["transformer_options"][SCHEDULE_KEY].last_report
+    from elastic_tokens import last_run_report
+
+    return last_run_report(model)
 
 
 def assert_no_hooks_left(model):
@@ -124,7 +125,7 @@ def models(tiny_flux, tiny_wan):
 def test_save_load_round_trip_keeps_spec_and_every_tensor(pack, tiny_flux, tmp_path):
     from safetensors import safe_open
 
-    from elastic_tokens.adapters.patch_adapter import FORMAT, state_dict_for_file
+    from elastic_tokens.ideas.patch.adapter_file import FORMAT, state_dict_for_file
 
     adapter = make_adapter(tiny_flux, factors=(2, 4), nonzero=True)
     loaded = round_trip(adapter, tmp_path)
@@ -147,7 +148,7 @@ def test_save_load_round_trip_keeps_spec_and_every_tensor(pack, tiny_flux, tmp_p
 def test_unusable_files_raise_adapter_error_with_a_readable_reason(pack, tiny_flux, tmp_path):
     from safetensors.torch import save_file
 
-    from elastic_tokens.adapters.patch_adapter import AdapterError, FORMAT_VERSION, load_adapter, save_adapter
+    from elastic_tokens.ideas.patch.adapter_file import AdapterError, FORMAT_VERSION, load_adapter, save_adapter
 
     good = save_adapter(make_adapter(tiny_flux, nonzero=True), tmp_path / "good.safetensors")
 
@@ -303,8 +304,8 @@ def test_dynamic_schedule_picks_only_the_sizes_the_adapter_covers(pack, tiny_flu
 # ----------------------------------------------------------------------------- attaching
 
 def test_adapters_for_another_model_are_refused_with_the_reason(pack, tiny_flux, tiny_wan, tmp_path):
-    from elastic_tokens.adapters.bindings import binding_for
-    from elastic_tokens.adapters.patch_adapter import AdapterError, fingerprint
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.ideas.patch.adapter_file import AdapterError, fingerprint
 
     flux_adapter = round_trip(make_adapter(tiny_flux), tmp_path)
     with pytest.raises(AdapterError, match="trained for a FLUX model; this MODEL is WAN"):
@@ -372,8 +373,8 @@ def test_user_lora_weight_patches_compose_with_the_adapter(pack, tiny_flux, tmp_
 def test_load_patch_adapter_node(pack, tiny_flux, tmp_path, monkeypatch):
     import folder_paths
 
-    from elastic_tokens.adapters.patch_adapter import save_adapter
-    from elastic_tokens.nodes.adapter_attach import AdapterHolder
+    from elastic_tokens.ideas.patch.adapter_file import save_adapter
+    from elastic_tokens.ideas.patch.adapter_attach import AdapterHolder
     from elastic_tokens.nodes.load_patch_adapter import FOLDER, LoadPatchAdapter
 
     folder = tmp_path / "models" / FOLDER

@@ -12,7 +12,6 @@ import torch
 
 import tiny_models
 
-HOLDER_KEY = "elastic_tokens_patch_schedule"
 
 
 def ksample(model, positive, negative, latent, steps=8, cfg=1.0, sampler="euler", seed=7):
@@ -23,14 +22,16 @@ def ksample(model, positive, negative, latent, steps=8, cfg=1.0, sampler="euler"
 
 
 def schedule(pack, model, **settings):
-    from elastic_tokens.nodes.patch_schedule import apply_patch_schedule
-    from elastic_tokens.nodes.schedule_config import PatchScheduleConfig
+    from elastic_tokens.ideas.patch import apply_patch_schedule
+    from elastic_tokens.ideas.patch.config import PatchScheduleConfig
 
     return apply_patch_schedule(model, PatchScheduleConfig(**settings))
 
 
 def report(model):
-    return model.model_options["transformer_options"][HOLDER_KEY].last_report
+    from elastic_tokens import last_run_report
+
+    return last_run_report(model)
 
 
 @pytest.fixture
@@ -73,7 +74,7 @@ def test_forced_schedule_is_followed_step_by_step(pack, family, tiny_flux, tiny_
     assert out.shape == base.shape and torch.isfinite(out).all()
     assert not torch.equal(out, base)
     # token FLOPs: 2 steps at 1/16, 3 at 1/4 of the image tokens; the log's estimate must reflect it
-    from elastic_tokens.adapters.bindings import binding_for
+    from elastic_tokens.families import binding_for
 
     binding = binding_for(model)
     frames = latent["samples"].shape[2] if family == "wan" else 1
@@ -136,7 +137,7 @@ def test_latent_not_divisible_by_the_coarse_patch_is_padded(pack, tiny_flux):
 
 
 def test_coarse_rope_positions_sit_at_the_centres_of_the_native_tokens(pack, tiny_flux):
-    from elastic_tokens.adapters.bindings import binding_for
+    from elastic_tokens.families import binding_for
 
     binding = binding_for(tiny_flux)
     flux = tiny_flux.model.diffusion_model
@@ -178,19 +179,23 @@ def test_stacks_with_easycache_in_either_order(pack, comfy, tiny_flux, flux_inpu
         assert 0 < rep.calls[2] < 8
 
 
-def test_applying_the_node_twice_replaces_settings_without_double_wrapping(pack, tiny_flux, flux_inputs):
+def test_two_patch_schedules_stack_into_one_plan_per_step_without_double_wrapping(pack, tiny_flux, flux_inputs):
+    # Defined in ideas/patch/planner.py: each step runs at the larger patch the two nodes ask for,
+    # whatever their order; the wrappers are added once.
     import comfy.patcher_extension as pe
 
     pos, neg, latent = flux_inputs
-    twice = schedule(pack, schedule(pack, tiny_flux, forced_schedule="4x8"), forced_schedule="2x2")
-    wrappers = twice.wrappers[pe.WrappersMP.DIFFUSION_MODEL]
-    assert len(wrappers["elastic_tokens.patch_schedule"]) == 1
-    ksample(twice, pos, neg, latent)
-    assert report(twice).step_factors == [2, 2, 1, 1, 1, 1, 1, 1]
+    for first, second in (("2x2", "1x5,4x1"), ("1x5,4x1", "2x2")):
+        twice = schedule(pack, schedule(pack, tiny_flux, forced_schedule=first), forced_schedule=second)
+        wrappers = twice.wrappers[pe.WrappersMP.DIFFUSION_MODEL]
+        assert len(wrappers["elastic_tokens.runtime"]) == 1
+        ksample(twice, pos, neg, latent)
+        assert report(twice).step_factors == [2, 2, 1, 1, 1, 4, 1, 1]
+        assert report(twice).planners == ["Dynamic Patch Schedule", "Dynamic Patch Schedule"]
 
 
 def test_controlnet_style_spatial_inputs_fall_back_to_native(pack, tiny_flux, tiny_wan):
-    from elastic_tokens.nodes.coarse_step import spatial_blocker
+    from elastic_tokens.runtime.execute import spatial_blocker
     import inspect
 
     flux_sig = inspect.signature(tiny_flux.model.diffusion_model._forward)
@@ -206,7 +211,7 @@ def test_controlnet_style_spatial_inputs_fall_back_to_native(pack, tiny_flux, ti
 
 
 def test_clear_errors_for_bad_settings_and_unsupported_models(pack, comfy, tiny_flux):
-    from elastic_tokens.adapters.bindings import UnsupportedModelError
+    from elastic_tokens.families import UnsupportedModelError
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
     with pytest.raises(ValueError, match="forced_schedule: cannot read '3'"):
@@ -235,8 +240,10 @@ def test_v3_node_schema_and_execute(pack, tiny_flux):
     out = DynamicPatchSchedule.execute(tiny_flux, tau=0.5, rho=0.4, warmup_steps=3, start_percent=0.0, end_percent=0.9,
                                        max_patch="2p", forced_schedule="", coarse_embed="pinv-bilinear",
                                        coarse_deembed="nearest", cuda_graphs=False).result[0]
-    holder = out.model_options["transformer_options"][HOLDER_KEY]
-    assert holder.config.max_factor == 2 and holder.config.downsample == "pinv-bilinear"
+    from elastic_tokens.runtime.sampling_hooks import planners_of
+
+    (planner,) = planners_of(out)
+    assert planner.config.max_patch == 2 and planner.config.coarse_embed == "pinv-bilinear"
     assert tiny_flux.model_options.keys() == before.keys()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "bench"))
 
 CASES = {
     "flux": ("flux1-dev.safetensors", ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
@@ -27,9 +27,9 @@ CASES = {
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_files_provider_trains_an_adapter_that_attaches(family, pack, tiny_flux, tiny_wan, tmp_path, monkeypatch):
     import tiny_models
-    import train_patch_adapter
-    from elastic_tokens.adapters.patch_adapter import AdapterError, load_adapter
-    from elastic_tokens.nodes.adapter_attach import attach_patch_adapter
+    from elastic_tokens.training import cli as train_patch_adapter
+    from elastic_tokens.ideas.patch.adapter_file import AdapterError, load_adapter
+    from elastic_tokens.ideas.patch.adapter_attach import attach_patch_adapter
 
     monkeypatch.setenv("ELASTIC_TOKENS_TINY_TEXT_ENCODERS", "1")
     models = tiny_models.DEFAULT_MODELS_DIR
@@ -55,7 +55,7 @@ def test_files_provider_trains_an_adapter_that_attaches(family, pack, tiny_flux,
 
 
 def test_files_provider_needs_its_arguments(comfy, tmp_path):
-    import train_patch_adapter
+    from elastic_tokens.training import cli as train_patch_adapter
 
     with pytest.raises(SystemExit, match="--unet"):
         train_patch_adapter.main(["--model", "files", "--out", str(tmp_path / "a.safetensors")])

@@ -1,4 +1,4 @@
-"""adapters/train_forward.py: autograd-safe forwards of ComfyUI's own Flux and Wan classes.
+"""families/autograd_forward.py: autograd-safe forwards of ComfyUI's own Flux and Wan classes.
 
 * equivalence: the training forward equals the model's own forward (also with RoPE options);
 * gradients: autograd through it agrees with central finite differences in float64 on entries of
@@ -20,7 +20,7 @@ ROPE_COARSE = {"scale_x": 2.0, "scale_y": 2.0, "shift_x": 0.5, "shift_y": 0.5}
 
 @pytest.fixture(scope="module")
 def tf(pack):
-    from elastic_tokens.adapters import train_forward
+    from elastic_tokens.families import autograd_forward as train_forward
 
     return train_forward
 

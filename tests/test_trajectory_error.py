@@ -1,4 +1,4 @@
-"""scripts/trajectory_error.py on the tiny Flux (CPU, training-free): a native-only schedule
+"""bench/trajectory_error.py on the tiny Flux (CPU, training-free): a native-only schedule
 reproduces the native images exactly (error 0), coarse steps do not and more of them cost more,
 the FLOP reduction is the node's, and a malformed schedule fails before any sampling."""
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models r
 
 @pytest.fixture(scope="module")
 def script(pack):
-    spec = importlib.util.spec_from_file_location("trajectory_error", REPO / "scripts" / "trajectory_error.py")
+    spec = importlib.util.spec_from_file_location("trajectory_error", REPO / "bench" / "trajectory_error.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,4 +1,4 @@
-"""Example workflows (workflows/*.json) and the UI -> API converter (scripts/workflow_api.py).
+"""Example workflows (workflows/*.json) and the UI -> API converter (bench/workflow_api.py).
 
 * Converter unit tests: plain pytest, no ComfyUI needed (a small synthetic object_info).
 * Offline checks of the shipped files: well-formed UI JSON, a template-browser thumbnail each.
@@ -21,7 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Not the repo root on sys.path: the pack's own `nodes/` would shadow ComfyUI's `nodes` module.
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests" / "support"))
 import workflow_api  # noqa: E402
 from workflow_api import WorkflowError, ui_to_api, validate  # noqa: E402

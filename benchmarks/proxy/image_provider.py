@@ -1,7 +1,7 @@
-"""The trained image proxy (benchmarks/proxy/train_image_proxy.py) as a ``scripts/bench_quality.py``
+"""The trained image proxy (benchmarks/proxy/train_image_proxy.py) as a ``bench/bench_quality.py``
 model provider, and the Fashion-MNIST test split as its real-image set.
 
-    python scripts/bench_quality.py --model benchmarks/proxy/image_provider.py:make_provider \\
+    python bench/bench_quality.py --model benchmarks/proxy/image_provider.py:make_provider \\
         --real benchmarks/proxy/image_provider.py:make_real --n 8 --steps 8
 
 Model (:func:`make_provider`)
@@ -65,7 +65,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-for _p in (REPO / "scripts", REPO / "tests" / "support", HERE):  # HERE: sibling proxy modules
+for _p in (REPO / "bench", REPO / "tests" / "support", HERE):  # HERE: sibling proxy modules
     if str(_p) not in sys.path:
         sys.path.append(str(_p))
 

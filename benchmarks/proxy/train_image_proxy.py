@@ -116,8 +116,8 @@ def setup_comfyui(device: str) -> None:
 
 
 def load_train_forward():
-    """adapters/train_forward.py as a module (its flux_forward / wan_forward), without the pack."""
-    spec = importlib.util.spec_from_file_location("_et_train_forward", REPO_ROOT / "adapters" / "train_forward.py")
+    """families/autograd_forward.py as a module (its flux_forward / wan_forward), without the pack."""
+    spec = importlib.util.spec_from_file_location("_et_train_forward", REPO_ROOT / "families" / "autograd_forward.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -1,7 +1,7 @@
-"""The trained video proxy (benchmarks/proxy/train_video_proxy.py) as a ``scripts/bench_quality.py``
+"""The trained video proxy (benchmarks/proxy/train_video_proxy.py) as a ``bench/bench_quality.py``
 model provider, and clips built from the Fashion-MNIST test split as its real set.
 
-    python scripts/bench_quality.py --model benchmarks/proxy/video_provider.py:make_provider \\
+    python bench/bench_quality.py --model benchmarks/proxy/video_provider.py:make_provider \\
         --real benchmarks/proxy/video_provider.py:make_real --n 8 --steps 10
 
 Model (:func:`make_provider`)
@@ -75,7 +75,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-for _p in (REPO / "scripts", REPO / "tests" / "support", HERE):  # HERE: sibling proxy modules
+for _p in (REPO / "bench", REPO / "tests" / "support", HERE):  # HERE: sibling proxy modules
     if str(_p) not in sys.path:
         sys.path.append(str(_p))
 
@@ -87,7 +87,7 @@ REAL_SEED = 12345
 MOSAIC = (3, 3)
 
 NOTES_FOR_BENCH_QUALITY = """\
-What scripts/bench_quality.py would need for per-frame video metrics (not changed here):
+What bench/bench_quality.py would need for per-frame video metrics (not changed here):
 1. decode: accept (B, F, 3, H, W) from a provider flag (e.g. provider.video = True, use
    provider.decode_frames); qm.as_uint8_images and samples.png assume 4-d NCHW/NHWC.
 2. FID/KID: flatten frames, B*F generated frames against the real provider's frames

@@ -3,7 +3,7 @@
 Not part of the Elastic Tokens pack (``nodes/``): a benchmark helper. ComfyUI loads it from
 ``benchmarks/proxy/custom_nodes`` when started with
 ``--extra-model-paths-config benchmarks/proxy/comfyui_extra_paths.yaml`` (what
-``scripts/run_example.py`` does), or when this folder is linked into ``ComfyUI/custom_nodes/``.
+``bench/run_example.py`` does), or when this folder is linked into ``ComfyUI/custom_nodes/``.
 
 * **Load Proxy Model** (``ElasticTokensProxyLoader``): ``family`` image | video -> MODEL and PROXY.
   The model is built by the family's provider, exactly as the quality benchmark builds it:
@@ -26,21 +26,21 @@ Not part of the Elastic Tokens pack (``nodes/``): a benchmark helper. ComfyUI lo
 The loader also adds an OUTER_SAMPLE wrapper (outermost, as it is added first) that logs, after
 each sampling run, one line ``Proxy schedule: {json}`` with the patch-size factor and the image
 tokens of every step: read from the Dynamic Patch Schedule's per-run report when the node is in
-the graph (``transformer_options["elastic_tokens_patch_schedule"].last_report.step_factors``),
-else every step native. scripts/run_example.py reads it for its per-step schedule plot.
+the graph (the pack's public ``last_run_report(model).step_factors``),
+else every step native. bench/run_example.py reads it for its per-step schedule plot.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 
 PROXY_DIR = Path(__file__).resolve().parents[2]  # benchmarks/proxy
-PACK_HOLDER_KEY = "elastic_tokens_patch_schedule"  # nodes/patch_schedule.py HOLDER_KEY
+REPO_ROOT = PROXY_DIR.parents[1]
 REPORT_KEY = "elastic_tokens_proxy.schedule_report"
 REPORT_PREFIX = "Proxy schedule:"
 PROXY_TYPE = "ELASTIC_TOKENS_PROXY"
@@ -66,47 +66,47 @@ def provider_module(family: str):
     return mod
 
 
+def pack():
+    """The Elastic Tokens pack this repo holds, as ComfyUI loaded it (by its folder name) or,
+    outside a ComfyUI server, imported from the repo (its top level imports no ComfyUI)."""
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if file and Path(file).resolve() == REPO_ROOT / "__init__.py" and hasattr(module, "last_run_report"):
+            return module
+    spec = importlib.util.spec_from_file_location("elastic_tokens", REPO_ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(REPO_ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("elastic_tokens", module)
+    spec.loader.exec_module(module)
+    return module
+
+
 def class_names() -> list[str]:
     return list(provider_module("image").trainer().CLASS_NAMES)
 
 
 # --------------------------------------------------------------------------- per-step schedule log
 
-def _image_tokens(shape, patch, factor: int) -> int:
-    """Image tokens of one sample at ``factor`` x the native patch (padded up, as the node pads)."""
-    if not factor:
-        return 0
-    ph, pw = patch[-2], patch[-1]
-    tokens = math.ceil(shape[-2] / (ph * factor)) * math.ceil(shape[-1] / (pw * factor))
-    if len(shape) == 5:  # video (B, C, T, H, W): spatial coarsening only
-        tokens *= math.ceil(shape[2] / patch[0])
-    return tokens
-
-
-def _native_patch(model_patcher) -> tuple:
-    p = getattr(model_patcher.model.diffusion_model, "patch_size", 2)
-    return tuple(p) if isinstance(p, (tuple, list)) else (1, p, p)
-
-
 def schedule_report_wrapper(executor, *args, **kwargs):
     """OUTER_SAMPLE wrapper: after the run, log the per-step patch factors and image tokens."""
     guider = executor.class_obj
     noise = args[0] if args else kwargs["noise"]
     sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    holder = guider.model_options.get("transformer_options", {}).get(PACK_HOLDER_KEY)
-    before = getattr(holder, "last_report", None)
+    last_run_report = pack().last_run_report
+    before = last_run_report(guider.model_options)
     out = executor(*args, **kwargs)
     steps = max(int(sigmas.shape[-1]) - 1, 0)
-    report = getattr(holder, "last_report", None)
-    if report is not None and report is not before and len(report.step_factors) == steps:
-        factors, source = [int(k) for k in report.step_factors], "Dynamic Patch Schedule"
-    else:
-        factors, source = [1] * steps, "plain model (no Dynamic Patch Schedule)"
-    patch = _native_patch(guider.model_patcher)
+    report = last_run_report(guider.model_options)
     shape = tuple(noise.shape)
+    if report is not None and report is not before and len(report.step_factors) == steps:
+        source = " + ".join(dict.fromkeys(report.planners))
+        factors, tokens = [int(k) for k in report.step_factors], [int(n) for n in report.step_tokens]
+    else:
+        families = importlib.import_module(pack().__name__ + ".families")
+        native = families.binding_for(guider.model_patcher).grid_tokens(shape)
+        source, factors, tokens = "plain model (no Elastic Tokens node)", [1] * steps, [native] * steps
     log.info("%s %s", REPORT_PREFIX, json.dumps({
-        "source": source, "steps": steps, "latent": list(shape), "factors": factors,
-        "tokens": [_image_tokens(shape, patch, k) for k in factors]}))
+        "source": source, "steps": steps, "latent": list(shape), "factors": factors, "tokens": tokens}))
     return out
 
 

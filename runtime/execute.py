@@ -1,0 +1,129 @@
+"""One diffusion-model call under a token plan, through the model's own forward.
+
+Bound to ComfyUI's DIFFUSION_MODEL wrapper chain: the call goes to the next executor, so the
+model's own (LoRA-patched, quantised, compiled...) layers do the work. In the order of
+docs/runtime.md: the latent at the plan's patch size (runtime/coarse.py, shared with the adapter
+trainer) -> the model's embed -> the plan's tokens gathered with their positions
+(runtime/token_path.py) -> blocks -> the grid restored -> de-embed.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..families.call_args import call_bound
+from .block_hooks import chain_block_patches
+from .coarse import coarse_velocity
+from .graph_replay import GraphCache, cache_for, graphable
+from .token_path import TokenPath
+from .token_plan import NATIVE, TokenPlan
+
+
+def spatial_blocker(bound: inspect.BoundArguments) -> str | None:
+    """Why this call cannot leave the native token grid, or None.
+
+    Any extra tensor laid out on the latent grid (ControlNet residuals, I2V frames concatenated
+    in time, VACE/reference latents) is indexed by native token position and would not line up
+    with a coarse grid or a subset of tokens: such calls run at the native patch size.
+    """
+    x = bound.arguments["x"]
+    if bound.arguments.get("control") is not None:
+        return "ControlNet"
+    extra = dict(bound.arguments.get("kwargs") or {})
+    for name, value in list(bound.arguments.items()) + list(extra.items()):
+        if name in ("x", "kwargs", "transformer_options") or value is None:
+            continue
+        if isinstance(value, torch.Tensor) and value.ndim == x.ndim and value.shape[-2:] == x.shape[-2:]:
+            return f"spatial input '{name}'"
+    return None
+
+
+def token_blocker(bound: inspect.BoundArguments) -> str | None:
+    """Why this call cannot run a subset of its tokens, beyond :func:`spatial_blocker`, or None."""
+    options = bound.arguments.get("transformer_options") or {}
+    extra = dict(bound.arguments.get("kwargs") or {})
+    if extra.get("timestep_zero_index") is not None or bound.arguments.get("timestep_zero_index") is not None:
+        return "per-token timesteps"
+    if (options.get("patches") or {}).get("double_block"):
+        return "block patches"  # post-block patches index the full stream
+    if bound.arguments.get("attention_mask") is not None or extra.get("attention_mask") is not None:
+        return "attention mask"
+    return None
+
+
+def admit(plan: TokenPlan, bound: inspect.BoundArguments, binding, run) -> TokenPlan:
+    """``plan``, or the native plan where this call's inputs forbid it (counted in the report)."""
+    if plan.is_native:
+        return plan
+    reason = spatial_blocker(bound)
+    if reason is None and bound.arguments["x"].ndim != binding.latent_ndim:
+        reason = f"{bound.arguments['x'].ndim}-d latent"
+    if reason is None and plan.selects_tokens:
+        reason = token_blocker(bound)
+    if reason is None and plan.merge is not None:
+        reason = "token merging (not executable yet)"
+    if reason is not None:
+        run.fallback(reason)
+        return NATIVE
+    return plan
+
+
+def call_with_plan(executor, bound: inspect.BoundArguments, plan: TokenPlan, run) -> torch.Tensor:
+    """Evaluate the model under ``plan`` (already :func:`admit`-ted) and return a full-size output."""
+    if plan.is_native:
+        return call_bound(executor, bound)
+    binding = run.binding
+    x = bound.arguments["x"]
+    options = bound.arguments["transformer_options"]
+    if plan.keep is not None:
+        path = TokenPath(binding, plan.keep, binding.grid_tokens(x.shape, plan.factor), run.fallback)
+        options = chain_block_patches(options, path.block_patches())
+    if plan.factor == 1:
+        bound.arguments["transformer_options"] = options
+        return call_bound(executor, bound)
+    return _coarse(executor, bound, plan, run, options)
+
+
+def _coarse(executor, bound: inspect.BoundArguments, plan: TokenPlan, run, options: dict) -> torch.Tensor:
+    x = bound.arguments["x"]
+    timestep = bound.arguments["timestep"]
+    sigma = run.sigma_of(timestep).to(x.device)
+    factor = plan.factor
+    adapter = plan.coarse_adapter
+    graphs = _graphs(executor, bound, plan, run)
+
+    def call(x_small, timestep_small, options_small):
+        bound.arguments["x"] = x_small
+        bound.arguments["timestep"] = timestep_small
+        bound.arguments["transformer_options"] = options_small
+        if graphs is not None:
+            return graphs.call(factor, bound, lambda b: call_bound(executor, b))
+        return call_bound(executor, bound)
+
+    part = lora = None
+    if adapter is not None:
+        run.report.adapter_calls += 1
+        part = adapter.part(factor, x.device)
+        lora = adapter.lora_context(executor.class_obj, factor, x.device, x.dtype)
+    return coarse_velocity(call, x, sigma, timestep.dtype, factor, run.binding, run.t_per_sigma, options,
+                           coarse_embed=plan.coarse_embed, coarse_deembed=plan.coarse_deembed, part=part,
+                           strength=adapter.strength if adapter else 1.0, lora=lora)
+
+
+def _graphs(executor, bound, plan: TokenPlan, run) -> GraphCache | None:
+    """The model's CUDA graph cache where this coarse call may be replayed as a graph, else None."""
+    if not run.cuda_graphs:
+        return None
+    if plan.coarse_adapter is not None or plan.selects_tokens:
+        run.note("CUDA graphs are not used for steps with a patch adapter or a token subset (yet)")
+        return None
+    x = bound.arguments["x"]
+    model_class = type(executor.class_obj).__qualname__
+    if not x.is_cuda or model_class in GraphCache.uncapturable or not graphable(bound.arguments):
+        return None
+    if run.graphs is None:
+        run.graphs = cache_for(executor.class_obj)
+        run.graph_replays_before = run.graphs.replays
+    return run.graphs

@@ -1,0 +1,119 @@
+"""Run a subset of the image tokens through the blocks, and put the full grid back after them.
+
+Installed for one model call as chained block hooks (runtime/block_hooks.py), on every block:
+
+* first block, before: the image stream (its grid tokens, whatever text or reference tokens sit
+  around them are always kept) is gathered to the plan's ``keep`` tokens, in that order, and the
+  full stream is kept to fill back what was skipped;
+* every block, before: the positions (``pe``) are gathered the same way, once per call (the
+  model hands every block the full ``pe`` it computed), and so is a per-token ``vec`` (Wan 2.2's
+  per-token timesteps);
+* last block, after: the computed tokens are scattered back into the full grid; a skipped token
+  gets its hidden state from before the blocks (it skipped them, residual stream unchanged).
+
+Where a call's stream does not look as the family binding says (an unknown extra token block, a
+``pe`` of another length), the hooks stay out of the way and the call runs dense, counted as a
+fallback. Keeping every token in order computes exactly what the plain model computes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..families import FamilyBinding
+from ..kernels.token_select import gather, with_extra
+
+
+class TokenPath:
+    def __init__(self, binding: FamilyBinding, keep: torch.Tensor, grid_tokens: int, on_fallback=None):
+        self.binding = binding
+        self.keep = keep
+        self.grid_tokens = grid_tokens
+        self.on_fallback = on_fallback or (lambda reason: None)
+        self.active = False
+        self.done = False
+        self.blocks_seen = 0
+        self.tokens_through_blocks = 0
+        self._full = None          # the first block's full image stream
+        self._start = 0            # index of the first grid token in the first block's stream
+        self._pe_in = self._pe_out = None
+
+    # -- hooks ---------------------------------------------------------------------------
+    def block_patches(self) -> dict:
+        b = self.binding
+        pairs = {key: (self._before, None) for key in b.block_keys}
+        first, last = b.first_block, b.last_block
+        pairs[first] = (self._first, self._last if first == last else None)
+        if last != first:
+            pairs[last] = (self._before, self._last)
+        return pairs
+
+    def _text_tokens(self, args: dict) -> int:
+        txt = args.get("txt")
+        return txt.shape[1] if isinstance(txt, torch.Tensor) and txt.ndim == 3 else 0
+
+    def _first(self, args: dict) -> dict:
+        if self.done:  # the model ran its first block twice in one call: not a layout we know
+            self.active = False
+            return args
+        self.done = True
+        b = self.binding
+        img = args["img"]
+        text = self._text_tokens(args)
+        start = b.image_start(b.first_block, text)
+        reason = self._layout_problem(img, args.get("pe"), start, text)
+        if reason is not None:
+            self.on_fallback(reason)
+            return args
+        self.active = True
+        self._full, self._start, self._text = img, start, text
+        index = with_extra(self.keep.to(img.device), start, start + self.grid_tokens, img.shape[1])
+        self._index = index
+        args = {**args, "img": gather(img, index, 1)}
+        self.tokens_through_blocks = int(self.keep.numel())
+        return self._before(args)
+
+    def _layout_problem(self, img, pe, start: int, text: int) -> str | None:
+        b = self.binding
+        if img.ndim != 3 or img.shape[1] < start + self.grid_tokens:
+            return "token layout"
+        if isinstance(pe, torch.Tensor):
+            axis = b.pe_token_axis
+            expected = img.shape[1] - start + b.pe_image_start(text)
+            if pe.ndim <= axis or pe.shape[axis] != expected:
+                return "position layout"
+        elif pe is not None:
+            return "position layout"
+        return None
+
+    def _before(self, args: dict) -> dict:
+        if not self.active:
+            return args
+        self.blocks_seen += 1
+        out = dict(args)
+        pe = args.get("pe")
+        if isinstance(pe, torch.Tensor):
+            if pe is not self._pe_in:
+                b = self.binding
+                pe_start = b.pe_image_start(self._text)
+                index = with_extra(self.keep.to(pe.device), pe_start, pe_start + self.grid_tokens,
+                                   pe.shape[b.pe_token_axis])
+                self._pe_in, self._pe_out = pe, gather(pe, index, b.pe_token_axis)
+            out["pe"] = self._pe_out
+        vec = args.get("vec")
+        if isinstance(vec, torch.Tensor) and vec.ndim >= 3 and vec.shape[1] == self._full.shape[1]:
+            out["vec"] = gather(vec, self._index, 1)  # per-token modulation (Wan 2.2 TI2V)
+        return out
+
+    def _last(self, out: dict) -> dict:
+        if not self.active:
+            return out
+        self.active = False
+        b = self.binding
+        img = out["img"]
+        start = b.image_start(b.last_block, self._text)
+        kept = int(self.keep.numel())
+        grid = self._full[:, self._start:self._start + self.grid_tokens].to(img.dtype)
+        restored = torch.cat([img[:, :start], grid, img[:, start + kept:]], dim=1)
+        restored = restored.index_copy(1, self.keep.to(img.device, torch.long) + start, img[:, start:start + kept])
+        return {**out, "img": restored}
