@@ -12,7 +12,7 @@ at sigma 0.99-0.89 (BENCHMARKS.md §5), which motivated ``--guided`` in the trai
 the guided error did not improve FID there.
 
     python bench/cfg_error.py --model benchmarks/proxy/image_provider.py:make_provider \\
-        --adapter benchmarks/proxy/adapters/image_proxy_adapter_2p_sched.safetensors --schedule 2x19,1x9 --n 16
+        --adapter benchmarks/proxy/adapters/image_proxy_adapter_2x19.safetensors --schedule 2x19,1x9 --n 16
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ one segment isolate that segment's cost: on the image proxy, steps 2-4 of 28 mak
 against real data: it tracks FID across adapters there, but it is not FID.
 
     python bench/trajectory_error.py --model benchmarks/proxy/image_provider.py:make_provider \\
-        --adapter benchmarks/proxy/adapters/image_proxy_adapter_2p_sched.safetensors --n 32 \\
+        --adapter benchmarks/proxy/adapters/image_proxy_adapter_2x19.safetensors --n 32 \\
         --schedules "2x19,1x9;2x2,1x26;1x2,2x3,1x23;2x2,1x3,2x17,1x6"
 """
 

@@ -33,6 +33,12 @@ from ..families import FamilyBinding
 from .block_hooks import chain_block_patches
 
 
+def timestep_per_sigma(model_sampling) -> float:
+    """ComfyUI's flow models feed the transformer ``timestep = sigma * m`` (m = 1 for Flux,
+    1000 for Wan): ``m`` for this model's sampling object."""
+    return float(model_sampling.timestep(torch.tensor(1.0)))
+
+
 class AdapterCall:
     """The per-call state of an adapter: input patches in, last hidden state out."""
 

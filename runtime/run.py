@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..families import FamilyBinding
+from .coarse import timestep_per_sigma
 from .report import RunReport
 from .token_plan import NATIVE, StepInput, TokenPlan, compose, ordered
 
@@ -20,8 +21,7 @@ class SamplingRun:
         self.binding = binding
         self.sigmas = sigmas.detach().flatten().float().cpu().tolist()  # one copy, not a sync per step
         self.total_steps = max(len(self.sigmas) - 1, 0)
-        # ComfyUI's flow models feed the transformer timestep = sigma * m (m = 1 for Flux, 1000 for Wan)
-        self.t_per_sigma = float(model_sampling.timestep(torch.tensor(1.0)))
+        self.t_per_sigma = timestep_per_sigma(model_sampling)
         planners = ordered(planners)
         self.runs = [p.start(binding, options, self.total_steps) for p in planners]
         # a run whose planners never act makes no per-step decisions (and no GPU sync): all native

