@@ -291,16 +291,10 @@ MODEL_PROVIDERS = {"tiny-flux": TinyFluxProvider, "tiny-wan": TinyWanProvider}
 
 
 def _load_factory(spec: str):
-    mod_name, _, attr = spec.rpartition(":")
-    if mod_name.endswith(".py"):
-        path = Path(mod_name).resolve()
-        mspec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(mspec)
-        sys.modules[path.stem] = module
-        mspec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(mod_name)
-    return getattr(module, attr)
+    """``file.py:factory`` or ``module:factory``: the training command's loader (one for both)."""
+    from elastic_tokens.training.providers import load_factory
+
+    return load_factory(spec)
 
 
 def make_model_provider(spec: str, args):

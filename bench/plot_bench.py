@@ -3,7 +3,7 @@
 
 Each bar is a measured median sampling time relative to the baseline of the same run; the
 dashed line marks the issue's target and the dotted one the per-forward ceiling measured in
-DESIGN.md section 6, so a reader sees how much of the possible gain the sampler keeps.
+docs/design_notes.md section 1, so a reader sees how much of the possible gain the sampler keeps.
 
     python bench/plot_bench.py RESULT.json [MORE.json ...] OUT.png
 
@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# (model, variant without graph suffix) -> (target, per-forward ceiling) from the issue / DESIGN.md
+# (model, variant without graph suffix) -> (target, per-forward ceiling) from the issue / docs/design_notes.md
 MARKS = {
     ("flux", "2x"): (2.7, 3.06), ("flux", "2x80"): (2.0, None),
     ("wan", "2x"): (6.0, 7.38), ("wan", "2x80"): (3.0, None),

@@ -13,7 +13,7 @@ ComfyUI 0.3.75) add their residuals in place::
 computation has been modified by an inplace operation". Wrapping each block in non-reentrant
 ``torch.utils.checkpoint`` (what ``comfy_extras/nodes_train.py`` does) hides the error but is
 worse: the recomputation in backward can see a block's input *after* the in-place add, so the
-gradients can be silently wrong (DESIGN.md section 4: 39 parameter tensors of a tiny float64 Flux
+gradients can be silently wrong (docs/design_notes.md section 3: 39 parameter tensors of a tiny float64 Flux
 off by 10-23%).
 
 What this module does

@@ -1,8 +1,7 @@
 """Replay coarse-step forwards as CUDA graphs.
 
-A coarse step has 3-16x fewer tokens, and at that size a 12B DiT is bound by Python and
-kernel launches, not by the GPU (DESIGN.md section 6: FLUX at 2p ran 56-83 ms eager, 54 ms
-as a graph). Within one sampling run the model's weights and the non-tensor arguments do
+A coarse step has 4-16x fewer tokens, and at that size a 12B DiT is bound by Python and
+kernel launches, not by the GPU (docs/design_notes.md section 1). Within one sampling run the model's weights and the non-tensor arguments do
 not change, so each (patch factor, input shapes) forward is captured once and replayed.
 
 Only used when the node's ``cuda_graphs`` switch is on, on CUDA, and when nothing else would

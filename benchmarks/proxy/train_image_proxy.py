@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Train a small PROXY image model with ComfyUI's own Flux class on Fashion-MNIST (resumable).
 
-Purpose: an offline stand-in for FLUX.1-dev (DESIGN.md section 8) on which accelerated sampling
+Purpose: an offline stand-in for FLUX.1-dev (docs/design_notes.md section 4) on which accelerated sampling
 can be compared with full sampling. Same code path as FLUX.1-dev: ``comfy.ldm.flux.model.Flux``
 (double + single stream blocks, RoPE, timestep/guidance/vector embeddings, patch size 2), trained
-through ``adapters/train_forward.flux_forward`` (ComfyUI's blocks add residuals in place, so a plain
+through ``families/autograd_forward.flux_forward`` (ComfyUI's blocks add residuals in place, so a plain
 backward fails).
 
 Data recipe

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Train a small PROXY video model with ComfyUI's own Wan 2.1 class on clips made from Fashion-MNIST.
 
-Purpose: the video twin of ``train_image_proxy.py`` (DESIGN.md section 8, issue 5 item 2): an
+Purpose: the video twin of ``train_image_proxy.py`` (docs/design_notes.md section 4): an
 offline stand-in for Wan 2.1 T2V on which accelerated sampling can be compared with full sampling.
 Same code path as Wan 2.1: ``comfy.ldm.wan.model.WanModel`` (t2v: Conv3d patch embed (1, 2, 2),
 3-D RoPE over frames x rows x columns, self-attention over all frames, text cross-attention,
-time modulation, head, unpatchify), trained through ``adapters/train_forward.wan_forward``. The
+time modulation, head, unpatchify), trained through ``families/autograd_forward.wan_forward``. The
 exported file is detected by ComfyUI's OWN Wan detection (``comfy.sd.load_diffusion_model_state_dict``,
 what UNETLoader calls) with no override: heads = dim // 128, text_dim 4096 (detection does not read
 text_dim, so the model is built with Wan's default), ffn_dim / num_layers / in_dim from the weights.
