@@ -35,6 +35,8 @@ Variants (``--variants``, comma-separated, run in order):
   4x         every step at 4p               (forced "4xN")
   4x80       first 20% native, rest 4p
   s=SCHED    a literal forced schedule, '/' instead of ',' (e.g. s=1x4/2x10/4x14)
+  keep=F     share F of the image tokens (evenly spread) through the blocks at every step, through
+             the runtime's token path (bench-only planner EvenKeep; keep=1.0: the path's overhead)
 Suffix "+g" forces cuda_graphs=True, "+e" forces it off; a coarse variant without a suffix is
 expanded according to --cuda-graphs (both: eager, then graphs). Suffix "+A" attaches a patch
 adapter of rank --adapter-rank for the schedule's coarse sizes, as Load Patch Adapter does (eager:
@@ -233,6 +235,7 @@ class Variant:
     schedule: str = ""     # forced schedule string (comma-separated, "FxN" groups)
     cuda_graphs: bool = False
     adapter: bool = False  # "+A": an untrained patch adapter attached (see module doc)
+    keep: float = 1.0      # "keep=F": share of image tokens through the blocks (runtime token path)
 
 
 def expand_schedule(s: str) -> list[int]:
@@ -272,6 +275,12 @@ def build_variants(spec: str, graphs_mode: str, steps: int) -> list[Variant]:
             tok, forced_graphs = tok[:-2], True
         elif tok.endswith("+e"):
             tok, forced_graphs = tok[:-2], False
+        if tok.startswith("keep="):
+            share = float(tok[5:])
+            if not 0.0 < share <= 1.0:
+                raise ValueError(f"variant {raw}: keep must be in (0, 1]")
+            out.append(Variant(tok, "keep", "", False, keep=share))
+            continue
         if tok in ("baseline", "tau0", "dyn"):
             if tok == "baseline" and forced_graphs:
                 raise ValueError("baseline has no cuda_graphs option")
@@ -289,6 +298,40 @@ def build_variants(spec: str, graphs_mode: str, steps: int) -> list[Variant]:
         for g in modes:
             out.append(Variant(tok + ("+g" if g else ""), "forced", sched, g))
     return out
+
+
+class EvenKeep:
+    """A bench-only planner of the "drop" idea: the same evenly spread share of the image tokens
+    through the blocks at every step (what a router's budget costs, without its scoring). keep=1.0
+    runs the token path with every token: the runtime's own overhead."""
+
+    idea = "drop"
+    label = "keep (bench)"
+
+    def __init__(self, share: float):
+        self.share = share
+
+    def start(self, binding, options, total_steps):
+        import torch
+
+        share = self.share
+
+        class Run:
+            idle = False
+            needs_latent = False
+            _cache: dict = {}
+
+            def plan(self, step, plan):
+                n = binding.grid_tokens(step.latent_shape, plan.factor)
+                if n not in self._cache:
+                    k = max(1, round(share * n))
+                    self._cache[n] = torch.unique(torch.linspace(0, n - 1, k).round().long())
+                return plan.replace(keep=self._cache[n])
+        return Run()
+
+
+def add_keep_planner(patcher, share: float):
+    return pack_module("runtime.sampling_hooks").add_planner(patcher, EvenKeep(share))
 
 
 def make_config(PatchScheduleConfig, v: Variant, args):
@@ -313,14 +356,11 @@ def make_config(PatchScheduleConfig, v: Variant, args):
     return PatchScheduleConfig(**{k: val for k, val in want.items() if k in known})
 
 
-def tokens_at(model: str, latent, factor: int, ctx_len: int) -> int:
-    if model == "flux":
-        h, w = latent[-2:]
-        p = 2 * factor
-        return math.ceil(h / p) * math.ceil(w / p) + ctx_len
-    t, h, w = latent[-3:]
-    p = 2 * factor
-    return t * math.ceil(h / p) * math.ceil(w / p)
+def tokens_at(binding, latent, factor: int, ctx_len: int, keep: float = 1.0) -> int:
+    """Tokens of one sample's self-attention: image tokens at ``factor`` (the pack's own count),
+    a share ``keep`` of them, plus the text where it joins the sequence (Flux)."""
+    image = binding.grid_tokens(latent, factor)
+    return round(image * keep) + (ctx_len if binding.joint_text else 0)
 
 
 # --------------------------------------------------------------------------------------
@@ -559,7 +599,8 @@ def bench_model(model: str, args, pack, record, save):
     latent, positive, negative, lshape = make_inputs(model, args, w)
     ctx_len = w["context"][1]
     minfo["latent"] = list(lshape)
-    minfo["tokens_native"] = tokens_at(model, lshape, 1, ctx_len)
+    binding = pack_module("families").binding_for(patcher)
+    minfo["tokens_native"] = tokens_at(binding, lshape, 1, ctx_len)
     print(f"    {binfo['model_class']} params={binfo['params'] / 1e9:.3f}B dtype={binfo['weight_dtype']} "
           f"built in {binfo['build_s']}s; detection_matches={binfo.get('detection_matches')}; "
           f"latent={list(lshape)} steps={steps} cfg={w['cfg']} {sampler}/{w['scheduler']}", flush=True)
@@ -572,11 +613,14 @@ def bench_model(model: str, args, pack, record, save):
         res = {"model": model, "variant": v.name, "kind": v.kind, "cuda_graphs": v.cuda_graphs,
                "schedule": v.schedule, "steps": steps, "times_s": [], "status": "ok"}
         record["results"].append(res)
-        if v.schedule:
+        if v.kind == "keep":
+            res["tokens"] = {"1": tokens_at(binding, lshape, 1, ctx_len, v.keep)}
+            res["mean_tokens_per_step"] = res["tokens"]["1"]
+        elif v.schedule:
             factors = expand_schedule(v.schedule)
-            res["tokens"] = {str(f): tokens_at(model, lshape, f, ctx_len) for f in sorted(set(factors))}
+            res["tokens"] = {str(f): tokens_at(binding, lshape, f, ctx_len) for f in sorted(set(factors))}
             res["mean_tokens_per_step"] = round(
-                sum(tokens_at(model, lshape, f, ctx_len) for f in factors) / len(factors), 1)
+                sum(tokens_at(binding, lshape, f, ctx_len) for f in factors) / len(factors), 1)
         else:
             res["tokens"] = {"1": minfo["tokens_native"]}
             res["mean_tokens_per_step"] = minfo["tokens_native"]
@@ -588,7 +632,9 @@ def bench_model(model: str, args, pack, record, save):
             continue
         mp, cfg = patcher, None
         try:
-            if v.kind != "baseline":
+            if v.kind == "keep":
+                mp, cfg = add_keep_planner(patcher, v.keep), {"keep": v.keep}
+            elif v.kind != "baseline":
                 if pack is None:
                     res["status"] = "skipped: pack not importable"
                     print(f"  {v.name:<12} skipped (pack not importable)", flush=True)
