@@ -41,6 +41,11 @@ def third_difference(latents: Sequence[torch.Tensor], sigmas: Sequence[float] | 
     return dz[0] - 2 * dz[1] + dz[2]
 
 
+def block_fits(shape: Sequence[int], block: int) -> bool:
+    """Whether at least one whole ``block x block`` cell fits the last two (spatial) sizes of ``shape``."""
+    return len(shape) >= 2 and shape[-2] >= block and shape[-1] >= block
+
+
 def block_std(field: torch.Tensor, block: int) -> torch.Tensor:
     """Std inside each ``block x block`` spatial cell, RMS over channels.
 
@@ -76,12 +81,14 @@ def choose_factor(d3: torch.Tensor, native_patch: int, factors: Sequence[int], t
     """Pick the largest coarsening factor whose detail score is below ``tau`` (else 1).
 
     ``factors`` are candidate multiples of the native patch (e.g. (2, 4)); block size for factor
-    ``k`` is ``k * native_patch`` latent cells. Returns the factor and every score computed.
+    ``k`` is ``k * native_patch`` latent cells. A factor whose block does not fit the latent (a
+    latent smaller than that block in height or width) has no score and is not chosen. Returns the
+    factor and every score computed.
     """
     scores: dict[int, float] = {}
     chosen = 1
     for k in sorted(factors):
-        if k <= 1:
+        if k <= 1 or not block_fits(d3.shape, k * native_patch):
             continue
         score = detail_score(d3, k * native_patch, rho)
         scores[k] = score

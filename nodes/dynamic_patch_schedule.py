@@ -42,16 +42,22 @@ class DynamicPatchSchedule(io.ComfyNode):
                              tooltip="Steps always run at the native patch size at the start. At least "
                                      "3: the criterion needs four latents of the trajectory."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the sampling steps after which coarse steps may start."),
+                               tooltip="Fraction of the sampling steps after which coarse steps may start. "
+                                       "If it is not below end_percent the window is empty: no step "
+                                       "goes coarse (the node has no effect; a forced schedule still "
+                                       "runs as written)."),
                 io.Float.Input("end_percent", default=0.9, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the sampling steps after which every step is native "
-                                       "(the last steps add the fine detail)."),
+                                       "(the last steps add the fine detail). If it is not above "
+                                       "start_percent the window is empty: no step goes coarse (the "
+                                       "node has no effect; a forced schedule still runs as written)."),
                 io.Combo.Input("max_patch", options=list(_FACTOR_CHOICES), default="4p",
                                tooltip="Largest patch allowed: 2p (4x fewer tokens) or 4p (16x fewer). "
                                        "With a patch adapter attached, only the sizes it was trained "
                                        "for are picked."),
                 io.String.Input("forced_schedule", default="",
-                                tooltip="Optional fixed schedule that overrides tau/rho: patch size per "
+                                tooltip="Optional fixed schedule that overrides tau/rho, the warm-up and "
+                                        "the start/end window: patch size per "
                                         "step, e.g. '1x6, 2x22' (6 native steps, then 22 at 2p) or "
                                         "'4x4,2x10,1x14'. Steps past its end run native."),
                 io.Combo.Input("coarse_embed", options=["area", "pinv-bilinear"], default="area",
@@ -71,6 +77,9 @@ class DynamicPatchSchedule(io.ComfyNode):
     @classmethod
     def execute(cls, model, tau, rho, warmup_steps, start_percent, end_percent, max_patch,
                 forced_schedule, coarse_embed, coarse_deembed, cuda_graphs) -> io.NodeOutput:
+        if not isinstance(max_patch, str) or max_patch not in _FACTOR_CHOICES:
+            raise ValueError(f"max_patch must be one of {', '.join(map(repr, _FACTOR_CHOICES))}, "
+                             f"got {max_patch!r}")
         config = PatchScheduleConfig(
             tau=tau, rho=rho, warmup_steps=warmup_steps, start_percent=start_percent,
             end_percent=end_percent, max_patch=_FACTOR_CHOICES[max_patch],

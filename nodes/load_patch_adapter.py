@@ -11,8 +11,9 @@ import os
 
 from comfy_api.v0_0_2 import io
 
+from ..families import binding_for
 from ..ideas.patch.adapter_attach import attach_patch_adapter
-from ..ideas.patch.adapter_file import load_adapter
+from ..ideas.patch.adapter_file import AdapterError, load_adapter
 
 FOLDER = "elastic_tokens"
 
@@ -58,5 +59,13 @@ class LoadPatchAdapter(io.ComfyNode):
     def execute(cls, model, adapter_name, strength) -> io.NodeOutput:
         import folder_paths
 
+        binding_for(model)  # an unsupported model gets its own message first
+        if not isinstance(adapter_name, str) or not adapter_name.strip():
+            folders = folder_paths.get_folder_paths(FOLDER) if FOLDER in folder_paths.folder_names_and_paths else []
+            where = " or ".join(folders) or f"models/{FOLDER}/"
+            raise AdapterError(
+                f"Load Patch Adapter: no adapter selected (adapter_name is {adapter_name!r}). Put a "
+                f".safetensors patch adapter made by scripts/train_patch_adapter.py in {where}, "
+                f"refresh the node list and pick it; or bypass this node.")
         path = folder_paths.get_full_path_or_raise(FOLDER, adapter_name)
         return io.NodeOutput(attach_patch_adapter(model, load_adapter(path), strength, adapter_name))

@@ -171,7 +171,7 @@ def save_adapter(adapter: PatchAdapter, path: str | Path) -> Path:
 
 
 def load_adapter(path: str | Path) -> PatchAdapter:
-    """Read an adapter; only ``.safetensors`` (no pickle is ever loaded)."""
+    """Read an adapter; only ``.safetensors`` (no pickle is ever loaded), only finite tensors."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -186,6 +186,12 @@ def load_adapter(path: str | Path) -> PatchAdapter:
     except Exception as e:  # safetensors raises its own error types for damaged headers
         raise AdapterError(f"{path.name}: not a readable safetensors file ({e})") from e
     spec = AdapterSpec.from_metadata(meta, path.name)
+    for key, t in tensors.items():  # a NaN/inf weight would turn every coarse step into NaN latents
+        if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+            bad = int((~torch.isfinite(t.float())).sum())
+            raise AdapterError(f"{path.name}: tensor {key!r} has {bad} NaN/inf value(s) of {t.numel()}; "
+                               f"the adapter is damaged (or its training diverged). Retrain it or use "
+                               f"another checkpoint.")
     lora: dict[int, dict[str, list]] = {}
     coarse = {}
     for key, t in tensors.items():

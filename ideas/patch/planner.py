@@ -2,7 +2,9 @@
 
 A forced schedule gives each step's factor as written; otherwise the Δ³ criterion
 (kernels/criterion.py) picks the largest coarse factor whose third difference of the trajectory
-is smooth enough (τ, ρ), after the warm-up and inside the start/end window.
+is smooth enough (τ, ρ), after the warm-up and inside the start/end window (an empty window,
+start >= end, leaves the automatic schedule idle). A coarse factor whose criterion block does not
+fit the latent (a latent smaller than it) is not chosen.
 
 Stacked with another patch schedule (two nodes in one graph), a step runs at the larger patch of
 the two: each node asks for coarse steps only inside its own window and rules, so stacking two
@@ -17,7 +19,7 @@ from collections import deque
 import torch
 
 from ...families import FamilyBinding
-from ...kernels.criterion import choose_factor, third_difference
+from ...kernels.criterion import block_fits, choose_factor, third_difference
 from ...runtime.token_plan import StepInput, TokenPlan
 from .adapter_attach import ADAPTER_KEY, AdapterHolder
 from .config import PatchScheduleConfig
@@ -83,6 +85,14 @@ class PatchScheduleRun:
         d3 = third_difference(lat, sig)
         if not candidates:
             return 1
-        factor, scores = choose_factor(d3, self.binding.native_patch, candidates, cfg.tau, cfg.rho)
+        # a latent smaller than a candidate's block (e.g. 9x5 cells against 4p's 8x8) cannot be
+        # judged at that size: the candidate is skipped for this step (choose_factor does so too)
+        patch = self.binding.native_patch
+        too_big = [k for k in candidates if not block_fits(d3.shape, k * patch)]
+        if too_big:
+            h, w = d3.shape[-2:]
+            step.notes.append(", ".join(f"{k}p" for k in too_big) + f" not chosen: a {too_big[0] * patch}x"
+                              f"{too_big[0] * patch} block does not fit the {h}x{w} latent")
+        factor, scores = choose_factor(d3, patch, candidates, cfg.tau, cfg.rho)
         step.scores.update(scores)
         return factor
