@@ -444,7 +444,7 @@ class Setting:
             return f"1x{self.steps}"
         if self.node.get("forced_schedule"):
             return self.node["forced_schedule"]
-        cap = f" max {self.node['max_factor']}p" if "max_factor" in self.node else ""
+        cap = f" max {self.node['max_patch']}p" if "max_patch" in self.node else ""
         return f"dynamic tau={self.node['tau']} rho={self.node['rho']}{cap}"
 
 
@@ -461,11 +461,11 @@ def parse_settings(spec: str, steps: int, rho: float, cuda_graphs: bool) -> list
                 strength = float(rest[1:])
         tok, _, at = tok.partition("@")  # "@30": this setting samples 30 steps (its cost still
         run_steps = int(at) if at else steps  # counts against the baseline's N)
-        if tok.startswith("tau="):  # tau=X, or tau=X:2 for patches up to 2p only (max_factor 2)
+        if tok.startswith("tau="):  # tau=X, or tau=X:2 for patches up to 2p only (max_patch 2)
             value, _, cap = tok[4:].partition(":")
             node = {"tau": float(value), "rho": rho, "cuda_graphs": cuda_graphs}
             if cap:
-                node["max_factor"] = int(cap)
+                node["max_patch"] = int(cap)
             out.append(Setting(name, "node", run_steps, node, adapter=adapter, strength=strength))
             continue
         sched = forced_for(tok, run_steps)

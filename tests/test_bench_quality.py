@@ -159,7 +159,7 @@ def test_settings_and_competitor_steps():
     assert [x.node.get("forced_schedule") for x in s] == ["2x8", "1x2,2x6", None, "1x2,4x6"]
     assert s[2].node == {"tau": 0.5, "rho": 0.4, "cuda_graphs": False}
     capped = bench_quality.parse_settings("tau=0.3:2+A", 8, 0.4, False)[0]
-    assert capped.node["max_factor"] == 2 and capped.adapter and capped.schedule.endswith("max 2p")
+    assert capped.node["max_patch"] == 2 and capped.adapter and capped.schedule.endswith("max 2p")
     assert bench_quality.competitor_steps(3.35, 28) == 8
     assert bench_quality.competitor_steps(1.0, 28) == 28
     assert bench_quality.competitor_steps(100.0, 28) == 1
