@@ -26,8 +26,11 @@ decisions) and runs, in order:
    schedule; names as in bench/bench_speed.py) and dynamic ones (``tau=0.5``; ``--rho``).
    ``+A`` attaches ``--adapter`` (``+A*0.8``: at strength 0.8); ``@N`` samples that setting with N
    steps (``s=2x21/1x9@30+A``), its token-FLOPs still compared with the baseline's N steps.
+   ``easycache=T`` is the peer a ComfyUI user would pick instead: ComfyUI's own EasyCache node at
+   reuse_threshold T (its default window 0.15-0.95), its skipped model calls counted as saved
+   token-FLOPs (``ModelCallFlops``), so it sits on the same axis and gets the same competitor.
 4. the plain competitor of each node setting S: the baseline with ``round(N / est(S))`` steps,
-   where ``est(S)`` is the node's own token-FLOP estimate (``last_report.estimated_speedup``), so
+   where ``est(S)`` is the node's own token-FLOP estimate (``last_run_report(model).estimated_speedup``), so
    both cost the same transformer FLOPs; plus any ``--extra-steps``. Each distinct step count
    runs once; a count of N is the baseline itself.
 
@@ -437,9 +440,12 @@ class Setting:
     perturb: float = 0.0
     adapter: bool = False       # "+A" settings: the node with --adapter attached (Load Patch Adapter)
     strength: float = 1.0       # "+A*0.8": the adapter at that strength
+    easycache: float | None = None  # "easycache=T": ComfyUI's EasyCache at reuse_threshold T (the peer)
 
     @property
     def schedule(self) -> str:
+        if self.easycache is not None:
+            return f"EasyCache reuse_threshold={self.easycache:g}"
         if self.node is None:
             return f"1x{self.steps}"
         if self.node.get("forced_schedule"):
@@ -461,6 +467,11 @@ def parse_settings(spec: str, steps: int, rho: float, cuda_graphs: bool) -> list
                 strength = float(rest[1:])
         tok, _, at = tok.partition("@")  # "@30": this setting samples 30 steps (its cost still
         run_steps = int(at) if at else steps  # counts against the baseline's N)
+        if tok.startswith("easycache="):  # ComfyUI's own EasyCache node, the peer a user would pick
+            if adapter:
+                raise SystemExit(f"setting {name}: EasyCache takes no patch adapter")
+            out.append(Setting(name, "node", run_steps, easycache=float(tok.split("=", 1)[1])))
+            continue
         if tok.startswith("tau="):  # tau=X, or tau=X:2 for patches up to 2p only (max_patch 2)
             value, _, cap = tok[4:].partition(":")
             node = {"tau": float(value), "rho": rho, "cuda_graphs": cuda_graphs}
@@ -496,6 +507,46 @@ def initial_noise(latent_one, seeds: list[int], perturb: float):
     return z
 
 
+EASYCACHE_WINDOW = (0.15, 0.95)  # the EasyCache node's default start / end percent
+
+
+class ModelCallFlops:
+    """Counts the transformer FLOPs a sampling run actually spends: a DIFFUSION_MODEL wrapper added
+    after a cache's (so inside it: calls the cache skips never reach it), with the pack's FLOP
+    model, so a cache such as EasyCache gets the same token-FLOP account as the pack's nodes."""
+
+    KEY = "elastic_tokens_bench.model_call_flops"
+
+    def __init__(self, model_patcher):
+        import comfy.patcher_extension as pe
+        from elastic_tokens.families import binding_for
+
+        self.binding = binding_for(model_patcher)
+        self.used = 0.0
+        self.per_sample = None
+        self.model = model_patcher.clone()  # the counted model; the one passed in is not changed
+        self.model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, self.KEY, self._count)
+
+    def _count(self, executor, *args, **kwargs):
+        from elastic_tokens.families.call_args import bind_call
+
+        bound = bind_call(executor, args, kwargs).arguments
+        x, context = bound["x"], bound.get("context")
+        text = context.shape[1] if context is not None and context.ndim == 3 else 0
+        self.per_sample = self.binding.step_flops(self.binding.grid_tokens(x.shape), text)
+        self.used += x.shape[0] * self.per_sample
+        return executor(*args, **kwargs)
+
+    def report(self, steps: int, batch: int, cfg: float) -> dict:
+        """This batch's run as a node report: native = every step's call(s) for every sample."""
+        branches = 1 if cfg == 1.0 else 2
+        native = steps * branches * batch * (self.per_sample or 0.0)
+        out = {"step_factors": [1] * steps, "flops_native": native, "flops_used": self.used, "batch": batch,
+               "fallbacks": {}, "model_call_share": self.used / native if native else None}
+        self.used = 0.0
+        return out
+
+
 def run_setting(provider, model, setting: Setting, seeds: list[int], args, node_api) -> dict:
     """Sample ``seeds`` at ``setting``: images (uint8 NHWC), timings, the node's reports."""
     import comfy.sample
@@ -510,6 +561,14 @@ def run_setting(provider, model, setting: Setting, seeds: list[int], args, node_
     if setting.node is not None:
         PatchScheduleConfig, apply_patch_schedule = node_api
         mp = apply_patch_schedule(mp, PatchScheduleConfig(**setting.node))
+    calls = None
+    if setting.easycache is not None:
+        from comfy_extras.nodes_easycache import EasyCacheNode
+
+        mp = EasyCacheNode.execute(mp, reuse_threshold=setting.easycache, start_percent=EASYCACHE_WINDOW[0],
+                                   end_percent=EASYCACHE_WINDOW[1], verbose=False).result[0]
+        calls = ModelCallFlops(mp)
+        mp = calls.model
     batches = [seeds[i:i + args.batch] for i in range(0, len(seeds), args.batch)]
 
     def sample(batch_seeds):
@@ -531,11 +590,15 @@ def run_setting(provider, model, setting: Setting, seeds: list[int], args, node_
         sample(batches[0])
     images, wall, reports = [], 0.0, []
     for b in batches:
+        if calls is not None:
+            calls.used = 0.0
         out, dt = sample(b)
         wall += dt
         with torch.inference_mode():
             images.append(qm.as_uint8_images(provider.decode(out)))
-        if setting.node is not None:
+        if calls is not None:
+            reports.append(calls.report(setting.steps, len(b), provider.cfg))
+        elif setting.node is not None:
             rep = last_run_report(mp)
             reports.append({"step_factors": list(rep.step_factors), "flops_native": float(rep.flops_native),
                             "flops_used": float(rep.flops_used), "batch": len(b),

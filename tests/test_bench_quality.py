@@ -199,6 +199,28 @@ def test_noise_is_per_seed_so_batch_size_does_not_change_images(pack, tiny_flux)
     assert outs[0].shape == (3, 64, 64, 3) and np.array_equal(outs[0], outs[1])
 
 
+def test_easycache_setting_is_the_peer_with_its_model_calls_counted(pack, tiny_flux):
+    # ComfyUI's own EasyCache as a quality-bench setting: its skipped model calls become the same
+    # token-FLOP account as the pack's nodes (bench_quality.ModelCallFlops), counted on a clone.
+    import argparse
+
+    (setting,) = bench_quality.parse_settings("easycache=3.0", 8, 0.4, False)
+    assert setting.easycache == 3.0 and setting.schedule == "EasyCache reuse_threshold=3"
+    with pytest.raises(SystemExit, match="no patch adapter"):
+        bench_quality.parse_settings("easycache=0.2+A", 8, 0.4, False)
+    provider = bench_quality.TinyFluxProvider(argparse.Namespace(size=64))
+    provider._model = tiny_flux
+    args = argparse.Namespace(batch=2, warmup=0)
+    res = bench_quality.run_setting(provider, tiny_flux, setting, [5, 6], args, bench_quality.load_node())
+    (rep,) = res["reports"]
+    assert rep["flops_native"] > 0 and 0 < rep["flops_used"] < rep["flops_native"]  # threshold 3: skips
+    assert rep["model_call_share"] == pytest.approx(rep["flops_used"] / rep["flops_native"])
+    assert bench_quality.ModelCallFlops.KEY not in str(tiny_flux.wrappers)  # counted on a clone
+    plain = bench_quality.run_setting(provider, tiny_flux, bench_quality.parse_settings("easycache=0.0", 8, 0.4,
+                                                                                          False)[0], [5, 6], args, None)
+    assert plain["reports"][0]["flops_used"] == pytest.approx(plain["reports"][0]["flops_native"])  # never reuses
+
+
 def test_command_end_to_end_tiny_flux(tmp_path):
     out = tmp_path / "bq"
     cmd = [sys.executable, str(REPO / "bench" / "bench_quality.py"), "--model", "tiny-flux", "--n", "4",
