@@ -53,12 +53,12 @@ def token_blocker(bound: inspect.BoundArguments) -> str | None:
     return None
 
 
-def admit(plan: TokenPlan, bound: inspect.BoundArguments, binding, run) -> TokenPlan:
+def admit(plan: TokenPlan, bound: inspect.BoundArguments, run) -> TokenPlan:
     """``plan``, or the native plan where this call's inputs forbid it (counted in the report)."""
     if plan.is_native:
         return plan
     reason = spatial_blocker(bound)
-    if reason is None and bound.arguments["x"].ndim != binding.latent_ndim:
+    if reason is None and bound.arguments["x"].ndim != run.binding.latent_ndim:
         reason = f"{bound.arguments['x'].ndim}-d latent"
     if reason is None and plan.selects_tokens:
         reason = token_blocker(bound)

@@ -158,7 +158,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     step = run.step_index(sigma0)
     channels = run.binding.latent_channels
     plan = run.plan_for(step, sigma0, x.shape, options, lambda: _first_chunk(source, options, channels))
-    plan = admit(plan, bound, run.binding, run)
+    plan = admit(plan, bound, run)
     run.account(step, x.shape, text_tokens, plan)
     return call_with_plan(executor, bound, plan, run)
 

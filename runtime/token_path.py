@@ -32,8 +32,6 @@ class TokenPath:
         self.on_fallback = on_fallback or (lambda reason: None)
         self.active = False
         self.done = False
-        self.blocks_seen = 0
-        self.tokens_through_blocks = 0
         self._full = None          # the first block's full image stream
         self._start = 0            # index of the first grid token in the first block's stream
         self._pe_in = self._pe_out = None
@@ -67,11 +65,10 @@ class TokenPath:
             return args
         self.active = True
         self._full, self._start, self._text = img, start, text
-        index = with_extra(self.keep.to(img.device), start, start + self.grid_tokens, img.shape[1])
+        self.keep = self.keep.to(img.device, torch.long)  # once per call, for every block
+        index = with_extra(self.keep, start, start + self.grid_tokens, img.shape[1])
         self._index = index
-        args = {**args, "img": gather(img, index, 1)}
-        self.tokens_through_blocks = int(self.keep.numel())
-        return self._before(args)
+        return self._before({**args, "img": gather(img, index, 1)})
 
     def _layout_problem(self, img, pe, start: int, text: int) -> str | None:
         b = self.binding
@@ -89,7 +86,6 @@ class TokenPath:
     def _before(self, args: dict) -> dict:
         if not self.active:
             return args
-        self.blocks_seen += 1
         out = dict(args)
         pe = args.get("pe")
         if isinstance(pe, torch.Tensor):
@@ -115,5 +111,5 @@ class TokenPath:
         kept = int(self.keep.numel())
         grid = self._full[:, self._start:self._start + self.grid_tokens].to(img.dtype)
         restored = torch.cat([img[:, :start], grid, img[:, start + kept:]], dim=1)
-        restored = restored.index_copy(1, self.keep.to(img.device, torch.long) + start, img[:, start:start + kept])
+        restored = restored.index_copy(1, self.keep + start, img[:, start:start + kept])
         return {**out, "img": restored}
