@@ -43,6 +43,13 @@ time (history status timestamps), the KSampler time (timestamps of the server's 
 websocket events), the node's own log line (schedule, FLOPs skipped, "sampling took"), the
 speed-up and PSNR / SSIM of the decoded output against the baseline (``bench/image_metrics.py``).
 CPU timings of small models say nothing about GPU speed on the real models (see BENCHMARKS.md).
+
+While it runs it prints one line per prompt with the sampler's step as ComfyUI's websocket
+``progress`` events report it (rewritten in place on a terminal, appended to every 10 s in a log).
+There is no time limit per prompt unless ``--timeout SECONDS`` or ``$ELASTIC_TOKENS_PROMPT_TIMEOUT``
+sets one; a prompt that runs past it stops the job with a message saying how to raise it. ComfyUI's
+own output (its import messages and warnings) goes to ``<out>/comfyui_server.log``, not the terminal;
+the job prints that path.
 """
 
 from __future__ import annotations
@@ -79,6 +86,8 @@ LOG_PREFIX = "Dynamic Patch Schedule:"
 PROXY_LOG_PREFIX = "Proxy schedule:"  # benchmarks/proxy/custom_nodes/elastic_tokens_proxy
 PROXY_DIR = REPO / "benchmarks" / "proxy"
 PROXY_PATHS_YAML = PROXY_DIR / "comfyui_extra_paths.yaml"
+PROMPT_TIMEOUT_ENV = "ELASTIC_TOKENS_PROMPT_TIMEOUT"  # seconds per prompt; unset / 0 = no limit
+SERVER_LOG_NAME = "comfyui_server.log"  # ComfyUI's own output, in --out
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
 
 
@@ -267,6 +276,18 @@ class EventRecorder:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(5)
 
+    def progress(self, prompt_id: str, node: str | None = None) -> tuple[int, int] | None:
+        """The latest ``progress`` event of ``prompt_id`` (of ``node`` if given) as (step, steps).
+
+        ComfyUI sends one per sampling step (``{"value", "max", "prompt_id", "node"}``) to the
+        client that queued the prompt."""
+        with self._lock:
+            for _, kind, d in reversed(self.events):
+                if (kind == "progress" and d.get("prompt_id") == prompt_id
+                        and (node is None or str(d.get("node")) == node)):
+                    return int(d.get("value") or 0), int(d.get("max") or 0)
+        return None
+
     def node_seconds(self, prompt_id: str, timeout: float = 5.0) -> dict[str, float]:
         """Seconds each executed node of ``prompt_id`` took ({node id: s}); {} if unknown."""
         deadline = time.monotonic() + timeout
@@ -337,6 +358,83 @@ def run_length(factors) -> str:
     from elastic_tokens.ideas.patch.config import format_schedule
 
     return format_schedule(factors)
+
+
+# =========================================================================== progress and time limit
+
+
+class PromptTimeout(RuntimeError):
+    """A prompt ran past the per-prompt limit the user set (--timeout / ELASTIC_TOKENS_PROMPT_TIMEOUT)."""
+
+
+def prompt_timeout(value=None) -> float | None:
+    """The per-prompt time limit in seconds: ``value`` (the --timeout flag) if given, else
+    $ELASTIC_TOKENS_PROMPT_TIMEOUT; ``None`` (no limit, the default) when unset or <= 0."""
+    if value is None:
+        text = os.environ.get(PROMPT_TIMEOUT_ENV, "").strip()
+        if not text:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise SystemExit(f"{PROMPT_TIMEOUT_ENV}={text!r} is not a number of seconds (0 = no limit)") from None
+    return float(value) if value and value > 0 else None
+
+
+def timeout_message(name: str, limit: float, log_path=None) -> str:
+    text = (f"{name}: the prompt did not finish within {limit:.0f} s, the per-prompt time limit set with "
+            f"--timeout or {PROMPT_TIMEOUT_ENV}. A slow or busy CPU can need more: raise it "
+            f"(e.g. --timeout {100 * math.ceil(max(600.0, 4 * limit) / 100):.0f}), or remove it (--timeout 0, "
+            f"the default: no limit).")
+    if log_path is not None:
+        text += f" ComfyUI's own log: {log_path}"
+    return text
+
+
+class PromptProgress:
+    """One compact line per prompt with its sampling step, from ComfyUI's ``progress`` events.
+
+    On a terminal the line is rewritten in place (``   [2/5] baseline      step 14/28    9 s``); in
+    a log or pipe (no tty) the step reached is appended to the line every ``every`` seconds, so a
+    CI log shows it advancing without one line per step. ``finish`` ends the line.
+    """
+
+    def __init__(self, label: str, stream=None, every: float = 10.0):
+        self.stream = stream if stream is not None else sys.stdout
+        try:
+            self.tty = self.stream.isatty()
+        except (AttributeError, ValueError):
+            self.tty = False
+        self.label, self.every = label, every
+        self.t0 = self._shown_at = time.monotonic()
+        self.step: tuple[int, int] | None = None
+        self._shown: tuple[int, int] | None = None
+        self._write(label if not self.tty else self._line("starting"))
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+    def _line(self, state: str) -> str:
+        return f"\r{self.label}  {state:<16}{time.monotonic() - self.t0:6.0f} s\x1b[K"
+
+    def _state(self) -> str:
+        return f"step {self.step[0]}/{self.step[1]}" if self.step else "starting"
+
+    def update(self, step: tuple[int, int] | None) -> None:
+        if step is not None:
+            self.step = step
+        now = time.monotonic()
+        if self.tty:
+            if self.step != self._shown or now - self._shown_at >= 1.0:
+                self._write(self._line(self._state()))
+                self._shown, self._shown_at = self.step, now
+        elif now - self._shown_at >= self.every and (self.step != self._shown or now - self._shown_at >= 3 * self.every):
+            self._write(f" {self._state()} ({now - self.t0:.0f} s),")
+            self._shown, self._shown_at = self.step, now
+
+    def finish(self, text: str) -> None:
+        self._write(f"\r{self.label}  {text}\x1b[K\n" if self.tty else f" {text}\n")
 
 
 # =========================================================================== one run
@@ -410,17 +508,44 @@ def build_prompt(case: Case, object_info: dict, *, node: str, steps=None, size=N
 
 
 def run_prompt(server, recorder: EventRecorder | None, prompt: dict, name: str, description: str,
-               expect_log: bool, timeout: float = 600, expect_proxy: bool = False) -> RunResult:
+               expect_log: bool, timeout: float | None = None, expect_proxy: bool = False,
+               progress: str | None = None) -> RunResult:
+    """Queue ``prompt``, wait for it (``timeout`` seconds at most; None = no limit) and read its outputs.
+
+    ``progress``: the label of a :class:`PromptProgress` line showing the sampler's step (None = quiet)."""
     before = len(_schedule_lines(server))
     proxy_before = len(_proxy_lines(server))
+    sampler_id = next(nid for nid, e in prompt.items() if e["class_type"] == "KSampler")
     if recorder is not None:
         prompt_id = queue_prompt(server, prompt, recorder.client_id)
     else:
         prompt_id = server.queue(prompt)
-    entry = server.wait(prompt_id, timeout=timeout)
+    line_out = PromptProgress(progress) if progress is not None else None
+    t0 = time.monotonic()
+
+    def poll():
+        if line_out is not None:
+            line_out.update(recorder.progress(prompt_id, sampler_id) if recorder is not None else None)
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            if line_out is not None:
+                line_out.finish(f"stopped after {time.monotonic() - t0:.0f} s")
+            raise PromptTimeout(timeout_message(name, timeout, getattr(server, "log_path", None)))
+
+    try:
+        entry = server.wait(prompt_id, timeout=None, on_poll=poll)
+    except PromptTimeout:
+        raise
+    except BaseException:
+        if line_out is not None:
+            line_out.finish("failed")
+        raise
     prompt_s = _status_seconds(entry)
     node_s = recorder.node_seconds(prompt_id) if recorder is not None else {}
-    sampler_id = next(nid for nid, e in prompt.items() if e["class_type"] == "KSampler")
+    if line_out is not None:
+        step = (recorder.progress(prompt_id, sampler_id) if recorder is not None else None) or line_out.step
+        steps = f"{step[0]}/{step[1]} steps, " if step else ""
+        sampler = f"sampler {node_s[sampler_id]:.1f} s, " if sampler_id in node_s else ""
+        line_out.finish(f"done: {steps}{sampler}prompt {prompt_s if prompt_s is not None else time.monotonic() - t0:.1f} s")
     if prompt_s is None:
         raise RuntimeError(f"{name}: the history entry has no execution_start/success timestamps")
     if sampler_id in node_s:
@@ -669,8 +794,12 @@ class CaseResult:
 
 
 def run_case(server, case: Case, *, object_info: dict | None = None, dynamic: bool = True,
-             out_dir: Path | None = OUT_DIR, warmup: bool = True, timeout: float = 600) -> CaseResult:
-    """Baseline, accelerated (and dynamic) runs of ``case`` on ``server``; metrics against the baseline."""
+             out_dir: Path | None = OUT_DIR, warmup: bool = True, timeout: float | None = None,
+             progress: bool = True) -> CaseResult:
+    """Baseline, accelerated (and dynamic) runs of ``case`` on ``server``; metrics against the baseline.
+
+    ``timeout``: seconds per prompt (None = no limit); ``progress``: print a line per prompt with
+    the sampler's step as it advances."""
     object_info = object_info or server.object_info()
     tag = uuid.uuid4().hex[:6]
     recorder = None
@@ -679,10 +808,6 @@ def run_case(server, case: Case, *, object_info: dict | None = None, dynamic: bo
     except Exception as exc:  # noqa: BLE001  (timings then fall back to the prompt wall time)
         print(f"  (no websocket timings: {exc}; sampler time = prompt wall time)")
     try:
-        if warmup:  # loads every model and encodes the prompts; the timed runs reuse ComfyUI's cache
-            prompt = build_prompt(case, object_info, node="bypass", steps=1, size=(64, 64),
-                                  prefix=f"elastic_tokens/{case.key}_warmup_{tag}")
-            run_prompt(server, recorder, prompt, "warm-up", "", expect_log=False, timeout=timeout)
         has_adapter = case.use_adapter and any(
             n["type"] == ADAPTER_NODE for n in json.loads(case.workflow.read_text())["nodes"])
         plan = [("baseline", "bypass", "node bypassed (mode 4)", False),
@@ -692,12 +817,27 @@ def run_case(server, case: Case, *, object_info: dict | None = None, dynamic: bo
         if dynamic:
             plan.append(("dynamic", "dynamic", "automatic schedule, workflow settings"
                          + (" + patch adapter" if has_adapter else ""), has_adapter))
+        total = len(plan) + bool(warmup)
+
+        def label(i: int, name: str):
+            return f"   [{i}/{total}] {name:<12}" if progress else None
+
+        if progress:
+            print(f"-- {case.title}: {total} prompts on the server"
+                  + (" (a 1-step warm-up that loads the models, then " if warmup else " (")
+                  + f"{', '.join(p[0] for p in plan)}; {case.steps} steps each)", flush=True)
+        if warmup:  # loads every model and encodes the prompts; the timed runs reuse ComfyUI's cache
+            prompt = build_prompt(case, object_info, node="bypass", steps=1, size=(64, 64),
+                                  prefix=f"elastic_tokens/{case.key}_warmup_{tag}")
+            run_prompt(server, recorder, prompt, "warm-up", "", expect_log=False, timeout=timeout,
+                       progress=label(1, "warm-up"))
         runs = []
-        for name, node, description, adapter in plan:
+        for i, (name, node, description, adapter) in enumerate(plan, start=1 + bool(warmup)):
             prompt = build_prompt(case, object_info, node=node, prefix=f"elastic_tokens/{case.key}_{name}_{tag}",
                                   adapter=adapter)
             runs.append(run_prompt(server, recorder, prompt, name, description,
-                                   expect_log=node != "bypass", timeout=timeout, expect_proxy=case.proxy))
+                                   expect_log=node != "bypass", timeout=timeout, expect_proxy=case.proxy,
+                                   progress=label(i, name)))
     finally:
         if recorder is not None:
             recorder.close()
@@ -834,6 +974,14 @@ def select_cases(models: str, workflow: str, **settings) -> tuple[list[Case], li
     return cases, skipped
 
 
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the working directory where it lies below it (shorter to read)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", choices=["proxy", "tiny"], default="proxy",
@@ -850,10 +998,14 @@ def main(argv=None) -> int:
     parser.add_argument("--schedule", default=None,
                         help="forced schedule of the accelerated run (default: ~20%% native, then 2p)")
     parser.add_argument("--no-dynamic", action="store_true", help="skip the automatic-schedule run")
-    parser.add_argument("--out", type=Path, default=OUT_DIR, help="where the PNGs and summary go (out/)")
+    parser.add_argument("--out", type=Path, default=OUT_DIR,
+                        help="where the PNGs, the summary and ComfyUI's log go (out/)")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help=f"time limit per prompt (default: ${PROMPT_TIMEOUT_ENV}, else none; 0 = none)")
     args = parser.parse_args(argv)
+    timeout = prompt_timeout(args.timeout)
 
-    from comfy_server import ComfyServer
+    from comfy_server import ComfyError, ComfyServer
 
     cases, skipped = select_cases(args.models, args.workflow, width=args.width, height=args.height,
                                   steps=args.steps, frames=args.frames, seed=args.seed,
@@ -869,15 +1021,26 @@ def main(argv=None) -> int:
         print(line)
     results = []
     extra = proxy_server_args() if args.models == "proxy" else []
-    with ComfyServer(extra_args=extra) as server:
-        print(f"ComfyUI (headless main.py, --cpu) with this pack up in {server.start_seconds:.1f} s "
-              f"at {server.url}\n", flush=True)
-        object_info = server.object_info()
-        for case in cases:
-            result = run_case(server, case, object_info=object_info, dynamic=not args.no_dynamic,
-                              out_dir=args.out)
-            results.append(result)
-            print(report(result) + "\n", flush=True)
+    log_path = args.out / SERVER_LOG_NAME
+    print(f"Starting ComfyUI (headless main.py, --cpu) with this pack; its own output (import messages, "
+          f"warnings) goes to\n  {_shown_path(log_path)}", flush=True)
+    try:
+        with ComfyServer(extra_args=extra, log_file=log_path, start_timeout=max(600.0, timeout or 0)) as server:
+            print(f"ComfyUI up in {server.start_seconds:.1f} s at {server.url}; per-prompt time limit: "
+                  + (f"{timeout:.0f} s" if timeout else f"none (--timeout or {PROMPT_TIMEOUT_ENV} sets one)") + "\n",
+                  flush=True)
+            object_info = server.object_info()
+            for case in cases:
+                result = run_case(server, case, object_info=object_info, dynamic=not args.no_dynamic,
+                                  out_dir=args.out, timeout=timeout)
+                results.append(result)
+                print(report(result) + "\n", flush=True)
+    except PromptTimeout as exc:
+        print(f"\nMain job stopped: {exc}", file=sys.stderr)
+        return 2
+    except ComfyError as exc:
+        print(f"\nMain job failed: {exc}\nComfyUI's own log: {_shown_path(log_path)}", file=sys.stderr)
+        return 1
     args.out.mkdir(parents=True, exist_ok=True)
     summary = args.out / "main_job.json"
     model = ("trained proxies (benchmarks/proxy)" if args.models == "proxy"
@@ -885,7 +1048,7 @@ def main(argv=None) -> int:
     summary.write_text(json.dumps({"model": model, "device": "cpu", "skipped": skipped,
                                    "results": [r.as_json() for r in results]}, indent=1))
     print(NOTES[args.models])
-    print(f"\nSummary JSON: {summary}")
+    print(f"\nSummary JSON: {summary}\nComfyUI's own log: {_shown_path(log_path)}")
     print(f"Main job done in {time.monotonic() - t0:.1f} s (server start included).")
     return 0
 

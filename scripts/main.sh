@@ -5,9 +5,17 @@
 # grid and a per-step schedule plot per workflow to out/ (the video proxy is skipped, with a message,
 # until benchmarks/proxy/video_proxy.safetensors exists). `bash scripts/main.sh --models tiny` runs the
 # FLUX.1-dev / Wan 2.1 example workflows on tiny random-weight stand-ins instead.
-# About 30 s for the image proxy on a quiet 2-core CPU once .venv exists.
+# It prints a line per prompt with the sampler's step as it advances; ComfyUI's own output (import
+# messages, warnings) goes to out/comfyui_server.log. No time limit per prompt unless
+# `--timeout SECONDS` (or ELASTIC_TOKENS_PROMPT_TIMEOUT) sets one.
+# Times on a quiet 2-core CPU: the first install about 3 min, then the job about 70 s (README).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [[ ! -f .venv/.elastic_tokens_runtime_stamp ]]; then
+  echo "First run: installing the pinned CPU runtime (torch, ComfyUI) into .venv/ -- about 3 min on a" \
+       "quiet 2-core machine with a fast network ..." >&2
+fi
 comfyui="$(bash scripts/install_runtime.sh)"
-echo "Runtime: .venv (ComfyUI 0.3.75 at $comfyui)"
+version="$(sed -n 's/^__version__ *= *"\(.*\)"/\1/p' "$comfyui/comfyui_version.py" 2>/dev/null || true)"
+echo "Runtime: .venv (ComfyUI ${version:-?} at $comfyui)"
 exec .venv/bin/python bench/run_example.py "$@"

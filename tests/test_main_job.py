@@ -2,7 +2,9 @@
 
 * Metric tests, plain numpy: PSNR/SSIM of identical images are inf / 1.0, known values, more noise
   scores lower, animated WEBP frames read back exactly.
-* Helpers of run_example: the speed-setting schedule, the node's log line parser.
+* Helpers of run_example: the speed-setting schedule, the node's log line parser, the per-prompt
+  time limit (none by default; --timeout / ELASTIC_TOKENS_PROMPT_TIMEOUT) and its message, the
+  per-prompt progress line (rewritten on a terminal, appended to in a log).
 * ``server``: run_example's core (``run_case``) on the FLUX workflow at 64x64, 4 steps, against
   the session's real headless ComfyUI with the tiny models: baseline (node bypassed), accelerated
   (forced schedule) and dynamic runs succeed with finite numbers and the side-by-side PNG.
@@ -12,13 +14,16 @@
   the video trainer exports (its trained weights do not exist yet). Grid and schedule PNGs have the
   expected sizes, accelerated differs from the baseline, the per-step schedule read from the proxy
   loader's log line is the forced one (and the plot draws it). ``main()`` end to end (batch 2,
-  2 steps) prints the report and skips a missing video proxy with a message.
+  2 steps) prints the report and a progress line per prompt, skips a missing video proxy with a
+  message, and keeps ComfyUI's own output out of the terminal (captured at the file descriptors) in
+  the log file whose path it prints. A prompt past a --timeout stops with a message on how to raise it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -124,6 +129,64 @@ def test_parse_schedule_line():
         "nodes": "Dynamic Patch Schedule", "steps": "28/28", "parts": "6 at p, 22 at 2p, 0 at 4p",
         "flops_skipped_pct": 40.0, "estimated_speedup": 1.67, "tokens_skipped_pct": 0.0, "sampling_s": 1.83}
     assert run_example.parse_schedule_line("something else") == {}
+
+
+def test_prompt_timeout_is_off_by_default(monkeypatch):
+    monkeypatch.delenv(run_example.PROMPT_TIMEOUT_ENV, raising=False)
+    assert run_example.prompt_timeout() is None
+    assert run_example.prompt_timeout(0) is None and run_example.prompt_timeout(-1) is None
+    assert run_example.prompt_timeout(90) == 90.0
+    monkeypatch.setenv(run_example.PROMPT_TIMEOUT_ENV, "1200")
+    assert run_example.prompt_timeout() == 1200.0
+    assert run_example.prompt_timeout(30) == 30.0  # the flag wins
+    monkeypatch.setenv(run_example.PROMPT_TIMEOUT_ENV, "0")
+    assert run_example.prompt_timeout() is None
+    monkeypatch.setenv(run_example.PROMPT_TIMEOUT_ENV, "ten")
+    with pytest.raises(SystemExit, match="not a number"):
+        run_example.prompt_timeout()
+    text = run_example.timeout_message("baseline", 300, "out/comfyui_server.log")
+    assert "300 s" in text and "--timeout 1200" in text and "--timeout 0" in text
+    assert run_example.PROMPT_TIMEOUT_ENV in text and "out/comfyui_server.log" in text
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.text, self.tty = "", tty
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return self.tty
+
+
+def test_progress_line_in_a_log_and_on_a_terminal(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(run_example.time, "monotonic", lambda: clock[0])
+    log = _Stream(tty=False)
+    line = run_example.PromptProgress("   [2/5] baseline    ", stream=log, every=10)
+    for step in range(1, 29):  # one step a second
+        clock[0] += 1
+        line.update((step, 28))
+    line.finish("done: 28/28 steps")
+    # one line: the label, the step reached every 10 s, the result
+    assert log.text == "   [2/5] baseline     step 10/28 (10 s), step 20/28 (20 s), done: 28/28 steps\n"
+
+    tty = _Stream(tty=True)
+    line = run_example.PromptProgress("   [1/1] dynamic", stream=tty)
+    clock[0] += 1
+    line.update(None)
+    clock[0] += 1
+    line.update((1, 4))
+    line.update((2, 4))
+    line.finish("done")
+    frames = tty.text.split("\r")[1:]
+    assert [f.split()[2:4] for f in frames[:-1]] == [["starting", "0"], ["starting", "1"], ["step", "1/4"],
+                                                    ["step", "2/4"]]
+    assert frames[-1].endswith("done\x1b[K\n") and tty.text.count("\n") == 1
 
 
 # =========================================================================== against a real server
@@ -288,11 +351,31 @@ def test_main_job_on_video_proxy_workflow(proxy_server, tmp_path):
     _check_proxy_result(result, case, tmp_path, cell=192, frames_per_item=9, tokens=(9 * 8 * 8, 9 * 4 * 4))
 
 
-def test_main_end_to_end_with_missing_video_proxy(comfy, monkeypatch, tmp_path, capsys):
+def test_prompt_past_its_time_limit_stops_with_a_message(proxy_server):
+    case = run_example.make_case("image", steps=2, batch=1)
+    prompt = run_example.build_prompt(case, proxy_server.object_info(), node="bypass",
+                                      prefix="elastic_tokens/timeout_test")
+    with pytest.raises(run_example.PromptTimeout, match=r"did not finish within 0 s.*--timeout") as info:
+        run_example.run_prompt(proxy_server, None, prompt, "baseline", "", expect_log=False, timeout=0.001)
+    assert str(proxy_server.log_path) in str(info.value)
+
+
+def test_main_end_to_end_with_missing_video_proxy(comfy, monkeypatch, tmp_path, capfd):
     monkeypatch.setenv("ELASTIC_TOKENS_VIDEO_PROXY_WEIGHTS", str(tmp_path / "missing.safetensors"))
+    monkeypatch.delenv(run_example.PROMPT_TIMEOUT_ENV, raising=False)
     assert run_example.main(["--batch", "2", "--steps", "2", "--no-dynamic", "--out", str(tmp_path)]) == 0
-    text = capsys.readouterr().out
+    out, err = capfd.readouterr()  # what reached the terminal, subprocesses included
+    text = out + err
     assert "TRAINED PROXIES" in text and "video proxy: SKIPPED" in text and "Main job done" in text
+    # progress: one line per prompt with the sampler's steps; no time limit unless asked for
+    assert "per-prompt time limit: none" in text
+    for i, name in enumerate(["warm-up", "baseline", "accelerated", "adapter"], start=1):
+        assert re.search(rf"\[{i}/4\] {name} +.*done: {1 if i == 1 else 2}/{1 if i == 1 else 2} steps", text), name
+    # ComfyUI's own output goes to the log file the job names, not to the terminal
+    log = tmp_path / run_example.SERVER_LOG_NAME
+    assert log.is_file() and "Import times for custom nodes" in log.read_text(errors="replace")
+    assert str(log) in text and text.count(str(log)) >= 2  # at the start and at the end
+    assert "Import times for custom nodes" not in text and "Starting server" not in text
     assert (tmp_path / "image_proxy_grid.png").is_file() and (tmp_path / "image_proxy_schedule.png").is_file()
     assert not (tmp_path / "video_proxy_grid.png").exists()
     summary = json.loads((tmp_path / "main_job.json").read_text())

@@ -65,8 +65,10 @@ class ComfyServer:
     """``with ComfyServer() as srv: srv.run(prompt)``; see module docstring."""
 
     def __init__(self, models_dir: Path = tiny_models.DEFAULT_MODELS_DIR, start_timeout: float = 120.0,
-                 extra_args=(), env=None):
+                 extra_args=(), env=None, log_file=None):
         self.models_dir = Path(models_dir)
+        # log_file: where the server's stdout/stderr go (kept after stop); default in the base directory
+        self.log_file = Path(log_file) if log_file is not None else None
         self.start_timeout = start_timeout
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
@@ -87,7 +89,7 @@ class ComfyServer:
 
     @property
     def log_path(self) -> Path:
-        return self.base_dir / "comfy_server.log"
+        return self.log_file if self.log_file is not None else self.base_dir / "comfy_server.log"
 
     def start(self) -> "ComfyServer":
         tiny_models.write_example_models(self.models_dir)
@@ -111,6 +113,7 @@ class ComfyServer:
         env = {**os.environ, "ELASTIC_TOKENS_TINY_TEXT_ENCODERS": "1", "PYTHONUNBUFFERED": "1",
                "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
                "ELASTIC_TOKENS_PARENT_PID": str(os.getpid()), **self.env}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(args, cwd=base, env=env, stdout=self._log, stderr=subprocess.STDOUT,
@@ -192,8 +195,11 @@ class ComfyServer:
             raise ComfyError(f"prompt rejected (HTTP {e.code}): {json.dumps(details, indent=1)}", details) from None
         return res["prompt_id"]
 
-    def wait(self, prompt_id: str, timeout: float = 120) -> dict:
-        """Poll ``/history/<id>`` until the prompt finished; returns its history entry."""
+    def wait(self, prompt_id: str, timeout: float | None = 120, on_poll=None) -> dict:
+        """Poll ``/history/<id>`` until the prompt finished; returns its history entry.
+
+        ``timeout=None``: no time limit (a dead server still raises). ``on_poll()`` is called
+        between polls (e.g. to print progress)."""
         t0 = time.monotonic()
         while True:
             entry = self._get(f"/history/{prompt_id}").get(prompt_id)
@@ -208,8 +214,10 @@ class ComfyServer:
                 return entry
             if self.proc is not None and self.proc.poll() is not None:
                 raise ComfyError(f"ComfyUI died while running {prompt_id}:\n{self.log_text()[-6000:]}")
-            if time.monotonic() - t0 > timeout:
+            if timeout is not None and time.monotonic() - t0 > timeout:
                 raise ComfyError(f"prompt {prompt_id} not done after {timeout}s:\n{self.log_text()[-4000:]}")
+            if on_poll is not None:
+                on_poll()
             time.sleep(0.05)
 
     def run(self, prompt: dict, timeout: float = 120) -> dict:
