@@ -3,7 +3,7 @@
 Why this exists
 ---------------
 ComfyUI's model code is written for inference. Flux's blocks (``comfy/ldm/flux/layers.py``,
-ComfyUI 0.3.75) add their residuals in place::
+ComfyUI 0.3.75 and 0.33) add their residuals in place::
 
     img += apply_mod(self.img_attn.proj(img_attn), img_mod1.gate, ...)   # DoubleStreamBlock
     x += apply_mod(output, mod.gate, ...)                                # SingleStreamBlock
@@ -13,37 +13,46 @@ ComfyUI 0.3.75) add their residuals in place::
 computation has been modified by an inplace operation". Wrapping each block in non-reentrant
 ``torch.utils.checkpoint`` (what ``comfy_extras/nodes_train.py`` does) hides the error but is
 worse: the recomputation in backward can see a block's input *after* the in-place add, so the
-gradients can be silently wrong (docs/design_notes.md section 3: 39 parameter tensors of a tiny float64 Flux
+gradients can be silently wrong (DESIGN.md section 4: 39 parameter tensors of a tiny float64 Flux
 off by 10-23%).
 
 What this module does
 ---------------------
-:func:`flux_forward` runs ComfyUI's own ``Flux.forward`` (its DIFFUSION_MODEL wrappers,
-padding, patchify, ``rope_options``, ids, timestep/guidance/vector embeddings, final layer,
-unpatchify: all out of place) and swaps only the two block kinds, through ComfyUI's own
-``transformer_options["patches_replace"]["dit"]`` hook, for functions below that do the same
-math on the block's own submodules and parameters (its Modulation, LayerNorms, qkv/proj
-Linears, QK RMSNorms, MLPs, ComfyUI's ``attention`` with RoPE, ``apply_mod``) with
-``a = a + b`` instead of ``a += b``. No weights are copied, so ComfyUI weight patches (LoRA
-through ``weight_function``) and casts apply as at inference. A ``dit`` replace patch that was
-already in ``transformer_options`` still runs, with our block as its ``original_block``.
+It runs ComfyUI's own forward and ComfyUI's own blocks, unchanged (no block math is copied, so
+block details that differ between versions -- ``flipped_img_txt`` in 0.3.75, the gated
+``yak_mlp``, ``modulation_dims_*`` and attention patches in 0.33 -- are whatever the running
+ComfyUI does). Each block is entered through ComfyUI's own
+``transformer_options["patches_replace"]["dit"]`` hook and runs under
+``torch.autograd.graph.saved_tensors_hooks`` that make its in-place residual adds harmless:
 
-:func:`wan_forward` runs ``WanModel.forward`` unchanged: in 0.3.75 every residual of
-``WanAttentionBlock`` / ``Head`` is already out of place (``torch.addcmul(x, y, gate)``,
-``x = x + cross_attn(...)``), which the gradient test in ``tests/test_train_forward.py``
-checks against finite differences (t2v and i2v).
+* a tensor saved for backward that shares storage with the block's input streams (``img``,
+  ``txt``: the tensors the block adds into) is saved as a copy taken when it was saved, i.e. the
+  value the op really used (the memory is what out-of-place adds would keep alive anyway);
+* every other saved tensor is kept as is, with its version; if it was modified in place before
+  backward reads it, backward raises the same "modified by an inplace operation" error as
+  without the hooks (the hooks would otherwise skip that check), so nothing can go silently wrong.
+
+No weights are copied, so ComfyUI weight patches (LoRA through ``weight_function``) and casts
+apply as at inference. A ``dit`` replace patch that was already in ``transformer_options`` still
+runs, with the protected block as its ``original_block``.
+
+While a training forward runs, ``comfy.model_management.in_training`` is set (where the running
+ComfyUI has it, 0.33), as ComfyUI's own training node does: RoPE then runs in plain torch ops
+instead of comfy_kitchen's fused kernels, which have no backward and no float64.
+
+:func:`wan_forward` does the same for ``WanModel`` (its blocks are out of place in 0.3.75 and
+0.33, so the hooks find nothing to copy; they stay as a guard). The gradient tests in
+``tests/test_train_forward.py`` check both against finite differences, on every ComfyUI version
+the test command runs.
 
 Attention is ComfyUI's ``optimized_attention`` as selected by the running process (SDPA on
 GPU, sub-quadratic on CPU; both differentiable). Sage/flash-attn builds selected by launch flags
 may have no backward.
-
-The block functions mirror ComfyUI 0.3.75. Newer ComfyUI changes these blocks (extra block
-kwargs, attention patches): run ``tests/test_train_forward.py`` with ``COMFYUI_PATH`` set to
-that checkout before training against it; the equivalence test will fail where they differ.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -66,66 +75,78 @@ def _wan_classes():
     return model.WanModel, model.WanAttentionBlock
 
 
-def _double_block(block, img, txt, vec, pe, attn_mask=None, transformer_options={}):
-    """``DoubleStreamBlock.forward`` (0.3.75) with out-of-place residual additions."""
-    from comfy.ldm.flux.layers import apply_mod
-    from comfy.ldm.flux.math import attention
+class _SavedCopies:
+    """``saved_tensors_hooks`` for one block call: copies of saved tensors that alias ``streams``."""
 
-    if block.modulation:
-        img_mod1, img_mod2 = block.img_mod(vec)
-        txt_mod1, txt_mod2 = block.txt_mod(vec)
-    else:  # global modulation (Flux 2): the model passes the modulations in
-        (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
+    def __init__(self, streams):
+        self.storages = {t.untyped_storage().data_ptr() for t in streams if isinstance(t, torch.Tensor)}
 
-    def qkv(x, norm1, attn, mod):
-        x = attn.qkv(apply_mod(norm1(x), 1 + mod.scale, mod.shift))
-        q, k, v = x.view(x.shape[0], x.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = attn.norm(q, k, v)
-        return q, k, v
+    def pack(self, t):
+        if t.untyped_storage().data_ptr() in self.storages:
+            return t.detach().clone(), None
+        return t.detach(), t._version  # detach shares the version counter
 
-    img_qkv = qkv(img, block.img_norm1, block.img_attn, img_mod1)
-    txt_qkv = qkv(txt, block.txt_norm1, block.txt_attn, txt_mod1)
-    first, second = (img_qkv, txt_qkv) if block.flipped_img_txt else (txt_qkv, img_qkv)
-    attn = attention(*(torch.cat((a, b), dim=2) for a, b in zip(first, second)),
-                     pe=pe, mask=attn_mask, transformer_options=transformer_options)
-    if block.flipped_img_txt:
-        img_attn, txt_attn = attn[:, :img.shape[1]], attn[:, img.shape[1]:]
-    else:
-        txt_attn, img_attn = attn[:, :txt.shape[1]], attn[:, txt.shape[1]:]
-
-    def residuals(x, x_attn, attn_mod, norm2, mlp, mod1, mod2):
-        x = x + apply_mod(attn_mod.proj(x_attn), mod1.gate)
-        return x + apply_mod(mlp(apply_mod(norm2(x), 1 + mod2.scale, mod2.shift)), mod2.gate)
-
-    img = residuals(img, img_attn, block.img_attn, block.img_norm2, block.img_mlp, img_mod1, img_mod2)
-    txt = residuals(txt, txt_attn, block.txt_attn, block.txt_norm2, block.txt_mlp, txt_mod1, txt_mod2)
-    if txt.dtype == torch.float16:
-        txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
-    return img, txt
+    @staticmethod
+    def unpack(packed):
+        t, version = packed
+        if version is not None and t._version != version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: a tensor of shape {tuple(t.shape)} inside a block run by the training forward "
+                f"(version {t._version}, saved at version {version}); families/autograd_forward.py copies "
+                "only tensors that alias the block's input streams")
+        return t
 
 
-def _single_block(block, x, vec, pe, attn_mask=None, transformer_options={}):
-    """``SingleStreamBlock.forward`` (0.3.75) with an out-of-place residual addition."""
-    from comfy.ldm.flux.layers import apply_mod
-    from comfy.ldm.flux.math import attention
-
-    mod = block.modulation(vec)[0] if block.modulation else vec
-    qkv, mlp = torch.split(block.linear1(apply_mod(block.pre_norm(x), 1 + mod.scale, mod.shift)),
-                           [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
-    q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k = block.norm(q, k, v)
-    attn = attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)
-    x = x + apply_mod(block.linear2(torch.cat((attn, block.mlp_act(mlp)), 2)), mod.gate)
-    if x.dtype == torch.float16:
-        x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
-    return x
+def _protected(original_block, stream_keys):
+    """``original_block`` (ComfyUI's ``block_wrap``) run under :class:`_SavedCopies` hooks."""
+    def run(args):
+        if not torch.is_grad_enabled():
+            return original_block(args)
+        saved = _SavedCopies(args.get(k) for k in stream_keys)
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            return original_block(args)
+    return run
 
 
-def _replacement(own, existing):
-    """A ``patches_replace["dit"]`` entry running ``own`` (or ``existing`` on top of it)."""
-    if existing is None:
-        return lambda args, extra: own(args)
-    return lambda args, extra: existing(args, {**extra, "original_block": own})
+@contextlib.contextmanager
+def _in_training():
+    """``comfy.model_management.in_training = True`` for the call (ComfyUI versions that have it)."""
+    import comfy.model_management as mm
+
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    before = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = before
+
+
+def _replacement(stream_keys, existing):
+    """A ``patches_replace["dit"]`` entry running ComfyUI's block protected (see :class:`_SavedCopies`),
+    or ``existing`` with the protected block as its ``original_block``."""
+    def patch(args, extra):
+        own = _protected(extra["original_block"], stream_keys)
+        if existing is None:
+            return own(args)
+        return existing(args, {**extra, "original_block": own})
+    return patch
+
+
+def _with_protected_blocks(transformer_options, keys):
+    """A copy of ``transformer_options`` whose ``dit`` patches protect the blocks ``keys``
+    (``{key: stream names}``); the caller's dicts are not modified."""
+    opts = dict(transformer_options or {})
+    patches_replace = dict(opts.get("patches_replace", {}))
+    dit = dict(patches_replace.get("dit", {}))
+    for key, streams in keys.items():
+        dit[key] = _replacement(streams, dit.get(key))
+    patches_replace["dit"] = dit
+    opts["patches_replace"] = patches_replace
+    return opts
 
 
 def _check(model, cls, blocks, name):
@@ -147,38 +168,26 @@ def flux_forward(model, x, timestep, context, y=None, guidance=None, transformer
     flux_cls, double_cls, single_cls = _flux_classes()
     _check(model, flux_cls, [(b, double_cls) for b in getattr(model, "double_blocks", ())]
            + [(b, single_cls) for b in getattr(model, "single_blocks", ())], "flux_forward")
-    opts = dict(transformer_options or {})
-    patches_replace = dict(opts.get("patches_replace", {}))
-    dit = dict(patches_replace.get("dit", {}))
-
-    for i, block in enumerate(model.double_blocks):
-        def own(args, block=block):
-            img, txt = _double_block(block, args["img"], args["txt"], args["vec"], args["pe"],
-                                     args.get("attn_mask"), args.get("transformer_options") or {})
-            return {"img": img, "txt": txt}
-        dit[("double_block", i)] = _replacement(own, dit.get(("double_block", i)))
-    for i, block in enumerate(model.single_blocks):
-        def own(args, block=block):
-            return {"img": _single_block(block, args["img"], args["vec"], args["pe"],
-                                         args.get("attn_mask"), args.get("transformer_options") or {})}
-        dit[("single_block", i)] = _replacement(own, dit.get(("single_block", i)))
-
-    patches_replace["dit"] = dit
-    opts["patches_replace"] = patches_replace
-    return model.forward(x, timestep, context, y=y, guidance=guidance, transformer_options=opts, **kwargs)
+    keys = {("double_block", i): ("img", "txt") for i in range(len(model.double_blocks))}
+    keys.update({("single_block", i): ("img",) for i in range(len(model.single_blocks))})
+    opts = _with_protected_blocks(transformer_options, keys)
+    with _in_training():
+        return model.forward(x, timestep, context, y=y, guidance=guidance, transformer_options=opts, **kwargs)
 
 
 def wan_forward(model, x, timestep, context, clip_fea=None, transformer_options=None, **kwargs):
     """``WanModel.forward(x, timestep, context, clip_fea, transformer_options=...)``, autograd-safe.
 
     t2v and i2v (``x`` with the image channels concatenated, ``clip_fea`` ``(B, tokens, 1280)``).
-    ComfyUI 0.3.75's Wan blocks are already out of place, so this is the model's own forward
-    (on a copy of ``transformer_options``), restricted to the stock classes it was checked on.
+    ComfyUI's Wan blocks are out of place (0.3.75, 0.33); they run protected all the same, on a
+    copy of ``transformer_options``, restricted to the stock classes this was checked on.
     """
     wan_cls, block_cls = _wan_classes()
     _check(model, wan_cls, [(b, block_cls) for b in getattr(model, "blocks", ())], "wan_forward")
-    return model.forward(x, timestep, context, clip_fea=clip_fea,
-                         transformer_options=dict(transformer_options or {}), **kwargs)
+    opts = _with_protected_blocks(transformer_options, {("double_block", i): ("img",)
+                                                        for i in range(len(model.blocks))})
+    with _in_training():
+        return model.forward(x, timestep, context, clip_fea=clip_fea, transformer_options=opts, **kwargs)
 
 
 def training_forward(model):

@@ -41,13 +41,30 @@ def _flux2_style():
     import comfy.ldm.flux.model
     import comfy.ops
 
-    m = comfy.ldm.flux.model.Flux(
+    config = dict(
         in_channels=16, out_channels=16, vec_in_dim=None, context_in_dim=tiny_models.TEXT_DIM,
         hidden_size=64, mlp_ratio=3.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 8, 8, 8],
         theta=2000, patch_size=1, qkv_bias=False, guidance_embed=True, global_modulation=True,
-        mlp_silu_act=True, ops_bias=False, dtype=torch.float32, device="cpu",
-        operations=comfy.ops.disable_weight_init)
+        mlp_silu_act=True, ops_bias=False)
+    m = comfy.ldm.flux.model.Flux(dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init,
+                                  **tiny_models.flux_kwargs(config, {"txt_ids_dims": [3]}))
     return _random_init(m, seed=11)
+
+
+def _flux_yak():
+    """FLUX.1-style with ComfyUI 0.33's gated ``yak_mlp`` (double blocks: YakMLP; single blocks: a
+    SiLU-gated MLP stream); None where ``FluxParams`` has no such field (0.3.75)."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+    import comfy.ops
+
+    if "yak_mlp" not in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        return None
+    config = dict(tiny_models.TINY_FLUX, depth=1, depth_single_blocks=1, yak_mlp=True)
+    m = comfy.ldm.flux.model.Flux(dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init,
+                                  **tiny_models.flux_kwargs(config))
+    return _random_init(m, seed=13)
 
 
 def _wan_i2v():
@@ -69,7 +86,7 @@ def _inputs(kind, dtype=torch.float32):
     def r(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
 
-    if kind == "flux":  # 4x3 tokens at patch 2, y, guidance
+    if kind in ("flux", "flux_yak"):  # 4x3 tokens at patch 2, y, guidance
         return (r(2, 16, 8, 6), torch.tensor([0.3, 0.8], dtype=dtype), r(2, 5, tiny_models.TEXT_DIM),
                 r(2, tiny_models.TINY_FLUX["vec_in_dim"]), torch.tensor([3.5, 2.0], dtype=dtype))
     if kind == "flux2":  # patch 1, no y
@@ -85,8 +102,14 @@ def _inputs(kind, dtype=torch.float32):
 @pytest.fixture(scope="module")
 def models(tiny_flux, tiny_wan):
     """kind -> a float32 diffusion model (the shared fixtures' are only read, never trained)."""
-    return {"flux": tiny_flux.model.diffusion_model, "flux2": _flux2_style(),
+    return {"flux": tiny_flux.model.diffusion_model, "flux2": _flux2_style(), "flux_yak": _flux_yak(),
             "wan": tiny_wan.model.diffusion_model, "wan_i2v": _wan_i2v()}
+
+
+def _model(models, kind):
+    if models[kind] is None:
+        pytest.skip(f"this ComfyUI has no {kind} variant of its classes")
+    return models[kind]
 
 
 def _call(fn, model, kind, inputs, **kw):
@@ -102,9 +125,9 @@ def _own_forward(model, *args, **kw):
 
 # --------------------------------------------------------------------------- equivalence
 
-@pytest.mark.parametrize("kind", ["flux", "flux2", "wan", "wan_i2v"])
+@pytest.mark.parametrize("kind", ["flux", "flux2", "flux_yak", "wan", "wan_i2v"])
 def test_equals_the_models_own_forward_also_with_rope_options(tf, models, kind):
-    model, inputs = models[kind], _inputs(kind)
+    model, inputs = _model(models, kind), _inputs(kind)
     fn = tf.training_forward(model).func
     assert fn is (tf.flux_forward if kind.startswith("flux") else tf.wan_forward)
     with torch.no_grad():
@@ -165,13 +188,18 @@ def _float64(model, monkeypatch):
     return m
 
 
-@pytest.mark.parametrize("kind", ["flux", "flux2", "wan", "wan_i2v"])
+@pytest.mark.parametrize("kind", ["flux", "flux2", "flux_yak", "wan", "wan_i2v"])
 def test_gradients_match_finite_differences_for_every_parameter_tensor(tf, models, kind, monkeypatch):
-    model = _float64(models[kind], monkeypatch)
+    model = _float64(_model(models, kind), monkeypatch)
     inputs = [None if v is None else v.to(torch.float64) for v in _inputs(kind)]
     if kind.startswith("flux"):
         opts = {"rope_options": dict(ROPE_COARSE)}  # as at a coarse patch step
-        # Flux's own forward cannot be trained: its blocks add residuals in place
+        # Flux's own forward cannot be trained: its blocks add residuals in place (with RoPE in
+        # plain torch ops, as ComfyUI's own training sets it where the flag exists: 0.33)
+        import comfy.model_management
+
+        if hasattr(comfy.model_management, "in_training"):
+            monkeypatch.setattr(comfy.model_management, "in_training", True)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             _call(_own_forward, model, kind, inputs, transformer_options=copy.deepcopy(opts)).sum().backward()
         model.zero_grad(set_to_none=True)
@@ -214,6 +242,8 @@ def test_gradients_match_finite_differences_for_every_parameter_tensor(tf, model
              "flux2": "img_in txt_in time_in guidance_in double_stream_modulation_img double_stream_modulation_txt "
                       "single_stream_modulation double_blocks.0 double_blocks.1 single_blocks.0 single_blocks.1 "
                       "final_layer",
+             "flux_yak": "img_in txt_in double_blocks.0.img_mlp.gate_proj double_blocks.0.img_mlp.down_proj "
+                         "double_blocks.0.txt_mlp.up_proj single_blocks.0 final_layer",
              "wan": "patch_embedding text_embedding time_embedding time_projection blocks.0.self_attn "
                     "blocks.0.cross_attn blocks.0.ffn blocks.0.modulation blocks.0.norm3 blocks.1 head",
              "wan_i2v": "patch_embedding img_emb blocks.0.cross_attn.k_img blocks.1.cross_attn.v_img head"}[kind]
@@ -236,3 +266,44 @@ def test_forward_and_backward_modify_no_parameter_and_create_none(tf, models, ki
     assert all(torch.equal(v, values[k]) for k, v in model.state_dict().items())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
     assert opts == {"rope_options": ROPE_COARSE}
+
+
+# --------------------------------------------------------------------------- the in-place guard
+
+def test_blocks_may_add_into_their_streams_but_other_in_place_changes_still_raise(tf):
+    """What makes ComfyUI's own blocks trainable (families/autograd_forward._protected): a block that
+    adds into its input stream after a LayerNorm saved it gets the out-of-place gradient; any other
+    saved tensor changed in place still raises, as autograd does without the hooks."""
+    w = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+
+    def in_place(args):  # as Flux's blocks: norm(img) is saved, then img += ...
+        img = args["img"]
+        img += torch.nn.functional.layer_norm(img, (6,)) * w
+        img += torch.tanh(torch.nn.functional.layer_norm(img, (6,)))
+        return {"img": img}
+
+    def out_of_place(args):
+        img = args["img"]
+        img = img + torch.nn.functional.layer_norm(img, (6,)) * w
+        return {"img": img + torch.tanh(torch.nn.functional.layer_norm(img, (6,)))}
+
+    x = torch.randn(2, 3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    grads = {}
+    for name, block in (("ref", out_of_place), ("guarded", tf._protected(in_place, ("img",)))):
+        out = block({"img": x * 1.0})["img"]
+        grads[name] = torch.autograd.grad(out.square().sum(), (x, w))
+    for a, b in zip(grads["ref"], grads["guarded"]):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # unguarded
+        torch.autograd.grad(in_place({"img": x * 1.0})["img"].square().sum(), (x, w))
+
+    def changes_a_saved_activation(args):  # not a stream: the guard must not hide this
+        img = args["img"]
+        h = img * w
+        out = torch.tanh(h)  # saves its output
+        out.mul_(2.0)
+        return {"img": img + out}
+
+    out = tf._protected(changes_a_saved_activation, ("img",))({"img": x * 1.0})["img"]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
