@@ -8,7 +8,21 @@ Kontext reference tokens follow the grid tokens in the image stream.
 
 from __future__ import annotations
 
+import torch
+
 from .base import FamilyBinding
+
+
+def linear_layers(module: torch.nn.Module) -> list[str]:
+    """Names of the Linear layers inside ``module`` (a feed-forward), in order, as the running ComfyUI
+    builds it; a layer that peft already wrapped (``base_layer``) counts once, under its own name."""
+    names = []
+    for name, m in module.named_modules():
+        if any(name.startswith(n + ".") for n in names):
+            continue
+        if isinstance(m, torch.nn.Linear) or isinstance(getattr(m, "base_layer", None), torch.nn.Linear):
+            names.append(name)
+    return names
 
 
 def flux_binding(dm, latent_channels: int) -> FamilyBinding:
@@ -20,9 +34,12 @@ def flux_binding(dm, latent_channels: int) -> FamilyBinding:
     n_double, n_single = len(dm.double_blocks), len(dm.single_blocks)
     doubles = tuple(("double_block", i) for i in range(n_double))
     singles = tuple(("single_block", i) for i in range(n_single))
-    ff = tuple(f"double_blocks.{i}.img_mlp.{j}" for i in range(n_double) for j in (0, 2))
+    # the image MLP's Linear layers as the running ComfyUI builds them: ``img_mlp.0`` / ``img_mlp.2``
+    # (GELU or SiLU-gated Sequential), ``img_mlp.gate_proj`` / ``up_proj`` / ``down_proj`` (0.33's YakMLP)
+    ff = tuple(f"double_blocks.{i}.img_mlp.{name}" for i, block in enumerate(dm.double_blocks)
+               for name in linear_layers(block.img_mlp))
     ff += tuple(f"single_blocks.{i}.{name}" for i in range(n_single) for name in ("linear1", "linear2"))
-    tail = f"single_blocks.{n_single - 1}.linear2.weight" if n_single else f"double_blocks.{n_double - 1}.img_mlp.2.weight"
+    tail = f"{ff[-1]}.weight" if ff else "final_layer.linear.weight"
     head = "double_blocks.0.img_attn.qkv.weight" if n_double else "single_blocks.0.linear1.weight"
     return FamilyBinding(
         "flux", int(dm.patch_size), latent_channels, 4, 1, d, n_double + n_single, macs, True,
