@@ -368,7 +368,14 @@ def tokens_at(binding, latent, factor: int, ctx_len: int, keep: float = 1.0) -> 
 # --------------------------------------------------------------------------------------
 
 def unet_config_for(model: str, tiny: bool) -> dict:
-    return dict({"flux": FLUX_TINY, "wan": WAN_TINY}[model] if tiny else {"flux": FLUX_DEV, "wan": WAN_13B}[model])
+    cfg = dict({"flux": FLUX_TINY, "wan": WAN_TINY}[model] if tiny else {"flux": FLUX_DEV, "wan": WAN_13B}[model])
+    if model == "flux":  # ComfyUI 0.33's FluxParams requires txt_ids_dims (FLUX.1: [], as its detection says)
+        import dataclasses
+
+        import comfy.ldm.flux.model
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+            cfg.setdefault("txt_ids_dims", [])
+    return cfg
 
 
 def describe_model(unet_config: dict, dtype):

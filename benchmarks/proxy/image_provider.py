@@ -208,7 +208,8 @@ class ImageProxyProvider(ProxyProvider):
         sd, meta = comfy.utils.load_torch_file(str(self.weights), return_metadata=True)
         self.meta = meta or {}
         config = json.loads(self.meta["config"])
-        model_config = comfy.supported_models.Flux({"image_model": "flux", **config})
+        t = trainer()
+        model_config = comfy.supported_models.Flux({"image_model": "flux", **t.comfy_flux_kwargs(config)})
         if self.identity_latent:
             model_config.latent_format = identity_latent_format()
         load_device = mm.get_torch_device()
@@ -217,7 +218,7 @@ class ImageProxyProvider(ProxyProvider):
         manual_cast = mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
         model_config.set_inference_dtype(dtype, manual_cast)
         model = model_config.get_model(sd, "", device=offload_device)
-        model.diffusion_model.load_state_dict(sd, strict=True)  # casts fp16 -> dtype
+        model.diffusion_model.load_state_dict(t.model_names(sd, model.diffusion_model), strict=True)  # casts fp16 -> dtype
         model = model.to(offload_device)
         self.dtype = dtype
         self.config = config

@@ -176,14 +176,40 @@ def flux_config(args) -> dict:
                 qkv_bias=True, guidance_embed=True)
 
 
+QK_NORM = ("query_norm.scale", "key_norm.scale", "query_norm.weight", "key_norm.weight")
+
+
+def comfy_flux_kwargs(cfg: dict) -> dict:
+    """``cfg`` for the running ComfyUI's Flux class: 0.33's FluxParams also requires
+    ``txt_ids_dims`` (FLUX.1, and this proxy: ``[]``)."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    return {**({"txt_ids_dims": []} if "txt_ids_dims" in fields else {}), **cfg}
+
+
+def file_names(sd: dict) -> dict:
+    """A state dict with the released FLUX.1 names (QK norms ``*_norm.scale``: ComfyUI 0.3.75's
+    module names; 0.33 names them ``*_norm.weight``), so files do not depend on the version."""
+    return {(k[:-len("weight")] + "scale" if k.endswith(QK_NORM[2:]) else k): v for k, v in sd.items()}
+
+
+def model_names(sd: dict, model: torch.nn.Module) -> dict:
+    """A file's state dict under the running ComfyUI's names for ``model`` (see file_names)."""
+    own = set(model.state_dict())
+    return {(k[:-len("scale")] + "weight" if k not in own and k.endswith(QK_NORM[:2]) else k): v
+            for k, v in sd.items()}
+
+
 def build_model(cfg: dict, device) -> torch.nn.Module:
     import comfy.ldm.flux.model
     import comfy.ops
     model = comfy.ldm.flux.model.Flux(dtype=torch.float32, device=device,
-                                      operations=comfy.ops.disable_weight_init, **cfg)
+                                      operations=comfy.ops.disable_weight_init, **comfy_flux_kwargs(cfg))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(".scale"):  # QK RMSNorm
+            if name.endswith(QK_NORM):  # QK RMSNorm
                 p.fill_(1.0)
             elif p.ndim >= 2:
                 p.normal_(0.0, 0.02)
@@ -232,7 +258,7 @@ def save_grid(imgs: torch.Tensor, rows: int, path: Path) -> None:
 def export(args, out: Path, fwd, model, class_tokens, cfg, state, device, amp):
     from safetensors.torch import save_file
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = file_names({k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()})
     cfg_json = json.dumps(cfg)
     meta = {"config": cfg_json, "elastic_tokens_test_config": cfg_json, "data_recipe": DATA_RECIPE,
             "steps": str(state["step"]), "loss": f"{state['loss']:.6f}", "version": VERSION,
