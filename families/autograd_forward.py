@@ -82,7 +82,11 @@ class _SavedCopies:
         self.storages = {t.untyped_storage().data_ptr() for t in streams if isinstance(t, torch.Tensor)}
 
     def pack(self, t):
-        if t.untyped_storage().data_ptr() in self.storages:
+        try:
+            aliased = t.untyped_storage().data_ptr() in self.storages
+        except (RuntimeError, NotImplementedError, TypeError):  # a storage-less subclass (quantised weights)
+            return t.detach(), None
+        if aliased:
             return t.detach().clone(), None
         return t.detach(), t._version  # detach shares the version counter
 
