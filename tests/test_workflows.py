@@ -1,7 +1,10 @@
 """Example workflows (workflows/*.json) and the UI -> API converter (bench/workflow_api.py).
 
 * Converter unit tests: plain pytest, no ComfyUI needed (a small synthetic object_info).
-* Offline checks of the shipped files: well-formed UI JSON, a template-browser thumbnail each.
+* Offline checks of the shipped files: well-formed UI JSON, a template-browser thumbnail each; every
+  workflow (the proxy ones too) carries the frontend's hints: ``properties.models`` (name, url,
+  directory) on each node that names a model file, and the node pack's id (``cnr_id`` / ``aux_id``
+  with ``ver``) on each node. tests/test_browser.py checks what the real frontend does with them.
 * ``server`` tests: against a real headless ComfyUI with this pack and the tiny models
   (tests/support/comfy_server.py): every workflow validates against the live object_info, is
   listed by the template endpoint with its thumbnail served, and runs through POST /prompt to
@@ -340,6 +343,59 @@ def test_workflow_has_a_template_thumbnail(path):
         return
     with Image.open(thumb) as im:
         assert im.format == "JPEG" and min(im.size) >= 256
+
+
+PROXY_WORKFLOWS = sorted((REPO / "benchmarks" / "proxy" / "workflows").glob("*.json"))
+MODEL_DIRS = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "DualCLIPLoader": "text_encoders",
+              "VAELoader": "vae", "ElasticTokensLoadPatchAdapter": "elastic_tokens"}
+
+
+def _pack_ids() -> dict:
+    """What a node of each origin carries: core nodes, this pack's nodes (its registry id: the
+    pyproject [project] name), the proxy nodes (only in this repository: its GitHub owner/name)."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    repo = project["urls"]["Repository"].rstrip("/").split("github.com/")[1]
+    return {"core": ("cnr_id", "comfy-core"), "pack": ("cnr_id", project["name"]), "proxy": ("aux_id", repo),
+            "version": project["version"], "repo_url": project["urls"]["Repository"].rstrip("/")}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS + PROXY_WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_carries_model_and_node_pack_hints(path):
+    import re
+
+    ids = _pack_ids()
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    files = 0
+    for node in wf["nodes"]:
+        if node["type"] in workflow_api.VIRTUAL_NODE_TYPES:
+            continue
+        props = node["properties"]
+        origin = ("proxy" if node["type"].startswith("ElasticTokensProxy") else
+                  "pack" if node["type"].startswith("ElasticTokens") else "core")
+        key, value = ids[origin]
+        assert props.get(key) == value, (node["type"], props)
+        assert not ({"cnr_id", "aux_id"} - {key}) & set(props), (node["type"], "one pack id, as the frontend writes it")
+        assert re.fullmatch(r"\d+\.\d+\.\d+", props.get("ver", "")), (node["type"], props.get("ver"))
+        if origin != "core":
+            assert props["ver"] == ids["version"]
+        # a model hint for every model file the node names, and only for those (the frontend
+        # matches hints against the widget values)
+        named = [v for v in node.get("widgets_values") or [] if isinstance(v, str) and v.endswith(".safetensors")]
+        hints = props.get("models", [])
+        assert [h["name"] for h in hints] == named, (node["type"], named, hints)
+        for hint in hints:
+            files += 1
+            assert set(hint) == {"name", "url", "directory"}, hint
+            assert hint["directory"] == MODEL_DIRS[node["type"]], hint
+            if origin == "core":  # the frontend offers downloads from Hugging Face (and Civitai) only
+                assert hint["url"].startswith("https://huggingface.co/") and hint["url"].endswith("/" + hint["name"])
+            else:  # the proxies' adapters ship in this repository
+                rel = f"benchmarks/proxy/adapters/{hint['name']}"
+                assert hint["url"] == f"{ids['repo_url']}/raw/main/{rel}" and (REPO / rel).is_file(), hint
+    assert files > 0
+    assert "ds" not in wf.get("extra", {}), "no saved view: the frontend fits the graph to the user's screen"
 
 
 # =========================================================================== against a real server
