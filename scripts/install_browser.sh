@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # What the browser test (tests/test_browser.py) needs, installed where it can be; never fatal: the
 # test SKIPS, saying what is missing, where something could not be installed.
-#  * the ComfyUI frontend that the ComfyUI under test asks for (comfyui-frontend-package==X in its
-#    requirements.txt), unpacked into .runtime/frontend/X/ with `pip install --target` (the shared
-#    .venv is not changed; one folder per version, so two ComfyUI versions can be tested);
+#  * the ComfyUI frontend that each ComfyUI under test asks for (comfyui-frontend-package==X in its
+#    requirements.txt: the one tests/support/comfy_runtime.py resolves, and any unpacked under
+#    .runtime/ComfyUI-*/), unpacked into .runtime/frontend/X/ with `pip install --target` (the shared
+#    .venv is not changed; one folder per version);
 #  * headless Chromium from Debian's packages (`apt-get install chromium`, as root), unless a
 #    Chromium/Chrome is already on PATH or $CHROME_BIN names one.
 # Idempotent (a second run with everything present is instant); messages go to stderr.
@@ -14,31 +15,38 @@ PY="$ROOT/.venv/bin/python"
 say() { echo "install_browser: $*" >&2; }
 status=0
 
-# ---- the frontend package the ComfyUI under test pins
+# ---- the frontend package each ComfyUI the tests run against pins: the one tests/support/comfy_runtime.py
+# resolves ($COMFYUI_PATH, else the vendored 0.3.75) and any unpacked under .runtime/ComfyUI-*/
+install_frontend() {  # install_frontend COMFYUI_DIR
+  local version dest
+  version="$(sed -n 's/^comfyui-frontend-package *== *\([0-9][0-9.]*\).*/\1/p' "$1/requirements.txt" 2>/dev/null | head -1)"
+  if [[ -z "$version" ]]; then
+    say "no comfyui-frontend-package==X in $1/requirements.txt; its frontend not installed"; return 1
+  fi
+  dest="$ROOT/.runtime/frontend/$version"
+  [[ -f "$dest/comfyui_frontend_package/static/index.html" ]] && return 0
+  rm -rf "$dest.partial"
+  if "$PY" -m pip install -q --no-deps --disable-pip-version-check --target "$dest.partial" \
+       "comfyui-frontend-package==$version" 2> >(grep -v -e 'is ignored: it is neither' -e '^$' >&2) \
+     && [[ -f "$dest.partial/comfyui_frontend_package/static/index.html" ]]; then
+    rm -rf "$dest" && mv "$dest.partial" "$dest"
+    say "ComfyUI frontend $version (for $1) in ${dest#"$ROOT"/}"
+  else
+    rm -rf "$dest.partial"
+    say "could not install comfyui-frontend-package==$version (pip); the browser test will skip there"; return 1
+  fi
+}
 if [[ ! -x "$PY" ]]; then
   say "no .venv yet (run scripts/install_runtime.sh first); frontend not installed"; status=1
 else
-  comfyui="$(PYTHONPATH="$ROOT/tests/support" "$PY" -c 'import comfy_runtime; print(comfy_runtime.comfyui_path())' 2>/dev/null)"
-  version="$(sed -n 's/^comfyui-frontend-package *== *\([0-9][0-9.]*\).*/\1/p' "$comfyui/requirements.txt" 2>/dev/null | head -1)"
-  if [[ -z "$version" ]]; then
-    say "no comfyui-frontend-package==X in ${comfyui:-?}/requirements.txt; frontend not installed"; status=1
-  else
-    dest="$ROOT/.runtime/frontend/$version"
-    if [[ -f "$dest/comfyui_frontend_package/static/index.html" ]]; then
-      :  # already there
-    else
-      rm -rf "$dest.partial"
-      if "$PY" -m pip install -q --no-deps --disable-pip-version-check --target "$dest.partial" \
-           "comfyui-frontend-package==$version" 2> >(grep -v -e 'is ignored: it is neither' -e '^$' >&2) \
-         && [[ -f "$dest.partial/comfyui_frontend_package/static/index.html" ]]; then
-        rm -rf "$dest" && mv "$dest.partial" "$dest"
-        say "ComfyUI frontend $version in ${dest#"$ROOT"/}"
-      else
-        rm -rf "$dest.partial"
-        say "could not install comfyui-frontend-package==$version (pip); the browser test will skip"; status=1
-      fi
-    fi
-  fi
+  comfyuis=("$(PYTHONPATH="$ROOT/tests/support" "$PY" -c 'import comfy_runtime; print(comfy_runtime.comfyui_path())' 2>/dev/null)")
+  for dir in "$ROOT"/.runtime/ComfyUI-*/; do
+    [[ -f "$dir/requirements.txt" ]] && comfyuis+=("${dir%/}")
+  done
+  for dir in "${comfyuis[@]}"; do
+    [[ -n "$dir" ]] || continue
+    install_frontend "$dir" || status=1
+  done
 fi
 
 # ---- headless Chromium

@@ -57,4 +57,7 @@ fi
 # skip, saying so, where it cannot be had
 bash "$ROOT/scripts/proxy_data.sh" || echo "install_runtime: Fashion-MNIST not installed (scripts/proxy_data.sh)" >&2
 
+# --- browser test (tests/test_browser.py): Chromium + each tested ComfyUI's frontend; never fatal; scripts/main.sh skips it
+[[ -n "${ELASTIC_TOKENS_NO_BROWSER:-}" ]] || bash "$ROOT/scripts/install_browser.sh" >&2 || echo "install_runtime: browser test prerequisites incomplete (scripts/install_browser.sh): tests/test_browser.py will skip" >&2
+
 PYTHONPATH="$ROOT/tests/support" "$VENV/bin/python" -c 'import comfy_runtime; print(comfy_runtime.comfyui_path())'

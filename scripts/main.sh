@@ -15,7 +15,7 @@ if [[ ! -f .venv/.elastic_tokens_runtime_stamp ]]; then
   echo "First run: installing the pinned CPU runtime (torch, ComfyUI) into .venv/ -- about 3 min on a" \
        "quiet 2-core machine with a fast network ..." >&2
 fi
-comfyui="$(bash scripts/install_runtime.sh)"
+comfyui="$(ELASTIC_TOKENS_NO_BROWSER=1 bash scripts/install_runtime.sh)"  # the browser test's Chromium: not needed here
 version="$(sed -n 's/^__version__ *= *"\(.*\)"/\1/p' "$comfyui/comfyui_version.py" 2>/dev/null || true)"
 echo "Runtime: .venv (ComfyUI ${version:-?} at $comfyui)"
 exec .venv/bin/python bench/run_example.py "$@"
