@@ -56,7 +56,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import json
+import logging
 import math
 import os
 import re
@@ -974,6 +977,22 @@ def select_cases(models: str, workflow: str, **settings) -> tuple[list[Case], li
     return cases, skipped
 
 
+@contextlib.contextmanager
+def comfyui_output_to(buffer):
+    """What ComfyUI prints *in this process* goes to ``buffer``, not the terminal: its root-logger
+    warnings (custom-node import failures: a module-level ``logging.warning`` would otherwise set up
+    a terminal handler), stdout and stderr. The root logger's handlers are restored afterwards,
+    dropping any ComfyUI added."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [logging.StreamHandler(buffer)]
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            yield buffer
+    finally:
+        root.handlers = saved
+
+
 def _shown_path(path: Path) -> str:
     """``path`` relative to the working directory where it lies below it (shorter to read)."""
     try:
@@ -1024,6 +1043,13 @@ def main(argv=None) -> int:
     log_path = args.out / SERVER_LOG_NAME
     print(f"Starting ComfyUI (headless main.py, --cpu) with this pack; its own output (import messages, "
           f"warnings) goes to\n  {_shown_path(log_path)}", flush=True)
+    # the server's folder holds the tiny test models; a first run builds them with ComfyUI imported
+    # in this process, whose import messages belong in the log too (added when the server stops)
+    in_process = io.StringIO()
+    with comfyui_output_to(in_process):
+        import tiny_models
+
+        tiny_models.write_example_models()
     try:
         with ComfyServer(extra_args=extra, log_file=log_path, start_timeout=max(600.0, timeout or 0)) as server:
             print(f"ComfyUI up in {server.start_seconds:.1f} s at {server.url}; per-prompt time limit: "
@@ -1041,6 +1067,11 @@ def main(argv=None) -> int:
     except ComfyError as exc:
         print(f"\nMain job failed: {exc}\nComfyUI's own log: {_shown_path(log_path)}", file=sys.stderr)
         return 1
+    finally:
+        if in_process.getvalue() and log_path.is_file():
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write("\n--- ComfyUI imported in the main job's own process (building the tiny test models) ---\n"
+                          + in_process.getvalue())
     args.out.mkdir(parents=True, exist_ok=True)
     summary = args.out / "main_job.json"
     model = ("trained proxies (benchmarks/proxy)" if args.models == "proxy"

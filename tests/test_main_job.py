@@ -360,9 +360,42 @@ def test_prompt_past_its_time_limit_stops_with_a_message(proxy_server):
     assert str(proxy_server.log_path) in str(info.value)
 
 
+def test_comfyui_output_in_this_process_is_captured(capfd):
+    import logging
+
+    root = logging.getLogger()
+    before = root.handlers[:]
+    buffer = __import__("io").StringIO()
+    with run_example.comfyui_output_to(buffer):
+        logging.warning("Cannot import comfy_extras/nodes_canny.py: No module named 'kornia'")  # as nodes.py does
+        print("printed")
+        print("to stderr", file=sys.stderr)
+        root.addHandler(logging.StreamHandler(sys.stderr))  # a handler set up during the import goes away
+    assert root.handlers == before
+    out, err = capfd.readouterr()
+    assert out == err == ""
+    assert buffer.getvalue() == "Cannot import comfy_extras/nodes_canny.py: No module named 'kornia'\nprinted\nto stderr\n"
+
+
 def test_main_end_to_end_with_missing_video_proxy(comfy, monkeypatch, tmp_path, capfd):
+    import logging
+
+    import tiny_models
+
     monkeypatch.setenv("ELASTIC_TOKENS_VIDEO_PROXY_WEIGHTS", str(tmp_path / "missing.safetensors"))
     monkeypatch.delenv(run_example.PROMPT_TIMEOUT_ENV, raising=False)
+    write = tiny_models.write_example_models
+
+    calls = []
+
+    def first_run_write(*args, **kwargs):  # on a fresh machine the first call imports ComfyUI in-process
+        if not calls:
+            logging.warning("IMPORT FAILED: nodes_canny.py (in-process)")
+            print("Total VRAM 0 MB (in-process)")
+        calls.append(1)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_models, "write_example_models", first_run_write)
     assert run_example.main(["--batch", "2", "--steps", "2", "--no-dynamic", "--out", str(tmp_path)]) == 0
     out, err = capfd.readouterr()  # what reached the terminal, subprocesses included
     text = out + err
@@ -376,6 +409,7 @@ def test_main_end_to_end_with_missing_video_proxy(comfy, monkeypatch, tmp_path, 
     assert log.is_file() and "Import times for custom nodes" in log.read_text(errors="replace")
     assert str(log) in text and text.count(str(log)) >= 2  # at the start and at the end
     assert "Import times for custom nodes" not in text and "Starting server" not in text
+    assert "in-process" not in text and "IMPORT FAILED: nodes_canny.py (in-process)" in log.read_text()
     assert (tmp_path / "image_proxy_grid.png").is_file() and (tmp_path / "image_proxy_schedule.png").is_file()
     assert not (tmp_path / "video_proxy_grid.png").exists()
     summary = json.loads((tmp_path / "main_job.json").read_text())
