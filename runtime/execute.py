@@ -78,7 +78,11 @@ def call_with_plan(executor, bound: inspect.BoundArguments, plan: TokenPlan, run
     x = bound.arguments["x"]
     options = bound.arguments["transformer_options"]
     if plan.keep is not None:
-        path = TokenPath(binding, plan.keep, binding.grid_tokens(x.shape, plan.factor), run.fallback)
+        fill = None
+        if plan.fill is not None:
+            call_options = options
+            fill = lambda grid, keep: plan.fill(grid, keep, call_options)  # noqa: E731
+        path = TokenPath(binding, plan.keep, binding.grid_tokens(x.shape, plan.factor), run.fallback, fill)
         options = chain_block_patches(options, path.block_patches())
     if plan.factor == 1:
         bound.arguments["transformer_options"] = options
