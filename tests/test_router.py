@@ -334,6 +334,11 @@ def test_the_node_on_an_unsupported_model_says_which_models_it_supports(pack):
 def test_the_node_has_tooltips_and_runs_through_its_schema(cases):
     from elastic_tokens.nodes.elastic_token_router import ElasticTokenRouter
 
+    import asyncio
+
+    from elastic_tokens.nodes.extension import ElasticTokensExtension
+
+    assert ElasticTokenRouter in asyncio.run(ElasticTokensExtension().get_node_list())
     schema = ElasticTokenRouter.define_schema()
     assert schema.display_name == "Elastic Token Router"
     inputs = {i.id: i for i in schema.inputs}
