@@ -351,3 +351,28 @@ def test_the_node_has_tooltips_and_runs_through_its_schema(cases):
     assert report(out).planners == ["Elastic Token Router"]
     with pytest.raises(ValueError, match="budget"):
         ElasticTokenRouter.execute(model, 0.0, "ras", "cache", 0.2, 1.0, 5)
+
+
+# ----------------------------------------------------------------------------- later family members
+
+@pytest.mark.parametrize("name", ["flux2", "flux2_edit", "kontext", "wan22_5b"])
+def test_later_family_members_route_or_say_why_not(name, pack, comfy, tiny_flux, one_thread):
+    """Flux.2 (patch 1, 128 channels), Flux.2 with a reference image and Flux Kontext (reference
+    tokens after the grid: always kept) route; budget 1.0 stays the plain model. Wan 2.2 TI2V 5B's
+    calls with per-token timesteps run every token and are counted as such."""
+    from test_later_families import _case
+
+    flux2 = tiny_models.load_tiny_family("flux2") if name.startswith("flux2") else None
+    wan22 = tiny_models.load_tiny_family("wan22_5b") if name == "wan22_5b" else None
+    model, pos, neg, latent, cfg, _ = _case(name, flux2, wan22, tiny_flux)
+    base = ksample(model, pos, neg, latent, cfg=cfg)
+    assert torch.equal(ksample(router(model, budget=1.0, start_percent=0.0), pos, neg, latent, cfg=cfg), base)
+    routed = router(model, budget=0.5, start_percent=0.0, refresh_every=0)
+    out = ksample(routed, pos, neg, latent, cfg=cfg)
+    rep = report(routed)
+    assert torch.isfinite(out).all() and out.shape == base.shape
+    routed_steps = sum(1 for t, g in zip(rep.step_tokens, rep.step_grid_tokens) if t < g)
+    if rep.fallbacks:
+        assert set(rep.fallbacks) <= {"per-token timesteps"}, rep.fallbacks
+    else:
+        assert routed_steps == STEPS - 1 and not torch.equal(out, base)
