@@ -37,9 +37,9 @@ Variants (``--variants``, comma-separated, run in order):
   s=SCHED    a literal forced schedule, '/' instead of ',' (e.g. s=1x4/2x10/4x14)
   keep=F     share F of the image tokens (evenly spread) through the blocks at every step, through
              the runtime's token path (bench-only planner EvenKeep; keep=1.0: the path's overhead)
-  router=B[/scorer=S][/fill=F][/start=P][/end=P][/refresh=K]
+  router=B[/scorer=S][/fill=F][/start=P][/end=P][/refresh=K][/attend=1]
              the Elastic Token Router node at budget B (its defaults otherwise: scorer ras, fill
-             cache, start 0.2, end 1.0, refresh 5), e.g. router=0.5/start=0/refresh=0 routes every
+             cache, start 0.2, end 1.0, refresh 5, attend_skipped off), e.g. router=0.5/start=0/refresh=0 routes every
              step after the first (dense: nothing to score yet); router=1.0: the node's overhead
              (an idle router is the plain model)
   router=B@SCHED  the router stacked with a forced patch schedule SCHED (2x80, 4x80, 2x, s=...):
@@ -321,7 +321,7 @@ def build_variants(spec: str, graphs_mode: str, steps: int) -> list[Variant]:
 
 
 ROUTER_KEYS = {"scorer": "scorer", "fill": "fill", "start": "start_percent", "end": "end_percent",
-               "refresh": "refresh_every"}
+               "refresh": "refresh_every", "attend": "attend_skipped"}
 
 
 def parse_router(text: str) -> dict:
@@ -337,6 +337,11 @@ def parse_router(text: str) -> dict:
             raise ValueError(f"variant {text}: unknown router option {opt!r} "
                              f"(known: {', '.join(k + '=' for k in ROUTER_KEYS)})")
         name = ROUTER_KEYS[key]
+        if name == "attend_skipped":
+            if value not in ("0", "1"):
+                raise ValueError(f"variant {text}: write attend=1 (or attend=0)")
+            settings[name] = value == "1"
+            continue
         settings[name] = (int(value) if name == "refresh_every" else
                           float(value) if name.endswith("_percent") else value)
     pack_module("ideas.drop.config").RouterConfig(**settings)  # its own validation and messages

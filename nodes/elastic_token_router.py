@@ -54,12 +54,18 @@ class ElasticTokenRouter(io.ComfyNode):
                              tooltip="Every k-th step of the window computes every token and renews the "
                                      "cache (RAS's dense steps). 0 = only the first step of the window; "
                                      "1 = every step dense (no saving)."),
+                io.Boolean.Input("attend_skipped", default=False,
+                                 tooltip="Computed tokens also attend to the skipped tokens' keys and values "
+                                         "from their last computed step (RAS). Closer to the full step; "
+                                         "costs memory (FLUX 1024²: ~3 GB per CFG branch, Wan 1.3B 480p "
+                                         "81 frames: ~6 GB) and part of the speed-up."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the token router.")],
         )
 
     @classmethod
-    def execute(cls, model, budget, scorer, fill, start_percent, end_percent, refresh_every) -> io.NodeOutput:
+    def execute(cls, model, budget, scorer, fill, start_percent, end_percent, refresh_every,
+                attend_skipped=False) -> io.NodeOutput:
         config = RouterConfig(budget=budget, scorer=scorer, fill=fill, start_percent=start_percent,
-                              end_percent=end_percent, refresh_every=refresh_every)
+                              end_percent=end_percent, refresh_every=refresh_every, attend_skipped=attend_skipped)
         return io.NodeOutput(apply_router(model, config))

@@ -84,6 +84,8 @@ def call_with_plan(executor, bound: inspect.BoundArguments, plan: TokenPlan, run
             fill = lambda grid, keep: plan.fill(grid, keep, call_options)  # noqa: E731
         path = TokenPath(binding, plan.keep, binding.grid_tokens(x.shape, plan.factor), run.fallback, fill)
         options = chain_block_patches(options, path.block_patches())
+        if plan.attention is not None:
+            options = plan.attention(options)
     if plan.factor == 1:
         bound.arguments["transformer_options"] = options
         return call_bound(executor, bound)

@@ -43,6 +43,8 @@ class TokenPlan:
     coarse_embed: str = "area"             # how a coarse patch is embedded (kernels/resize.py)
     coarse_deembed: str = "bilinear"       # how a coarse prediction is brought back to full size
     fill: object | None = None             # TokenFill: skipped tokens' hidden state after the blocks
+    attention: object | None = None        # keep plans: attention(options) -> the call's options (an
+                                           # attention override, e.g. ideas/drop/attend.py)
 
     @property
     def is_native(self) -> bool:

@@ -47,6 +47,10 @@ def test_router_variants_parse_with_their_settings_and_schedules(pack):
     assert v[1].router == {"budget": 0.3, "scorer": "context", "fill": "nearest", "start_percent": 0.0,
                            "end_percent": 0.9, "refresh_every": 0}
     assert v[3].router == {"budget": 0.75, "start_percent": 0.0}
+    assert bench_speed.build_variants("router=0.5/attend=1", "both", 8)[0].router == {"budget": 0.5,
+                                                                                      "attend_skipped": True}
+    with pytest.raises(ValueError, match="attend=1"):
+        bench_speed.build_variants("router=0.5/attend=yes", "both", 8)
     # the node's own validation speaks for bad settings, before any model is built
     with pytest.raises(ValueError, match="budget must be a share"):
         bench_speed.build_variants("router=0.05", "both", 8)

@@ -342,7 +342,8 @@ def test_the_node_has_tooltips_and_runs_through_its_schema(cases):
     schema = ElasticTokenRouter.define_schema()
     assert schema.display_name == "Elastic Token Router"
     inputs = {i.id: i for i in schema.inputs}
-    assert list(inputs) == ["model", "budget", "scorer", "fill", "start_percent", "end_percent", "refresh_every"]
+    assert list(inputs) == ["model", "budget", "scorer", "fill", "start_percent", "end_percent", "refresh_every",
+                            "attend_skipped"]
     assert all(i.tooltip for i in inputs.values())
     assert (inputs["budget"].min, inputs["budget"].max) == (0.1, 1.0)
     model, (pos, neg), latent, cfg = cases["flux"]
@@ -376,3 +377,82 @@ def test_later_family_members_route_or_say_why_not(name, pack, comfy, tiny_flux,
         assert set(rep.fallbacks) <= {"per-token timesteps"}, rep.fallbacks
     else:
         assert routed_steps == STEPS - 1 and not torch.equal(out, base)
+
+
+# ----------------------------------------------------------------------------- attend_skipped
+
+def test_attending_to_cached_keys_values_gives_the_full_attention_rows_of_the_kept_tokens(pack, tiny_flux):
+    """What ``attend_skipped`` computes, through ComfyUI's own optimized_attention: a dense call
+    fills the cache and passes through unchanged; a routed call whose skipped tokens' keys/values
+    did not change since equals full attention on the kept rows (text and kept image queries)."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.ideas.drop.attend import AttendSkipped, KVState
+
+    binding = binding_for(tiny_flux)
+    key = binding.block_keys[0]
+    b, heads, text, n, d = 2, 2, 3, 10, 4
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, heads, text + n, d, generator=gen) for _ in range(3))
+    options = {"uuids": ["cond", "uncond"]}
+    txt = torch.zeros(b, text, 8)
+
+    def attend(hook_options, q, k, v):
+        hook = hook_options["patches_replace"]["dit"][key]
+        out = {}
+        hook({"txt": txt, "img": None}, {"original_block": lambda args: out.setdefault(
+            "x", optimized_attention(q, k, v, heads, skip_reshape=True, transformer_options=hook_options))})
+        return out["x"]
+
+    full = optimized_attention(q, k, v, heads, skip_reshape=True)
+    state = KVState()
+    every = torch.arange(n)
+    dense = AttendSkipped(state, binding, every, n, dense=True)
+    assert torch.equal(attend(dense(options), q, k, v), full)
+    assert len(state.cache) == 2  # one entry per branch for this block
+    keep = torch.tensor([1, 4, 5, 8])
+    rows = torch.cat([torch.arange(text), keep + text])
+    routed = AttendSkipped(state, binding, keep, n, dense=False)
+    out = attend(routed(options), q[:, :, rows], k[:, :, rows], v[:, :, rows])
+    assert torch.allclose(out, full[:, rows], atol=1e-5)
+    without = optimized_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], heads, skip_reshape=True)
+    assert not torch.allclose(without, full[:, rows], atol=1e-3)  # the skipped keys mattered
+    assert state.missing == 0 and state.unexpected == 0
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_attend_skipped_through_the_ksampler_wraps_an_existing_override(cases, family):
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.kernels.token_scores import budget_tokens
+
+    model, (pos, neg), latent, cfg = cases[family]
+    binding = binding_for(model)
+    n = binding.grid_tokens(latent["samples"].shape)
+    k = budget_tokens(0.5, n)
+    text = pos[0][0].shape[1] if binding.joint_text else 0
+    seen = []
+
+    def users_override(func, *args, **kwargs):  # another node's attention override: still runs
+        seen.append((args[0].shape[2 if kwargs.get("skip_reshape") else 1],
+                     args[1].shape[2 if kwargs.get("skip_reshape") else 1]))
+        return func(*args, **kwargs)
+    users = model.clone()
+    users.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = users_override
+    base = ksample(users, pos, neg, latent, cfg=cfg)
+    assert seen
+    # every step dense: the cache fills, nothing else changes
+    assert torch.equal(ksample(router(users, budget=0.5, start_percent=0.0, refresh_every=1, attend_skipped=True),
+                               pos, neg, latent, cfg=cfg), base)
+    seen.clear()
+    routed = router(users, budget=0.5, start_percent=0.0, refresh_every=0, attend_skipped=True)
+    out = ksample(routed, pos, neg, latent, cfg=cfg)
+    blocks = len(binding.block_keys)
+    self_attn = [s for s in seen if s[1] >= s[0]]  # (Wan's cross-attention reads the 8 text tokens)
+    # step 0 dense (n queries, n keys), then kept queries with every token's keys
+    assert self_attn[:blocks] == [(text + n, text + n)] * blocks
+    assert self_attn[blocks:] == [(text + k, text + n)] * (blocks * (STEPS - 1))
+    plain_drop = ksample(router(model, budget=0.5, start_percent=0.0, refresh_every=0), pos, neg, latent, cfg=cfg)
+    assert torch.isfinite(out).all() and not torch.equal(out, plain_drop)
+    assert "attended to the skipped ones' cached keys/values" in report(routed).summary()
+    assert "without a cache" not in report(routed).summary()

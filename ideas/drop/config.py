@@ -26,7 +26,9 @@ class RouterConfig:
     * ``start_percent`` / ``end_percent``: the sampling window (ComfyUI's percent_to_sigma, as
       EasyCache): steps outside run every token;
     * ``refresh_every``: every k-th step of the window computes every token (and renews the
-      cache); 0 = only the first step of the window.
+      cache); 0 = only the first step of the window;
+    * ``attend_skipped``: computed tokens also attend to the skipped tokens' cached keys/values
+      (RAS; ideas/drop/attend.py): closer to the full step, more memory, less speed-up.
     """
 
     budget: float = 0.5
@@ -36,6 +38,7 @@ class RouterConfig:
     end_percent: float = 1.0
     refresh_every: int = 5
     starvation: float = 0.1
+    attend_skipped: bool = False
 
     def __post_init__(self):
         b = self.budget
@@ -56,6 +59,8 @@ class RouterConfig:
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"Elastic Token Router: refresh_every must be a whole number of steps >= 0 "
                              f"(0 = no dense refresh after the first step), got {k!r}")
+        if not isinstance(self.attend_skipped, bool):
+            raise ValueError(f"Elastic Token Router: attend_skipped must be true or false, got {self.attend_skipped!r}")
         if not 0.0 <= self.starvation <= 10.0:
             raise ValueError(f"Elastic Token Router: starvation rate must be in [0, 10], got {self.starvation}")
 

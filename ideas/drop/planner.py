@@ -14,6 +14,9 @@ schedule), every ``refresh_every``-th step, and steps with no score yet (the sco
 last update, so a run's first step is dense). With ``fill = nearest`` a dense step needs no
 capture and runs as the plain model.
 
+With ``attend_skipped`` the computed tokens' self-attention also reads the skipped tokens' keys
+and values from their last computed step (ideas/drop/attend.py); dense steps fill that cache.
+
 Stacking: a coarse step of a Dynamic Patch Schedule (planned before the router, it sets the grid)
 runs all its tokens; the router routes the native steps. Budget 1.0 or an empty window make the
 router idle: the run is the plain model bit for bit.
@@ -28,6 +31,7 @@ import torch
 from ...families import FamilyBinding
 from ...kernels import token_scores as ks
 from ...runtime.token_plan import StepInput, TokenPlan
+from .attend import AttendSkipped, KVState
 from .config import RouterConfig
 from .fill import CacheFill, FillState, NearestFill
 
@@ -53,6 +57,7 @@ class RouterRun:
         self.idle = config.never_routes
         self.needs_latent = not self.idle
         self.state = FillState()
+        self.kv = KVState()
         self.kept: dict[int, torch.Tensor] = {}   # step -> kept indices of routed steps (on the device)
         self.dense_steps: list[int] = []
         self._history: deque = deque(maxlen=3)     # (sigma, float32 latent), oldest first
@@ -81,7 +86,8 @@ class RouterRun:
             return plan
         scores = self._scores(step)
         refresh = cfg.refresh_every > 0 and self._since_dense >= cfg.refresh_every - 1
-        if scores is None or refresh or (cfg.fill == "cache" and not self._fresh):
+        caches = cfg.fill == "cache" or cfg.attend_skipped
+        if scores is None or refresh or (caches and not self._fresh):
             return self._dense(step, plan, n)
         if self._skipped is None or self._skipped.shape != scores.shape or self._skipped.device != scores.device:
             self._skipped = torch.zeros_like(scores)
@@ -95,7 +101,8 @@ class RouterRun:
             fill = CacheFill(self.state, dense=False)
         else:
             fill = NearestFill(ks.nearest_source(keep, self.binding.grid(step.latent_shape)).to(keep.device))
-        return plan.replace(keep=keep, fill=fill)
+        attention = AttendSkipped(self.kv, self.binding, keep, n, dense=False) if cfg.attend_skipped else None
+        return plan.replace(keep=keep, fill=fill, attention=attention)
 
     def _dense(self, step: StepInput, plan: TokenPlan, n: int) -> TokenPlan:
         self._since_dense = 0
@@ -103,7 +110,8 @@ class RouterRun:
             self._skipped.zero_()
         self.dense_steps.append(step.step)
         step.scores.update(router_kept=n, router_tokens=n)
-        if self.config.fill != "cache":
+        cfg = self.config
+        if cfg.fill != "cache" and not cfg.attend_skipped:
             return plan
         self._fresh = True
         latent = self._history[-1][1] if self._history else None
@@ -111,7 +119,9 @@ class RouterRun:
         every = self._all.get((n, device))
         if every is None:
             every = self._all[(n, device)] = torch.arange(n, device=device)
-        return plan.replace(keep=every, fill=CacheFill(self.state, dense=True))
+        fill = CacheFill(self.state, dense=True) if cfg.fill == "cache" else None
+        attention = AttendSkipped(self.kv, self.binding, every, n, dense=True) if cfg.attend_skipped else None
+        return plan.replace(keep=every, fill=fill, attention=attention)
 
     def _remember(self, step: StepInput) -> None:
         latent = step.latent()
@@ -162,6 +172,12 @@ class RouterRun:
         if self.state.missing:
             text += (f", {self.state.missing} routed calls had no cached output for their branch "
                      f"(skipped tokens kept their input)")
+        if cfg.attend_skipped:
+            text += "; computed tokens attended to the skipped ones' cached keys/values"
+            if self.kv.missing or self.kv.unexpected:
+                text += (f" ({self.kv.missing} attention calls without a cache, {self.kv.unexpected} not "
+                         f"recognised as self-attention: those ran without)")
         report.notes.append(text)
+        self.kv.clear()
         self.state.clear()
         self._history.clear()
