@@ -456,3 +456,35 @@ def test_attend_skipped_through_the_ksampler_wraps_an_existing_override(cases, f
     assert torch.isfinite(out).all() and not torch.equal(out, plain_drop)
     assert "attended to the skipped ones' cached keys/values" in report(routed).summary()
     assert "without a cache" not in report(routed).summary()
+
+
+# ----------------------------------------------------------------------------- scorers, samplers
+
+def test_each_scorer_ranks_by_its_own_signal(cases):
+    """The three scorers read different signals of one trajectory: at the first step where all
+    three have what they need (step 2: three latents), their kept sets differ."""
+    model, (pos, neg), latent, cfg = cases["wan"]
+    kept = {}
+    for scorer in ("ras", "context", "change"):
+        runs = []
+        ksample(recording_router(model, runs, budget=0.5, start_percent=0.0, refresh_every=0, scorer=scorer,
+                                 starvation=0.0), pos, neg, latent, cfg=cfg)
+        kept[scorer] = [set(runs[0].kept[s].tolist()) for s in (1, 2)]
+    assert kept["ras"][0] == kept["change"][0]  # change has only two latents at step 1: it reads ras
+    assert kept["ras"][1] != kept["change"][1] and kept["ras"][1] != kept["context"][1]
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m"])
+def test_multi_evaluation_and_multistep_samplers_share_one_plan_per_step(cases, sampler):
+    from elastic_tokens.families import binding_for
+
+    model, (pos, neg), latent, cfg = cases["flux"]
+    binding = binding_for(model)
+    counted, seen = count_block_tokens(model, binding.block_keys[0])
+    routed = router(counted, budget=0.5, start_percent=0.0, refresh_every=0)
+    out = ksample(routed, pos, neg, latent, cfg=cfg, sampler=sampler)
+    rep = report(routed)
+    n = binding.grid_tokens(latent["samples"].shape)
+    assert torch.isfinite(out).all() and rep.step_tokens[0] == n and set(rep.step_tokens[1:]) == {n // 2}
+    assert set(seen) == {n, n // 2} and len(seen) == sum(rep.calls.values())
+    assert not any("no cached output" in note for note in rep.notes)
