@@ -488,3 +488,32 @@ def test_multi_evaluation_and_multistep_samplers_share_one_plan_per_step(cases, 
     assert torch.isfinite(out).all() and rep.step_tokens[0] == n and set(rep.step_tokens[1:]) == {n // 2}
     assert set(seen) == {n, n // 2} and len(seen) == sum(rep.calls.values())
     assert not any("no cached output" in note for note in rep.notes)
+
+
+# ----------------------------------------------------------------------------- real server
+
+def test_the_node_runs_in_a_real_server_and_logs_what_it_skipped(comfy_server):
+    """The node as a user meets it: listed by /object_info with its inputs, run through /prompt on
+    the tiny Wan (CFG, uni_pc), its log line in the server's log."""
+    import re
+
+    from test_runtime import _wan_prompt
+
+    info = comfy_server.object_info("ElasticTokensTokenRouter")["ElasticTokensTokenRouter"]
+    assert info["display_name"] == "Elastic Token Router" and info["output"] == ["MODEL"]
+    required = info["input"]["required"]
+    assert required["budget"][1]["min"] == 0.1 and required["budget"][1]["default"] == 0.5
+    scorer = required["scorer"]  # a list of options, or "COMBO" with them in its settings
+    assert (scorer[0] if scorer[0] != "COMBO" else scorer[1]["options"]) == ["ras", "context", "change"]
+    prompt = _wan_prompt()
+    prompt["10"] = {"class_type": "ElasticTokensTokenRouter",
+                    "inputs": {"model": ["1", 0], "budget": 0.5, "scorer": "ras", "fill": "cache",
+                               "start_percent": 0.0, "end_percent": 1.0, "refresh_every": 0,
+                               "attend_skipped": False}}
+    prompt["6"]["inputs"]["model"] = ["10", 0]
+    prompt["9"]["inputs"]["filename_prefix"] = "tiny_wan_router"
+    entry = comfy_server.run(prompt, timeout=180)
+    assert comfy_server.output_files(entry, "9")
+    # 4 steps: the first dense, three at half the tokens: 3/8 of the image tokens skipped
+    assert re.search(r"Elastic Token Router: 38% of image tokens skipped, ~\d\.\dx \(budget 0\.5, 3 routed and 1 "
+                     r"dense steps", comfy_server.log_text()), comfy_server.log_text()[-3000:]
