@@ -99,7 +99,10 @@ class SamplingRun:
         for r in self.runs:
             finish = getattr(r, "finish", None)
             if finish is not None:
-                finish(self.report)
+                try:
+                    finish(self.report)
+                except Exception as e:  # a report note must never hide the run's own result or error
+                    self.note(f"{type(r).__name__}.finish failed: {type(e).__name__}: {e}")
 
     def release(self) -> None:
         """Drop this run's tensors (graphs stay with the model, see graph_replay.cache_for)."""
