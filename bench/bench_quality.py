@@ -508,6 +508,28 @@ def initial_noise(latent_one, seeds: list[int], perturb: float):
 
 
 EASYCACHE_WINDOW = (0.15, 0.95)  # the EasyCache node's default start / end percent
+COPY_INPUT_KEY = "elastic_tokens_bench.copy_model_input"
+
+
+def copy_model_input(model_patcher):
+    """A clone whose diffusion model gets a copy of its input latent, for EasyCache's sake.
+
+    EasyCache (ComfyUI 0.3.75 and 0.33.0, ``apply_cache_diff``) adds its cached difference to the
+    diffusion model's input *in place* on a skipped call. When the model runs in the sampler's own
+    dtype (fp32: on CPU, or ``--force-fp32``) that input is the very tensor ``BaseModel._apply_model``
+    later reads as ``x`` in ``calculate_denoised`` (a flow model's ``calculate_input`` returns it
+    unchanged and ``.to(dtype)`` does not copy), so every skipped step returns a wrong denoised
+    latent and the images end as noise. In fp16/bf16 the cast copies and nothing is aliased. This
+    wrapper, outside EasyCache's, gives it a copy in every dtype, so the peer is measured as a GPU
+    user runs it; it changes nothing else."""
+    import comfy.patcher_extension as pe
+
+    def copy_input(executor, x, *args, **kwargs):
+        return executor(x.clone(), *args, **kwargs)
+
+    model_patcher = model_patcher.clone()
+    model_patcher.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, COPY_INPUT_KEY, copy_input)
+    return model_patcher
 
 
 class ModelCallFlops:
@@ -565,7 +587,7 @@ def run_setting(provider, model, setting: Setting, seeds: list[int], args, node_
     if setting.easycache is not None:
         from comfy_extras.nodes_easycache import EasyCacheNode
 
-        mp = EasyCacheNode.execute(mp, reuse_threshold=setting.easycache, start_percent=EASYCACHE_WINDOW[0],
+        mp = EasyCacheNode.execute(copy_model_input(mp), reuse_threshold=setting.easycache, start_percent=EASYCACHE_WINDOW[0],
                                    end_percent=EASYCACHE_WINDOW[1], verbose=False).result[0]
         calls = ModelCallFlops(mp)
         mp = calls.model
