@@ -43,8 +43,10 @@ metadata ``class_names``), ``samples.png``, ``data.png``, ``train_log.json``.
 Commands
 --------
   # GPU machine (carry [".whl"]; no data to carry: scenes are generated), one command < 10 minutes:
-  . scripts/device_env.sh && python3 benchmarks/proxy/train_detail_proxy.py --minutes 6 \\
-      --ckpt /tmp/detail_ckpt.pt --export $OUT
+  set -o pipefail; . scripts/device_env.sh && python3 benchmarks/proxy/train_detail_proxy.py --minutes 6 \\
+      --ckpt /tmp/detail_ckpt.pt --export $OUT 2>&1 | tee $OUT/train_stdout.txt && cp $OUT/detail_proxy*.safetensors /tmp/
+  # (6 files in $OUT; the copies in /tmp serve a following bench_quality call on the same warm machine
+  #  through ELASTIC_TOKENS_DETAIL_WEIGHTS=/tmp/detail_proxy.safetensors)
   # continue on the same (still warm) machine:  ... --resume /tmp/detail_ckpt.pt --ckpt /tmp/detail_ckpt.pt
   # here: cp OUT/detail_proxy*.safetensors benchmarks/proxy/
   # CPU smoke test: .venv/bin/python benchmarks/proxy/train_detail_proxy.py --hidden 32 --heads 2 \\
