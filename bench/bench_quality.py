@@ -53,7 +53,11 @@ Pluggable parts:
   + bias, the Latent2RGB previewer's formula), upsampled 8x bilinearly. Random weights, so its
   numbers only show the pipeline working. Any other provider: ``package.module:factory`` or
   ``path/to/file.py:factory``, a callable taking the parsed args and returning an object with
-  the :class:`ModelProvider` interface (e.g. the trained proxy model, when it exists).
+  the :class:`ModelProvider` interface (e.g. the trained proxy model, when it exists). The trained
+  proxies by name: ``image-proxy``, ``video-proxy``, ``detail-proxy`` (benchmarks/proxy/*_provider.py's
+  ``make_provider``) and ``detail-proxy-random`` (the detail proxy's architecture with random
+  weights: the "random-weight model" FID row; run it with ``--settings ""``); each implies its own
+  held-out real set unless ``--real`` is given.
 * ``--real``: the real held-out images for FID/KID. ``synthetic`` (deterministic random shapes on
   gradients, numpy only: for CI), ``folder:PATH`` (the first n images in sorted order,
   centre-cropped and resized to the generated size), ``npz:PATH`` (array ``images``, uint8,
@@ -291,6 +295,13 @@ class TinyWanProvider(ModelProvider):
 
 
 MODEL_PROVIDERS = {"tiny-flux": TinyFluxProvider, "tiny-wan": TinyWanProvider}
+# the trained proxies by name: each provider's default_real is its held-out real set
+PROXY_PROVIDERS = {
+    "image-proxy": "benchmarks/proxy/image_provider.py:make_provider",
+    "video-proxy": "benchmarks/proxy/video_provider.py:make_provider",
+    "detail-proxy": "benchmarks/proxy/detail_provider.py:make_provider",
+    "detail-proxy-random": "benchmarks/proxy/detail_provider.py:make_random_provider",
+}
 
 
 def _load_factory(spec: str):
@@ -303,9 +314,12 @@ def _load_factory(spec: str):
 def make_model_provider(spec: str, args):
     if spec in MODEL_PROVIDERS:
         return MODEL_PROVIDERS[spec](args)
+    if spec in PROXY_PROVIDERS:
+        spec = str(REPO / PROXY_PROVIDERS[spec])
     if ":" in spec:
         return _load_factory(spec)(args)
-    raise SystemExit(f"unknown --model {spec!r}: one of {sorted(MODEL_PROVIDERS)} or module:factory")
+    raise SystemExit(f"unknown --model {spec!r}: one of {sorted(MODEL_PROVIDERS) + sorted(PROXY_PROVIDERS)} "
+                     "or module:factory")
 
 
 # --------------------------------------------------------------------------------------
@@ -894,7 +908,9 @@ def _json_default(o):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny-flux", help="model provider: tiny-flux or module:factory")
+    p.add_argument("--model", default="tiny-flux",
+                   help="model provider: tiny-flux, tiny-wan, image-proxy, video-proxy, detail-proxy, "
+                        "detail-proxy-random (each with its own real set) or module:factory")
     p.add_argument("--real", default=None, help="real images: synthetic, folder:PATH, npz:PATH, module:factory "
                                                 "(default: the provider's)")
     p.add_argument("--n", type=int, default=2000, help="samples per row (>= 2000 for FID; default 2000)")
