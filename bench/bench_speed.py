@@ -37,6 +37,11 @@ Variants (``--variants``, comma-separated, run in order):
   s=SCHED    a literal forced schedule, '/' instead of ',' (e.g. s=1x4/2x10/4x14)
   keep=F     share F of the image tokens (evenly spread) through the blocks at every step, through
              the runtime's token path (bench-only planner EvenKeep; keep=1.0: the path's overhead)
+  merge=R[:ORDER[:MODE]]  the Token Merge node at ratio R (0..0.75; ORDER spread|border_first, MODE
+             within_frames|across_frames|both; defaults spread, within_frames) on every step
+             (window 0..1, the node's own default ends at 0.8), proportional attention on
+  merge=R[:ORDER[:MODE]]@SCHED  the same stacked on a forced patch schedule SCHED (any schedule
+             token above: 2x80, s=1x6/2x22, ...): coarse steps run unmerged, native ones merged
 Suffix "+g" forces cuda_graphs=True, "+e" forces it off; a coarse variant without a suffix is
 expanded according to --cuda-graphs (both: eager, then graphs). Suffix "+A" attaches a patch
 adapter of rank --adapter-rank for the schedule's coarse sizes, as Load Patch Adapter does (eager:
@@ -236,6 +241,7 @@ class Variant:
     cuda_graphs: bool = False
     adapter: bool = False  # "+A": an untrained patch adapter attached (see module doc)
     keep: float = 1.0      # "keep=F": share of image tokens through the blocks (runtime token path)
+    merge: tuple | None = None  # "merge=R[:ORDER[:MODE]]": (ratio, order, mode) of the Token Merge node
 
 
 def expand_schedule(s: str) -> list[int]:
@@ -275,6 +281,9 @@ def build_variants(spec: str, graphs_mode: str, steps: int) -> list[Variant]:
             tok, forced_graphs = tok[:-2], True
         elif tok.endswith("+e"):
             tok, forced_graphs = tok[:-2], False
+        if tok.startswith("merge="):
+            out.append(parse_merge(raw, tok, steps))
+            continue
         if tok.startswith("keep="):
             share = float(tok[5:])
             if not 0.0 < share <= 1.0:
@@ -298,6 +307,46 @@ def build_variants(spec: str, graphs_mode: str, steps: int) -> list[Variant]:
         for g in modes:
             out.append(Variant(tok + ("+g" if g else ""), "forced", sched, g))
     return out
+
+
+def parse_merge(raw: str, tok: str, steps: int) -> Variant:
+    """``merge=R[:ORDER[:MODE]][@SCHED]`` as a Variant (settings checked by the pack's own kernel)."""
+    body, _, sched_tok = tok[len("merge="):].partition("@")
+    parts = body.split(":")
+    if not 1 <= len(parts) <= 3:
+        raise ValueError(f"variant {raw}: use merge=R[:ORDER[:MODE]][@SCHED]")
+    try:
+        ratio = float(parts[0])
+    except ValueError:
+        raise ValueError(f"variant {raw}: ratio {parts[0]!r} is not a number") from None
+    order = parts[1] if len(parts) > 1 and parts[1] else "spread"
+    mode = parts[2] if len(parts) > 2 and parts[2] else "within_frames"
+    try:
+        pack_module("kernels.merge_pattern").check_settings(ratio, order, mode)
+    except ValueError as e:
+        raise ValueError(f"variant {raw}: {e}") from None
+    sched = ""
+    if sched_tok:
+        sched = forced_for(sched_tok, steps)
+        n = len(expand_schedule(sched))
+        if n != steps:
+            raise ValueError(f"variant {raw}: schedule {sched!r} has {n} steps, run has {steps}")
+    return Variant(tok, "merge", sched, False, merge=(ratio, order, mode))
+
+
+def merged_tokens(binding, latent, ctx_len: int, merge: tuple) -> int:
+    """Tokens of one sample's self-attention on a merged native step (the pack's own pattern)."""
+    ratio, order, mode = merge
+    _, sizes = pack_module("kernels.merge_pattern").merge_pattern(binding.grid(latent), ratio, order, mode)
+    return int(sizes.numel()) + (ctx_len if binding.joint_text else 0)
+
+
+def add_token_merge(patcher, merge: tuple):
+    ratio, order, mode = merge
+    config = pack_module("ideas.merge.config").TokenMergeConfig(
+        ratio=ratio, order=order, video_mode=mode, start_percent=0.0, end_percent=1.0)
+    return pack_module("ideas.merge").apply_token_merge(patcher, config), {
+        "ratio": ratio, "order": order, "video_mode": mode, "start_percent": 0.0, "end_percent": 1.0}
 
 
 class EvenKeep:
@@ -541,7 +590,7 @@ def estimate_run_s(base_median, v_kind, mean_tokens, native_tokens):
     """Rough cost of one run of a variant from the baseline's (attention makes it superlinear)."""
     if base_median is None:
         return 0.0
-    if v_kind != "forced":
+    if v_kind not in ("forced", "merge"):
         return base_median
     return base_median * max(0.05, mean_tokens / native_tokens)
 
@@ -623,6 +672,12 @@ def bench_model(model: str, args, pack, record, save):
         if v.kind == "keep":
             res["tokens"] = {"1": tokens_at(binding, lshape, 1, ctx_len, v.keep)}
             res["mean_tokens_per_step"] = res["tokens"]["1"]
+        elif v.kind == "merge":  # native steps merged ("1"), coarse steps of a stacked schedule not
+            factors = expand_schedule(v.schedule) if v.schedule else [1] * steps
+            per = {f: merged_tokens(binding, lshape, ctx_len, v.merge) if f == 1 else tokens_at(binding, lshape, f, ctx_len)
+                   for f in sorted(set(factors))}
+            res["tokens"] = {str(f): c for f, c in per.items()}
+            res["mean_tokens_per_step"] = round(sum(per[f] for f in factors) / len(factors), 1)
         elif v.schedule:
             factors = expand_schedule(v.schedule)
             res["tokens"] = {str(f): tokens_at(binding, lshape, f, ctx_len) for f in sorted(set(factors))}
@@ -641,6 +696,13 @@ def bench_model(model: str, args, pack, record, save):
         try:
             if v.kind == "keep":
                 mp, cfg = add_keep_planner(patcher, v.keep), {"keep": v.keep}
+            elif v.kind == "merge" and pack is not None:
+                base = patcher
+                if v.schedule:
+                    PatchScheduleConfig, apply_patch_schedule = pack
+                    base = apply_patch_schedule(patcher, make_config(PatchScheduleConfig, v, args))
+                mp, cfg = add_token_merge(base, v.merge)
+                res["config"] = cfg
             elif v.kind != "baseline":
                 if pack is None:
                     res["status"] = "skipped: pack not importable"
@@ -778,6 +840,9 @@ def markdown(record) -> str:
         try:
             sf = r["last_report"]["report"]["step_factors"]
             ran = "/".join(str(sum(1 for f in sf if f == k)) for k in (1, 2, 4))
+            merged = sum(1 for m in r["last_report"]["report"].get("step_merged") or () if m)
+            if merged:
+                ran += f" ({merged} merged)"
             fb = r["last_report"]["report"].get("fallbacks")
             if fb:
                 ran += f" (fallbacks {fb})"
