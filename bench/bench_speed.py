@@ -40,6 +40,7 @@ Variants (``--variants``, comma-separated, run in order):
   merge=R[:ORDER[:MODE]]  the Token Merge node at ratio R (0..0.75; ORDER spread|border_first, MODE
              within_frames|across_frames|both; defaults spread, within_frames) on every step
              (window 0..1, the node's own default ends at 0.8), proportional attention on
+             (a 4th part ":noprop" turns it off, e.g. merge=0.5:spread:within_frames:noprop)
   merge=R[:ORDER[:MODE]]@SCHED  the same stacked on a forced patch schedule SCHED (any schedule
              token above: 2x80, s=1x6/2x22, ...): coarse steps run unmerged, native ones merged
 Suffix "+g" forces cuda_graphs=True, "+e" forces it off; a coarse variant without a suffix is
@@ -313,8 +314,11 @@ def parse_merge(raw: str, tok: str, steps: int) -> Variant:
     """``merge=R[:ORDER[:MODE]][@SCHED]`` as a Variant (settings checked by the pack's own kernel)."""
     body, _, sched_tok = tok[len("merge="):].partition("@")
     parts = body.split(":")
+    proportional = True
+    if len(parts) == 4 and parts[3] == "noprop":
+        parts, proportional = parts[:3], False
     if not 1 <= len(parts) <= 3:
-        raise ValueError(f"variant {raw}: use merge=R[:ORDER[:MODE]][@SCHED]")
+        raise ValueError(f"variant {raw}: use merge=R[:ORDER[:MODE[:noprop]]][@SCHED]")
     try:
         ratio = float(parts[0])
     except ValueError:
@@ -331,22 +335,22 @@ def parse_merge(raw: str, tok: str, steps: int) -> Variant:
         n = len(expand_schedule(sched))
         if n != steps:
             raise ValueError(f"variant {raw}: schedule {sched!r} has {n} steps, run has {steps}")
-    return Variant(tok, "merge", sched, False, merge=(ratio, order, mode))
+    return Variant(tok, "merge", sched, False, merge=(ratio, order, mode, proportional))
 
 
 def merged_tokens(binding, latent, ctx_len: int, merge: tuple) -> int:
     """Tokens of one sample's self-attention on a merged native step (the pack's own pattern)."""
-    ratio, order, mode = merge
+    ratio, order, mode = merge[:3]
     _, sizes = pack_module("kernels.merge_pattern").merge_pattern(binding.grid(latent), ratio, order, mode)
     return int(sizes.numel()) + (ctx_len if binding.joint_text else 0)
 
 
 def add_token_merge(patcher, merge: tuple):
-    ratio, order, mode = merge
-    config = pack_module("ideas.merge.config").TokenMergeConfig(
-        ratio=ratio, order=order, video_mode=mode, start_percent=0.0, end_percent=1.0)
-    return pack_module("ideas.merge").apply_token_merge(patcher, config), {
-        "ratio": ratio, "order": order, "video_mode": mode, "start_percent": 0.0, "end_percent": 1.0}
+    ratio, order, mode, proportional = merge
+    settings = dict(ratio=ratio, order=order, video_mode=mode, start_percent=0.0, end_percent=1.0,
+                    proportional_attention=proportional)
+    config = pack_module("ideas.merge.config").TokenMergeConfig(**settings)
+    return pack_module("ideas.merge").apply_token_merge(patcher, config), settings
 
 
 class EvenKeep:

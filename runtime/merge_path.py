@@ -25,13 +25,38 @@ Where every group has one member there is no bias and no override.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
 from ..families import FamilyBinding
-from ..kernels.token_select import merge, unmerge
+from ..kernels.token_select import unmerge
 
 PAD = 8  # extra head dims for the key bias (fused kernels want multiples of 8)
+_ON_DEVICE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pattern -> {device: tensors}
+
+
+def pattern_on(pattern, device) -> tuple:
+    """``(groups, sizes as float32, log sizes, any group > 1)`` of ``pattern`` on ``device``, once per
+    pattern and device from the pattern's CPU groups (no device sync in a call)."""
+    per = _ON_DEVICE.setdefault(pattern, {})
+    key = str(device)
+    if key not in per:
+        groups = pattern.groups.detach().to("cpu", torch.long)
+        sizes = torch.bincount(groups, minlength=pattern.count).float()
+        per[key] = (groups.to(device), sizes.to(device), sizes.log().to(device), bool((sizes > 1).any()))
+    return per[key]
+
+
+def group_mean(x: torch.Tensor, groups: torch.Tensor, sizes: torch.Tensor, dim: int) -> torch.Tensor:
+    """Group means along ``dim`` (``index_add`` in float32; ``sizes`` precomputed, so no
+    ``bincount`` and no device sync). Groups of one give their member back bit for bit."""
+    shape = list(x.shape)
+    shape[dim] = sizes.numel()
+    sums = torch.zeros(shape, device=x.device, dtype=torch.float32).index_add_(dim, groups, x.float())
+    view = [1] * x.ndim
+    view[dim] = sizes.numel()
+    return (sums / sizes.view(view)).to(x.dtype)
 
 
 # -- math (pure torch) -------------------------------------------------------------------------
@@ -43,12 +68,16 @@ def merge_rotations(pe: torch.Tensor, groups: torch.Tensor, count: int, dim: int
     rotation by the circular mean of the members' angles. Singleton groups keep their matrices
     bit for bit.
     """
-    merged = merge(pe, groups, count, dim)
+    groups = groups.to(pe.device, torch.long)
+    if sizes is None:
+        sizes = torch.bincount(groups, minlength=count)
+    sizes = sizes.to(pe.device, torch.float32)
+    merged = group_mean(pe, groups, sizes, dim)
     norm = torch.sqrt(merged[..., 0, 0].float() ** 2 + merged[..., 1, 0].float() ** 2).clamp_min(1e-12)
     if sizes is not None:
         view = [1] * norm.ndim
         view[dim] = count
-        norm = torch.where(sizes.to(norm.device).view(view) > 1, norm, torch.ones_like(norm))
+        norm = torch.where(sizes.view(view) > 1, norm, torch.ones_like(norm))
     return (merged.float() / norm[..., None, None]).to(pe.dtype)
 
 
@@ -80,13 +109,17 @@ def proportional_attention(func, q, k, v, heads, bias: torch.Tensor, *, skip_res
         raise ValueError(f"proportional attention method must be 'extra_dim' or 'mask', got {method!r}")
     lk = kh.shape[2]
     width = d + PAD
-    qx = torch.zeros(b, h, lq, PAD, device=q.device, dtype=q.dtype)
-    qx[..., 0] = math.sqrt(width)  # qx . kx / sqrt(width) = bias
-    kx = torch.zeros(b, h, lk, PAD, device=k.device, dtype=k.dtype)
-    kx[..., 0] = bias.to(k.dtype).view(1, 1, lk)
-    q2 = torch.cat([qh * math.sqrt(width / d), qx], -1)  # keeps the model's 1/sqrt(d) logit scale
-    k2 = torch.cat([kh, kx], -1)
-    v2 = torch.cat([vh, torch.zeros(b, h, lk, PAD, device=v.device, dtype=v.dtype)], -1)
+    q2 = q.new_empty(b, h, lq, width)
+    torch.mul(qh, math.sqrt(width / d), out=q2[..., :d])  # keeps the model's 1/sqrt(d) logit scale
+    q2[..., d:] = 0
+    q2[..., d] = math.sqrt(width)                         # q2 . k2 / sqrt(width) adds the bias
+    k2 = k.new_empty(b, h, lk, width)
+    k2[..., :d] = kh
+    k2[..., d:] = 0
+    k2[..., d] = bias.to(k.dtype).view(1, 1, lk)
+    v2 = v.new_empty(b, h, lk, width)
+    v2[..., :d] = vh
+    v2[..., d:] = 0
     out = call(func, q2, k2, v2, heads, skip_reshape=True, skip_output_reshape=True, **kwargs)
     out = out[..., :d]
     if skip_output_reshape:
@@ -154,21 +187,19 @@ class MergePath:
         self.active = True
         p = self.pattern
         self._text, self._stream = text, img.shape[1]
-        self._groups = p.groups.to(img.device, torch.long)
-        self._sizes = torch.bincount(self._groups, minlength=p.count)
+        self._groups, self._sizes, logs, merges = pattern_on(p, img.device)
         self._extra = img.shape[1] - start - self.tokens      # reference tokens after the grid
         self._bias = None
-        if self.proportional and bool((self._sizes > 1).any()):
-            keys = (text if b.joint_text else 0)
-            logs = torch.log(self._sizes.float())
+        if self.proportional and merges:  # groups of one only: no bias, no override
+            keys = text if b.joint_text else 0
             self._bias = torch.cat([logs.new_zeros(keys), logs, logs.new_zeros(self._extra)])
         merged = self._merge_stream(img, start)
         return self._before({**args, "img": merged})
 
     def _merge_stream(self, x: torch.Tensor, start: int, dim: int = 1) -> torch.Tensor:
-        n, k = self.tokens, self.pattern.count
+        n = self.tokens
         head = x.narrow(dim, 0, start)
-        body = merge(x.narrow(dim, start, n), self._groups, k, dim)
+        body = group_mean(x.narrow(dim, start, n), self._groups, self._sizes, dim)
         tail = x.narrow(dim, start + n, x.shape[dim] - start - n)
         return torch.cat([head, body, tail], dim)
 

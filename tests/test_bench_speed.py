@@ -40,16 +40,18 @@ def test_merge_variants_parse(pack):
     schedule by the patch schedule's parser."""
     import bench_speed
 
-    v = bench_speed.build_variants("merge=0.5,merge=0.25:border_first:both,merge=0.5@2x80,merge=0.75::across_frames@s=2x2/1x6",
-                                   "both", 8)
+    v = bench_speed.build_variants("merge=0.5,merge=0.25:border_first:both,merge=0.5@2x80,"
+                                   "merge=0.75::across_frames@s=2x2/1x6,merge=0.5:::noprop", "both", 8)
     assert [(x.name, x.kind, x.schedule, x.merge) for x in v] == [
-        ("merge=0.5", "merge", "", (0.5, "spread", "within_frames")),
-        ("merge=0.25:border_first:both", "merge", "", (0.25, "border_first", "both")),
-        ("merge=0.5@2x80", "merge", "1x2,2x6", (0.5, "spread", "within_frames")),
-        ("merge=0.75::across_frames@s=2x2/1x6", "merge", "2x2,1x6", (0.75, "spread", "across_frames"))]
+        ("merge=0.5", "merge", "", (0.5, "spread", "within_frames", True)),
+        ("merge=0.25:border_first:both", "merge", "", (0.25, "border_first", "both", True)),
+        ("merge=0.5@2x80", "merge", "1x2,2x6", (0.5, "spread", "within_frames", True)),
+        ("merge=0.75::across_frames@s=2x2/1x6", "merge", "2x2,1x6", (0.75, "spread", "across_frames", True)),
+        ("merge=0.5:::noprop", "merge", "", (0.5, "spread", "within_frames", False))]
     for bad, match in (("merge=0.8", r"ratio must be in \[0, 0.75\]"), ("merge=x", "not a number"),
                        ("merge=0.5:middle", "order must be one of"), ("merge=0.5@s=2x3", "has 3 steps"),
-                       ("merge=0.5:spread:both:extra", "use merge=R")):
+                       ("merge=0.5:spread:both:extra", "use merge=R"),
+                       ("merge=0.5:spread:both:noprop:x", "use merge=R")):
         with pytest.raises(ValueError, match=match):
             bench_speed.build_variants(bad, "both", 8)
 
