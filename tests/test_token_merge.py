@@ -517,3 +517,16 @@ def test_node_schema_and_registration(cases):
     out = TokenMerge.execute(model, 0.5, "border_first", "within_frames", 0.0, 1.0).result[0]
     ksample(out, pos, neg, latent, cfg=cfg)
     assert report(out).planners == ["Token Merge"] and report(out).step_merged[0] > 0
+
+
+def test_the_server_registers_the_node_with_its_inputs(comfy_server):
+    """A real ComfyUI server loads the pack and lists Token Merge with the schema's inputs."""
+    info = comfy_server.object_info("ElasticTokensTokenMerge")["ElasticTokensTokenMerge"]
+    assert info["display_name"] == "Token Merge" and info["output"] == ["MODEL"]
+    required = info["input"]["required"]
+    assert set(required) == {"model", "ratio", "order", "video_mode", "start_percent", "end_percent",
+                             "proportional_attention"}
+    assert required["ratio"][1]["max"] == 0.75 and required["ratio"][1]["default"] == 0.5
+    combo = required["video_mode"]  # ["COMBO", {"options": [...]}] (V3) or [[...], {...}]
+    options = combo[1].get("options") if combo[0] == "COMBO" else combo[0]
+    assert options == ["within_frames", "across_frames", "both"]
