@@ -48,6 +48,12 @@ def token_blocker(bound: inspect.BoundArguments) -> str | None:
     extra = dict(bound.arguments.get("kwargs") or {})
     if extra.get("timestep_zero_index") is not None or bound.arguments.get("timestep_zero_index") is not None:
         return "per-token timesteps"
+    refs = bound.arguments.get("ref_latents", extra.get("ref_latents"))
+    if refs is not None and extra.get("ref_latents_method", bound.arguments.get("ref_latents_method")) \
+            == "index_timestep_zero":
+        # Flux.2 (ComfyUI 0.33) gives reference tokens their own timestep by absolute stream
+        # positions (modulation_dims) fixed before the blocks: a subset or merge would shift them
+        return "per-token timesteps"
     if (options.get("patches") or {}).get("double_block"):
         return "block patches"  # post-block patches index the full stream
     if bound.arguments.get("attention_mask") is not None or extra.get("attention_mask") is not None:

@@ -530,3 +530,32 @@ def test_the_server_registers_the_node_with_its_inputs(comfy_server):
     combo = required["video_mode"]  # ["COMBO", {"options": [...]}] (V3) or [[...], {...}]
     options = combo[1].get("options") if combo[0] == "COMBO" else combo[0]
     assert options == ["within_frames", "across_frames", "both"]
+
+
+@pytest.fixture(scope="module")
+def later(comfy):
+    return {"flux2": tiny_models.load_tiny_family("flux2"), "wan22_5b": tiny_models.load_tiny_family("wan22_5b")}
+
+
+@pytest.mark.parametrize("name", ["flux2", "flux2_edit", "flux2_edit_timestep_zero", "kontext", "wan22_5b"])
+def test_later_family_members_merge_or_say_why_not(name, pack, later, tiny_flux, one_thread):
+    """Flux.2 (patch 1, its own RoPE), Flux.2 / Kontext with reference tokens after the grid (kept
+    unmerged, no key bias), Wan 2.2 TI2V 5B: merged steps run with the merged token count, groups
+    of one are the plain model bit for bit. Flux.2's ``index_timestep_zero`` gives the reference
+    tokens their own timestep: a per-token timestep, so it runs native, counted."""
+    from test_later_families import _case
+    from elastic_tokens.runtime.token_plan import MergePattern
+
+    model, pos, neg, latent, cfg, _ = _case(name, later["flux2"], later["wan22_5b"], tiny_flux)
+    base = ksample(model, pos, neg, latent, cfg=cfg)
+    ident = with_planner(model, PatternPlanner(lambda n: MergePattern(torch.arange(n), n, "identity", True)))
+    assert torch.equal(ksample(ident, pos, neg, latent, cfg=cfg), base)
+    merged = token_merge(model, ratio=0.5)
+    out = ksample(merged, pos, neg, latent, cfg=cfg)
+    rep = report(merged)
+    assert torch.isfinite(out).all() and out.shape == base.shape
+    if name == "flux2_edit_timestep_zero":
+        assert set(rep.fallbacks) == {"per-token timesteps"} and torch.equal(out, base)
+        return
+    assert not rep.fallbacks, rep.summary()
+    assert all(m == g // 2 for m, g in zip(rep.step_merged, rep.step_grid_tokens)) and not torch.equal(out, base)
