@@ -559,3 +559,48 @@ def test_later_family_members_merge_or_say_why_not(name, pack, later, tiny_flux,
         return
     assert not rep.fallbacks, rep.summary()
     assert all(m == g // 2 for m, g in zip(rep.step_merged, rep.step_grid_tokens)) and not torch.equal(out, base)
+
+
+def test_a_merge_of_kept_tokens_composes_with_a_token_subset(cases):
+    """One token plan with both fields (a router's kept tokens, then groups of them): the executor
+    chains the token path and the merge path. Groups of one over the kept tokens equal the subset
+    alone bit for bit; pairs of kept tokens halve what the blocks see."""
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.runtime.token_plan import MergePattern
+
+    model, (pos, neg), latent, cfg = cases["flux"]
+    binding = binding_for(model)
+
+    class KeepThenMerge:
+        idea = "drop"
+        label = "test keep+merge"
+
+        def __init__(self, pair):
+            self.pair = pair
+
+        def start(self, binding_, options, total_steps):
+            pair = self.pair
+
+            class Run:
+                idle = False
+                needs_latent = False
+
+                def plan(self, step, plan):
+                    n = binding_.grid_tokens(step.latent_shape, plan.factor)
+                    keep = torch.arange(n - 1, -1, -2)  # every other token, reversed
+                    k = keep.numel()
+                    groups = torch.arange(k) // 2 if pair else torch.arange(k)
+                    return plan.replace(keep=keep, merge=MergePattern(groups, int(groups.max()) + 1) if pair is not None
+                                        else None)
+            return Run()
+
+    keep_only = ksample(with_planner(model, KeepThenMerge(None)), pos, neg, latent, cfg=cfg)
+    ident = with_planner(model, KeepThenMerge(False))
+    assert torch.equal(ksample(ident, pos, neg, latent, cfg=cfg), keep_only)
+    counted, seen = recording_block(model, binding.block_keys[0])
+    paired = with_planner(counted, KeepThenMerge(True))
+    out = ksample(paired, pos, neg, latent, cfg=cfg)
+    n = binding.grid_tokens(latent["samples"].shape)
+    assert seen and all(t == n // 4 for t, _ in seen) and torch.isfinite(out).all()
+    rep = report(paired)
+    assert rep.step_tokens == [n // 4] * 6 and not rep.fallbacks
