@@ -29,6 +29,9 @@ decisions) and runs, in order:
    ``easycache=T`` is the peer a ComfyUI user would pick instead: ComfyUI's own EasyCache node at
    reuse_threshold T (its default window 0.15-0.95), its skipped model calls counted as saved
    token-FLOPs (``ModelCallFlops``), so it sits on the same axis and gets the same competitor.
+   ``merge=R[:ORDER[:MODE[:noprop]]]`` is the Token Merge node at ratio R on every step (window
+   0..1; ORDER spread|border_first, MODE within_frames|across_frames|both; ``:noprop`` without
+   proportional attention), as bench_speed's variant of that name.
 4. the plain competitor of each node setting S: the baseline with ``round(N / est(S))`` steps,
    where ``est(S)`` is the node's own token-FLOP estimate (``last_run_report(model).estimated_speedup``), so
    both cost the same transformer FLOPs; plus any ``--extra-steps``. Each distinct step count
@@ -101,7 +104,7 @@ for _p in (REPO / "bench", REPO / "tests" / "support"):
         sys.path.insert(0, str(_p))
 
 import quality_metrics as qm  # noqa: E402
-from bench_speed import compress_schedule, expand_schedule, forced_for  # noqa: E402
+from bench_speed import compress_schedule, expand_schedule, forced_for, parse_merge  # noqa: E402
 
 PERTURB_SEED_OFFSET = 10_000_000
 DEFAULT_SETTINGS = "2x,2x80,4x80,tau=0.3,tau=0.5,tau=0.7"
@@ -441,11 +444,16 @@ class Setting:
     adapter: bool = False       # "+A" settings: the node with --adapter attached (Load Patch Adapter)
     strength: float = 1.0       # "+A*0.8": the adapter at that strength
     easycache: float | None = None  # "easycache=T": ComfyUI's EasyCache at reuse_threshold T (the peer)
+    merge: dict | None = None   # "merge=R[:ORDER[:MODE[:noprop]]]": Token Merge settings (window 0..1)
 
     @property
     def schedule(self) -> str:
         if self.easycache is not None:
             return f"EasyCache reuse_threshold={self.easycache:g}"
+        if self.merge is not None:
+            m = self.merge
+            return (f"Token Merge ratio={m['ratio']:g} {m['order']}/{m['video_mode']}"
+                    + ("" if m["proportional_attention"] else " noprop"))
         if self.node is None:
             return f"1x{self.steps}"
         if self.node.get("forced_schedule"):
@@ -471,6 +479,17 @@ def parse_settings(spec: str, steps: int, rho: float, cuda_graphs: bool) -> list
             if adapter:
                 raise SystemExit(f"setting {name}: EasyCache takes no patch adapter")
             out.append(Setting(name, "node", run_steps, easycache=float(tok.split("=", 1)[1])))
+            continue
+        if tok.startswith("merge="):  # the Token Merge node on every step (as bench_speed's variant)
+            if adapter:
+                raise SystemExit(f"setting {name}: Token Merge takes no patch adapter")
+            try:
+                ratio, order, mode, prop = parse_merge(name, tok, run_steps).merge
+            except ValueError as e:
+                raise SystemExit(str(e)) from None
+            out.append(Setting(name, "node", run_steps, merge=dict(
+                ratio=ratio, order=order, video_mode=mode, proportional_attention=prop,
+                start_percent=0.0, end_percent=1.0)))
             continue
         if tok.startswith("tau="):  # tau=X, or tau=X:2 for patches up to 2p only (max_patch 2)
             value, _, cap = tok[4:].partition(":")
@@ -561,6 +580,11 @@ def run_setting(provider, model, setting: Setting, seeds: list[int], args, node_
     if setting.node is not None:
         PatchScheduleConfig, apply_patch_schedule = node_api
         mp = apply_patch_schedule(mp, PatchScheduleConfig(**setting.node))
+    if setting.merge is not None:
+        from elastic_tokens.ideas.merge import apply_token_merge
+        from elastic_tokens.ideas.merge.config import TokenMergeConfig
+
+        mp = apply_token_merge(mp, TokenMergeConfig(**setting.merge))
     calls = None
     if setting.easycache is not None:
         from comfy_extras.nodes_easycache import EasyCacheNode
@@ -598,7 +622,7 @@ def run_setting(provider, model, setting: Setting, seeds: list[int], args, node_
             images.append(qm.as_uint8_images(provider.decode(out)))
         if calls is not None:
             reports.append(calls.report(setting.steps, len(b), provider.cfg))
-        elif setting.node is not None:
+        elif setting.node is not None or setting.merge is not None:
             rep = last_run_report(mp)
             reports.append({"step_factors": list(rep.step_factors), "flops_native": float(rep.flops_native),
                             "flops_used": float(rep.flops_used), "batch": len(b),

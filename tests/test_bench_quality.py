@@ -221,6 +221,27 @@ def test_easycache_setting_is_the_peer_with_its_model_calls_counted(pack, tiny_f
     assert plain["reports"][0]["flops_used"] == pytest.approx(plain["reports"][0]["flops_native"])  # never reuses
 
 
+def test_merge_setting_runs_the_token_merge_node(pack, tiny_flux):
+    """``merge=R[:ORDER[:MODE[:noprop]]]``: the Token Merge node on every step, its report's
+    token-FLOPs on the same axis as the other settings (so it gets its fewer-steps competitor)."""
+    import argparse
+
+    a, b = bench_quality.parse_settings("merge=0.5,merge=0.75:border_first::noprop", 8, 0.4, False)
+    assert a.merge == {"ratio": 0.5, "order": "spread", "video_mode": "within_frames", "proportional_attention": True,
+                       "start_percent": 0.0, "end_percent": 1.0}
+    assert b.schedule == "Token Merge ratio=0.75 border_first/within_frames noprop"
+    with pytest.raises(SystemExit, match="no patch adapter"):
+        bench_quality.parse_settings("merge=0.5+A", 8, 0.4, False)
+    with pytest.raises(SystemExit, match=r"ratio must be in \[0, 0.75\]"):
+        bench_quality.parse_settings("merge=0.9", 8, 0.4, False)
+    provider = bench_quality.TinyFluxProvider(argparse.Namespace(size=64))
+    provider._model = tiny_flux
+    res = bench_quality.run_setting(provider, tiny_flux, a, [5, 6], argparse.Namespace(batch=2, warmup=0), None)
+    (rep,) = res["reports"]
+    assert rep["flops_used"] < 0.7 * rep["flops_native"] and not rep["fallbacks"]  # 16 -> 8 image tokens + text
+    assert res["images"].shape == (2, 64, 64, 3)
+
+
 def test_command_end_to_end_tiny_flux(tmp_path):
     out = tmp_path / "bq"
     cmd = [sys.executable, str(REPO / "bench" / "bench_quality.py"), "--model", "tiny-flux", "--n", "4",
