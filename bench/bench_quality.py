@@ -29,9 +29,9 @@ decisions) and runs, in order:
    ``easycache=T`` is the peer a ComfyUI user would pick instead: ComfyUI's own EasyCache node at
    reuse_threshold T (its default window 0.15-0.95), its skipped model calls counted as saved
    token-FLOPs (``ModelCallFlops``), so it sits on the same axis and gets the same competitor.
-   ``merge=R[:ORDER[:MODE[:noprop]]]`` is the Token Merge node at ratio R on every step (window
-   0..1; ORDER spread|border_first, MODE within_frames|across_frames|both; ``:noprop`` without
-   proportional attention), as bench_speed's variant of that name.
+   ``merge=R[:ORDER[:MODE[:noprop][:copy]]]`` is the Token Merge node at ratio R on every step
+   (window 0..1; ORDER spread|border_first, MODE within_frames|across_frames|both; ``:noprop``
+   without proportional attention, ``:copy`` unmerging by copy alone), as bench_speed's variant.
 4. the plain competitor of each node setting S: the baseline with ``round(N / est(S))`` steps,
    where ``est(S)`` is the node's own token-FLOP estimate (``last_run_report(model).estimated_speedup``), so
    both cost the same transformer FLOPs; plus any ``--extra-steps``. Each distinct step count
@@ -453,7 +453,8 @@ class Setting:
         if self.merge is not None:
             m = self.merge
             return (f"Token Merge ratio={m['ratio']:g} {m['order']}/{m['video_mode']}"
-                    + ("" if m["proportional_attention"] else " noprop"))
+                    + ("" if m["proportional_attention"] else " noprop")
+                    + ("" if m.get("unmerge", "residual") == "residual" else f" unmerge={m['unmerge']}"))
         if self.node is None:
             return f"1x{self.steps}"
         if self.node.get("forced_schedule"):
@@ -484,11 +485,11 @@ def parse_settings(spec: str, steps: int, rho: float, cuda_graphs: bool) -> list
             if adapter:
                 raise SystemExit(f"setting {name}: Token Merge takes no patch adapter")
             try:
-                ratio, order, mode, prop = parse_merge(name, tok, run_steps).merge
+                ratio, order, mode, prop, unmerge = parse_merge(name, tok, run_steps).merge
             except ValueError as e:
                 raise SystemExit(str(e)) from None
             out.append(Setting(name, "node", run_steps, merge=dict(
-                ratio=ratio, order=order, video_mode=mode, proportional_attention=prop,
+                ratio=ratio, order=order, video_mode=mode, proportional_attention=prop, unmerge=unmerge,
                 start_percent=0.0, end_percent=1.0)))
             continue
         if tok.startswith("tau="):  # tau=X, or tau=X:2 for patches up to 2p only (max_patch 2)

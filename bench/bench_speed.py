@@ -40,7 +40,8 @@ Variants (``--variants``, comma-separated, run in order):
   merge=R[:ORDER[:MODE]]  the Token Merge node at ratio R (0..0.75; ORDER spread|border_first, MODE
              within_frames|across_frames|both; defaults spread, within_frames) on every step
              (window 0..1, the node's own default ends at 0.8), proportional attention on
-             (a 4th part ":noprop" turns it off, e.g. merge=0.5:spread:within_frames:noprop)
+             (flags after MODE: ":noprop" turns it off, ":copy" unmerges by copy alone instead of
+             copy + each token's own residual, e.g. merge=0.5:::noprop:copy)
   merge=R[:ORDER[:MODE]]@SCHED  the same stacked on a forced patch schedule SCHED (any schedule
              token above: 2x80, s=1x6/2x22, ...): coarse steps run unmerged, native ones merged
 Suffix "+g" forces cuda_graphs=True, "+e" forces it off; a coarse variant without a suffix is
@@ -314,11 +315,11 @@ def parse_merge(raw: str, tok: str, steps: int) -> Variant:
     """``merge=R[:ORDER[:MODE]][@SCHED]`` as a Variant (settings checked by the pack's own kernel)."""
     body, _, sched_tok = tok[len("merge="):].partition("@")
     parts = body.split(":")
-    proportional = True
-    if len(parts) == 4 and parts[3] == "noprop":
-        parts, proportional = parts[:3], False
-    if not 1 <= len(parts) <= 3:
-        raise ValueError(f"variant {raw}: use merge=R[:ORDER[:MODE[:noprop]]][@SCHED]")
+    flags = parts[3:]
+    parts = parts[:3]
+    if any(f not in ("noprop", "copy") for f in flags) or len(set(flags)) != len(flags):
+        raise ValueError(f"variant {raw}: use merge=R[:ORDER[:MODE[:noprop][:copy]]][@SCHED]")
+    proportional, unmerge = "noprop" not in flags, "copy" if "copy" in flags else "residual"
     try:
         ratio = float(parts[0])
     except ValueError:
@@ -335,7 +336,7 @@ def parse_merge(raw: str, tok: str, steps: int) -> Variant:
         n = len(expand_schedule(sched))
         if n != steps:
             raise ValueError(f"variant {raw}: schedule {sched!r} has {n} steps, run has {steps}")
-    return Variant(tok, "merge", sched, False, merge=(ratio, order, mode, proportional))
+    return Variant(tok, "merge", sched, False, merge=(ratio, order, mode, proportional, unmerge))
 
 
 def merged_tokens(binding, latent, ctx_len: int, merge: tuple) -> int:
@@ -346,9 +347,9 @@ def merged_tokens(binding, latent, ctx_len: int, merge: tuple) -> int:
 
 
 def add_token_merge(patcher, merge: tuple):
-    ratio, order, mode, proportional = merge
+    ratio, order, mode, proportional, unmerge = merge
     settings = dict(ratio=ratio, order=order, video_mode=mode, start_percent=0.0, end_percent=1.0,
-                    proportional_attention=proportional)
+                    proportional_attention=proportional, unmerge=unmerge)
     config = pack_module("ideas.merge.config").TokenMergeConfig(**settings)
     return pack_module("ideas.merge").apply_token_merge(patcher, config), settings
 

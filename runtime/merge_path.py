@@ -14,7 +14,13 @@ token path of a token subset (runtime/token_path.py), on every block:
   ``transformer_options`` get an ``optimized_attention_override`` (wrapping one already there;
   the model's own options are never changed, so nothing needs restoring) that adds log|S_j| to
   the logits of merged key j: a merged key counts as many tokens as it holds (ToMe / LGM);
-* last block, after: every token gets its group's output (a copy, ``index_select``).
+* last block, after: every token gets its group's output (a copy, ``index_select``) plus, by
+  default (``unmerge="residual"``), its own deviation from the group mean before the blocks. The
+  blocks are a residual stream (h_out = h_in + update): each token keeps its own h_in and gets its
+  group's update, as a token the blocks skip keeps its own hidden state. Copying alone would give
+  every member of a group one velocity, losing each token's own noise, which the flow-matching
+  velocity carries: on the image proxy's model the velocity error at ratio 0.25 / 0.5 / 0.75 is
+  0.39 / 0.55 / 0.68 of the velocity's norm with copy alone, 0.10 / 0.13 / 0.16 with the residual.
 
 The key bias is one extra q/k dimension (q: a constant, k: log|S_j|; v: zeros, its output
 dropped), padded to 8 so fused SDPA / flash kernels still apply, with q rescaled so the logits
@@ -33,6 +39,7 @@ from ..families import FamilyBinding
 from ..kernels.token_select import unmerge
 
 PAD = 8  # extra head dims for the key bias (fused kernels want multiples of 8)
+UNMERGE_MODES = ("residual", "copy")
 _ON_DEVICE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pattern -> {device: tensors}
 
 
@@ -148,13 +155,17 @@ class MergePath:
     """Merge ``tokens`` image tokens (those that enter the blocks) by ``pattern`` for one call."""
 
     def __init__(self, binding: FamilyBinding, pattern, tokens: int, on_fallback=None,
-                 proportional: bool = True, method: str = "extra_dim"):
+                 proportional: bool = True, method: str = "extra_dim", unmerge: str = "residual"):
         self.binding = binding
         self.pattern = pattern
         self.tokens = tokens
         self.on_fallback = on_fallback or (lambda reason: None)
         self.proportional = proportional
         self.method = method
+        if unmerge not in UNMERGE_MODES:
+            raise ValueError(f"unmerge must be one of {UNMERGE_MODES}, got {unmerge!r}")
+        self.unmerge = unmerge
+        self._residual = None
         self.active = False
         self.done = False
         self._pe_in = self._pe_out = None
@@ -194,6 +205,10 @@ class MergePath:
             keys = text if b.joint_text else 0
             self._bias = torch.cat([logs.new_zeros(keys), logs, logs.new_zeros(self._extra)])
         merged = self._merge_stream(img, start)
+        if self.unmerge == "residual":  # each token's own deviation from its group's mean
+            n, k = self.tokens, self.pattern.count
+            full = img[:, start:start + n]
+            self._residual = full - unmerge(merged[:, start:start + k], self._groups, 1)
         return self._before({**args, "img": merged})
 
     def _merge_stream(self, x: torch.Tensor, start: int, dim: int = 1) -> torch.Tensor:
@@ -275,4 +290,7 @@ class MergePath:
         start = b.image_start(b.last_block, self._text)
         k = self.pattern.count
         body = unmerge(img[:, start:start + k], self._groups, 1)
+        if self._residual is not None:
+            body = body + self._residual.to(body.dtype)
+            self._residual = None
         return {**out, "img": torch.cat([img[:, :start], body, img[:, start + k:]], 1)}

@@ -349,6 +349,16 @@ def test_merge_path_restores_a_constant_per_group_field_and_merges_positions(pac
     _, last = pairs[binding.last_block]
     out = last({"img": args["img"]}) if after is None else after({"img": args["img"]})
     assert torch.equal(out["img"], field)
+    # any field: each token keeps its own deviation from its group's mean (residual unmerge), so
+    # blocks that change nothing give the input back; copy alone gives the group means
+    noisy = torch.randn(2, 32, 6)
+    for mode, want in (("residual", noisy), ("copy", ts.unmerge(ts.merge(noisy, groups, sizes.numel()), groups))):
+        path = MergePath(binding, pattern, 32, unmerge=mode)
+        hooks = path.block_patches()
+        merged = hooks[binding.first_block][0]({"img": noisy, "txt": torch.zeros(2, 4, 6), "pe": rot,
+                                                "transformer_options": {}})
+        restored = hooks[binding.last_block][1]({"img": merged["img"]})["img"]
+        assert torch.allclose(restored, want, atol=1e-6), mode
     # the merged rotation of a group turns by the circular mean of its members' angles
     mean = merge_rotations(rot, groups, sizes.numel(), 1)
     angle = torch.atan2(mean[..., 1, 0], mean[..., 0, 0]).view(-1, 3)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from ...kernels.merge_pattern import MAX_RATIO, ORDERS, VIDEO_MODES, check_settings
 
+UNMERGE_MODES = ("residual", "copy")  # as runtime/merge_path.py (ideas import no runtime at config level)
+
 log = logging.getLogger("elastic_tokens")
 
 
@@ -23,11 +25,14 @@ class TokenMergeConfig:
     start_percent: float = 0.0          # sampling percent (ComfyUI's percent_to_sigma) where merging starts
     end_percent: float = 0.8            # ... and ends (the last steps add the fine detail)
     proportional_attention: bool = True
+    unmerge: str = "residual"           # residual | copy (runtime/merge_path.py)
 
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
             raise ValueError(f"Token Merge: ratio must be a number in [0, {MAX_RATIO}], got {self.ratio!r}")
         check_settings(float(self.ratio), self.order, self.video_mode)
+        if self.unmerge not in UNMERGE_MODES:
+            raise ValueError(f"Token Merge: unmerge must be one of {UNMERGE_MODES}, got {self.unmerge!r}")
         for name in ("start_percent", "end_percent"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:

@@ -52,7 +52,8 @@ class TokenMergeRun:
             cfg = self.config
             groups, sizes = merge_pattern(grid, cfg.ratio, cfg.order, cfg.video_mode)
             name = f"{cfg.order}/{cfg.video_mode} {cfg.ratio:g}"
-            self._patterns[grid] = (MergePattern(groups, int(sizes.numel()), name, cfg.proportional_attention)
+            self._patterns[grid] = (MergePattern(groups, int(sizes.numel()), name, cfg.proportional_attention,
+                                                 cfg.unmerge)
                                     if sizes.numel() < groups.numel() else None)
         return self._patterns[grid]
 
