@@ -56,7 +56,11 @@ Pluggable parts:
   + bias, the Latent2RGB previewer's formula), upsampled 8x bilinearly. Random weights, so its
   numbers only show the pipeline working. Any other provider: ``package.module:factory`` or
   ``path/to/file.py:factory``, a callable taking the parsed args and returning an object with
-  the :class:`ModelProvider` interface (e.g. the trained proxy model, when it exists).
+  the :class:`ModelProvider` interface (e.g. the trained proxy model, when it exists). The trained
+  proxies by name: ``image-proxy``, ``video-proxy``, ``detail-proxy`` (benchmarks/proxy/*_provider.py's
+  ``make_provider``) and ``detail-proxy-random`` (the detail proxy's architecture with random
+  weights: the "random-weight model" FID row; run it with ``--settings ""``); each implies its own
+  held-out real set unless ``--real`` is given.
 * ``--real``: the real held-out images for FID/KID. ``synthetic`` (deterministic random shapes on
   gradients, numpy only: for CI), ``folder:PATH`` (the first n images in sorted order,
   centre-cropped and resized to the generated size), ``npz:PATH`` (array ``images``, uint8,
@@ -294,6 +298,13 @@ class TinyWanProvider(ModelProvider):
 
 
 MODEL_PROVIDERS = {"tiny-flux": TinyFluxProvider, "tiny-wan": TinyWanProvider}
+# the trained proxies by name: each provider's default_real is its held-out real set
+PROXY_PROVIDERS = {
+    "image-proxy": "benchmarks/proxy/image_provider.py:make_provider",
+    "video-proxy": "benchmarks/proxy/video_provider.py:make_provider",
+    "detail-proxy": "benchmarks/proxy/detail_provider.py:make_provider",
+    "detail-proxy-random": "benchmarks/proxy/detail_provider.py:make_random_provider",
+}
 
 
 def _load_factory(spec: str):
@@ -306,9 +317,12 @@ def _load_factory(spec: str):
 def make_model_provider(spec: str, args):
     if spec in MODEL_PROVIDERS:
         return MODEL_PROVIDERS[spec](args)
+    if spec in PROXY_PROVIDERS:
+        spec = str(REPO / PROXY_PROVIDERS[spec])
     if ":" in spec:
         return _load_factory(spec)(args)
-    raise SystemExit(f"unknown --model {spec!r}: one of {sorted(MODEL_PROVIDERS)} or module:factory")
+    raise SystemExit(f"unknown --model {spec!r}: one of {sorted(MODEL_PROVIDERS) + sorted(PROXY_PROVIDERS)} "
+                     "or module:factory")
 
 
 # --------------------------------------------------------------------------------------
@@ -444,7 +458,7 @@ class Setting:
     adapter: bool = False       # "+A" settings: the node with --adapter attached (Load Patch Adapter)
     strength: float = 1.0       # "+A*0.8": the adapter at that strength
     easycache: float | None = None  # "easycache=T": ComfyUI's EasyCache at reuse_threshold T (the peer)
-    merge: dict | None = None   # "merge=R[:ORDER[:MODE[:noprop]]]": Token Merge settings (window 0..1)
+    merge: dict | None = None   # "merge=R[:ORDER[:MODE[:flags]]]": Token Merge settings (window 0..1)
 
     @property
     def schedule(self) -> str:
@@ -528,6 +542,28 @@ def initial_noise(latent_one, seeds: list[int], perturb: float):
 
 
 EASYCACHE_WINDOW = (0.15, 0.95)  # the EasyCache node's default start / end percent
+COPY_INPUT_KEY = "elastic_tokens_bench.copy_model_input"
+
+
+def copy_model_input(model_patcher):
+    """A clone whose diffusion model gets a copy of its input latent, for EasyCache's sake.
+
+    EasyCache (ComfyUI 0.3.75 and 0.33.0, ``apply_cache_diff``) adds its cached difference to the
+    diffusion model's input *in place* on a skipped call. When the model runs in the sampler's own
+    dtype (fp32: on CPU, or ``--force-fp32``) that input is the very tensor ``BaseModel._apply_model``
+    later reads as ``x`` in ``calculate_denoised`` (a flow model's ``calculate_input`` returns it
+    unchanged and ``.to(dtype)`` does not copy), so every skipped step returns a wrong denoised
+    latent and the images end as noise. In fp16/bf16 the cast copies and nothing is aliased. This
+    wrapper, outside EasyCache's, gives it a copy in every dtype, so the peer is measured as a GPU
+    user runs it; it changes nothing else."""
+    import comfy.patcher_extension as pe
+
+    def copy_input(executor, x, *args, **kwargs):
+        return executor(x.clone(), *args, **kwargs)
+
+    model_patcher = model_patcher.clone()
+    model_patcher.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, COPY_INPUT_KEY, copy_input)
+    return model_patcher
 
 
 class ModelCallFlops:
@@ -590,7 +626,7 @@ def run_setting(provider, model, setting: Setting, seeds: list[int], args, node_
     if setting.easycache is not None:
         from comfy_extras.nodes_easycache import EasyCacheNode
 
-        mp = EasyCacheNode.execute(mp, reuse_threshold=setting.easycache, start_percent=EASYCACHE_WINDOW[0],
+        mp = EasyCacheNode.execute(copy_model_input(mp), reuse_threshold=setting.easycache, start_percent=EASYCACHE_WINDOW[0],
                                    end_percent=EASYCACHE_WINDOW[1], verbose=False).result[0]
         calls = ModelCallFlops(mp)
         mp = calls.model
@@ -897,7 +933,9 @@ def _json_default(o):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny-flux", help="model provider: tiny-flux or module:factory")
+    p.add_argument("--model", default="tiny-flux",
+                   help="model provider: tiny-flux, tiny-wan, image-proxy, video-proxy, detail-proxy, "
+                        "detail-proxy-random (each with its own real set) or module:factory")
     p.add_argument("--real", default=None, help="real images: synthetic, folder:PATH, npz:PATH, module:factory "
                                                 "(default: the provider's)")
     p.add_argument("--n", type=int, default=2000, help="samples per row (>= 2000 for FID; default 2000)")

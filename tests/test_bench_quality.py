@@ -242,6 +242,33 @@ def test_merge_setting_runs_the_token_merge_node(pack, tiny_flux):
     assert res["images"].shape == (2, 64, 64, 3)
 
 
+def test_easycache_setting_leaves_the_sampler_latent_alone(pack, tiny_flux):
+    # EasyCache adds its cached difference to the diffusion model's input in place; in fp32 (CPU)
+    # that input is the latent BaseModel._apply_model computes the denoised image from, so without
+    # bench_quality.copy_model_input every skipped step corrupts the sample (images of noise).
+    import argparse
+    import comfy.patcher_extension as pe
+
+    changed = []
+
+    def watch(executor, x, *args, **kwargs):
+        before = x.clone()
+        out = executor(x, *args, **kwargs)
+        changed.append(not torch.equal(before, x))
+        return out
+
+    model = tiny_flux.clone()
+    model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test.watch", watch)
+    provider = bench_quality.TinyFluxProvider(argparse.Namespace(size=64))
+    provider._model = model
+    (setting,) = bench_quality.parse_settings("easycache=3.0", 8, 0.4, False)
+    res = bench_quality.run_setting(provider, model, setting, [5, 6], argparse.Namespace(batch=2, warmup=0),
+                                    bench_quality.load_node())
+    assert res["reports"][0]["flops_used"] < res["reports"][0]["flops_native"]  # it did skip calls
+    assert len(changed) == 8 and not any(changed)
+    assert bench_quality.COPY_INPUT_KEY not in str(tiny_flux.wrappers)  # on a clone
+
+
 def test_command_end_to_end_tiny_flux(tmp_path):
     out = tmp_path / "bq"
     cmd = [sys.executable, str(REPO / "bench" / "bench_quality.py"), "--model", "tiny-flux", "--n", "4",

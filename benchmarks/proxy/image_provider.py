@@ -200,14 +200,21 @@ class ImageProxyProvider(ProxyProvider):
 
     # ------------------------------------------------------------------ bench_quality interface
     def load(self):
-        import comfy.model_management as mm
-        import comfy.model_patcher
-        import comfy.supported_models
         import comfy.utils
 
         sd, meta = comfy.utils.load_torch_file(str(self.weights), return_metadata=True)
         self.meta = meta or {}
-        config = json.loads(self.meta["config"])
+        self.patcher_from_state_dict(sd, json.loads(self.meta["config"]))
+        self._load_tokens()
+        return self._model
+
+    def patcher_from_state_dict(self, sd: dict, config: dict):
+        """``self._model``: a ModelPatcher of ComfyUI's Flux with ``config`` (the trainer's Flux kwargs)
+        and the state dict ``sd`` (file names, fp16 or float32), loaded strictly (module docstring)."""
+        import comfy.model_management as mm
+        import comfy.model_patcher
+        import comfy.supported_models
+
         t = trainer()
         model_config = comfy.supported_models.Flux({"image_model": "flux", **t.comfy_flux_kwargs(config)})
         if self.identity_latent:
@@ -224,7 +231,6 @@ class ImageProxyProvider(ProxyProvider):
         self.config = config
         self._model = comfy.model_patcher.ModelPatcher(model, load_device=load_device,
                                                        offload_device=offload_device)
-        self._load_tokens()
         return self._model
 
     def cond_for(self, labels):

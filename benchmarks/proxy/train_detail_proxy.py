@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""Train the DETAIL proxy: ComfyUI's own Flux class on procedural scenes with real detail (resumable).
+
+Purpose (issue 16): the Fashion-MNIST proxies are upsampled 28x28 images, so every token is a
+smooth interpolation and dropping or merging tokens looks free there. This proxy learns 256x256
+scenes (``detail_scenes.py``) of flat shapes over smooth gradients beside textures of period 2-8 px,
+i.e. detail INSIDE one token, at 1024 image tokens per sample, with a known per-pixel detail map.
+
+Everything but the data and the sizes is the image proxy's recipe, reused from
+``train_image_proxy.py`` (same code, imported): ComfyUI's ``comfy.ldm.flux.model.Flux`` trained
+through ``families/autograd_forward.flux_forward``; the init; class conditioning through the text
+path (a learned ``class_tokens`` table [11, 4, ctx], index 10 = empty for CFG, labels dropped with
+p 0.1, pooled vector = token mean, guidance input 1.0); rectified flow (x_t = (1-t) x0 + t eps,
+timestep t, v = eps - x0, t ~ logit-normal(0, 1)); AdamW with linear warm-up, grad clip 1.0, bf16
+autocast on CUDA, EMA 0.999; one generator on the training device for all randomness, saved in the
+resumable checkpoint (``--ckpt`` / ``--resume``, ``--minutes`` deadline); export format (fp16,
+ComfyUI key names with the released QK-norm names, metadata ``config``).
+
+Data: every batch is rendered on the training device from ``--batch`` fresh seeds drawn from the
+training stream [0, 10^9) (``detail_scenes.train_seeds``; the FID reference stream 10^9 + i is never
+drawn); class = seed % 10 (texture family x layout, see detail_scenes). Image [-1, 1] 256x256 ->
+``pixel_unshuffle(4)`` -> a raw 16x64x64 latent (lossless; decode = ``pixel_shuffle(4)``). In
+ComfyUI that is what ``EmptySD3LatentImage`` gives for 512x512; Flux's patch 2 makes it 32x32 = 1024
+image tokens, each covering 8x8 pixels of the scene. As for the image proxy, the latent is raw (no
+FLUX ``process_latent_in``): ``detail_provider.py`` undoes ``process_latent_out`` when decoding.
+
+Model (defaults): Flux in/out 16 ch, patch 2, hidden 96, 2 heads (head dim 48, RoPE axes
+[8, 20, 20]), 2 double + 6 single blocks, mlp_ratio 4, ctx/vec dim 128, qkv_bias, guidance_embed:
+1.64M parameters, 3.1 MiB in fp16 (one file; hidden 96 rather than 128 keeps the tracked tree under
+its 60 MiB budget beside the two Fashion-MNIST proxies and their adapters). Optimisation for a ~6 minute H200 run: batch 64
+(65.5k image tokens a step), lr 5e-4 after 300 warm-up steps (a narrow model takes a larger rate than
+the image proxy's 3e-4 at hidden 256), progress line every 100 steps.
+
+Sampler for ``samples.png``: Euler, 28 steps, ComfyUI's "simple" schedule of ModelSamplingFlux
+(shift 1.15, ``train_image_proxy.flux_sigmas``), CFG 3 against the empty class; 10 rows (classes)
+x ``--sample-cols``. ``data.png``: 8 training-stream scenes (top) and their detail maps (bottom).
+
+Outputs of ``--export DIR`` (6 files with the tee'd stdout, each far below 16 MiB):
+``detail_proxy.safetensors`` (EMA Flux weights fp16; metadata ``config`` and
+``elastic_tokens_test_config`` (the Flux kwargs), ``data_recipe``, ``steps``, ``loss``, ``version``,
+``image_size``, ``latent``), ``detail_proxy_text.safetensors`` (``class_tokens`` fp16 [11, 4, ctx],
+metadata ``class_names``), ``samples.png``, ``data.png``, ``train_log.json``.
+
+Commands
+--------
+  # GPU machine (carry [".whl"]; no data to carry: scenes are generated), one command < 10 minutes:
+  set -o pipefail; . scripts/device_env.sh && python3 benchmarks/proxy/train_detail_proxy.py --minutes 6 \\
+      --ckpt /tmp/detail_ckpt.pt --export $OUT 2>&1 | tee $OUT/train_stdout.txt && cp $OUT/detail_proxy*.safetensors /tmp/
+  # (6 files in $OUT; the copies in /tmp serve a following bench_quality call on the same warm machine
+  #  through ELASTIC_TOKENS_DETAIL_WEIGHTS=/tmp/detail_proxy.safetensors)
+  # continue on the same (still warm) machine:  ... --resume /tmp/detail_ckpt.pt --ckpt /tmp/detail_ckpt.pt
+  # here: cp OUT/detail_proxy*.safetensors benchmarks/proxy/
+  # CPU smoke test: .venv/bin/python benchmarks/proxy/train_detail_proxy.py --hidden 32 --heads 2 \\
+  #     --depth 1 --single 1 --ctx-dim 16 --batch 2 --max-steps 5 --sample-steps 2 --export /tmp/detail_out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # sibling proxy modules (train_image_proxy, detail_scenes)
+    sys.path.insert(0, str(HERE))
+
+import detail_scenes as ds  # noqa: E402
+
+VERSION = "elastic-tokens detail-proxy v1 (benchmarks/proxy/train_detail_proxy.py)"
+STEM = "detail_proxy"
+EMPTY = 10
+LATENT_SHAPE = (16, ds.SIZE // 4, ds.SIZE // 4)
+CLASS_NAMES = [f"{ds.FAMILIES[c % 5]}, {'3-5 large' if c < 5 else '6-10 small'} shapes" for c in range(10)]
+DATA_RECIPE = ("procedural scenes (benchmarks/proxy/detail_scenes.py): 256x256 gray, flat rectangles/ellipses/"
+               "convex polygons over a smooth gradient, 70% of shapes textured (stripes/checker/value noise/"
+               "grating, period 2-8 px, random angle); training seeds [0, 1e9), class = seed % 10; [-1,1] -> "
+               "pixel_unshuffle(4) = 16x64x64 raw latent (no Flux latent scaling); decode = pixel_shuffle(4)")
+
+
+def image_trainer():
+    """benchmarks/proxy/train_image_proxy.py as a module (model, training loop, export helpers)."""
+    import train_image_proxy  # benchmarks/proxy is on sys.path (see the top of this file)
+
+    return train_image_proxy
+
+
+def to_latent(img: torch.Tensor) -> torch.Tensor:
+    """[B, 1, 256, 256] in [-1, 1] -> [B, 16, 64, 64]."""
+    return F.pixel_unshuffle(img, 4)
+
+
+def to_image(latent: torch.Tensor) -> torch.Tensor:
+    """[B, 16, 64, 64] -> [B, 1, 256, 256] in [-1, 1] (unclamped)."""
+    return F.pixel_shuffle(latent.float(), 4)
+
+
+@torch.no_grad()
+def sample(fwd, model, class_tokens, labels, gen, device, steps=28, cfg_scale=3.0, amp=False, noise=None):
+    """Euler + CFG against the empty class from x_1 = noise (the image proxy's sampler at this
+    latent shape); returns the raw latent [n, 16, 64, 64]."""
+    n = labels.shape[0]
+    x = noise.to(device).float() if noise is not None else torch.randn(n, *LATENT_SHAPE, generator=gen,
+                                                                        device=device)
+    lab = torch.cat([labels, torch.full_like(labels, EMPTY)])
+    ctx = class_tokens[lab]
+    sig = image_trainer().flux_sigmas(steps).tolist()
+    for i in range(steps):
+        t = torch.full((2 * n,), sig[i], device=device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            v = fwd(model, torch.cat([x, x]), t, ctx, y=ctx.mean(1), guidance=torch.ones_like(t))
+        vc, vu = v.float().chunk(2)
+        x = x + (sig[i + 1] - sig[i]) * (vu + cfg_scale * (vc - vu))
+    return x
+
+
+def file_meta(cfg: dict, state: dict) -> dict:
+    cfg_json = json.dumps(cfg)
+    return {"config": cfg_json, "elastic_tokens_test_config": cfg_json, "data_recipe": DATA_RECIPE,
+            "steps": str(state["step"]), "loss": f"{state['loss']:.6f}", "version": VERSION,
+            "image_size": str(ds.SIZE), "latent": "16x64x64 raw pixel_unshuffle(4) (EmptySD3LatentImage 512x512)",
+            "objective": "rectified flow: x_t=(1-t)x0+t*eps, timestep=t, v=eps-x0; guidance input 1.0; "
+                         "raw latent (no process_latent_in)"}
+
+
+def export(args, out: Path, fwd, model, class_tokens, cfg, state, device, amp):
+    from safetensors.torch import save_file
+    tip = image_trainer()
+    out.mkdir(parents=True, exist_ok=True)
+    sd = tip.file_names({k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()})
+    tip.save_sharded(sd, out, STEM, file_meta(cfg, state), args.shard_mib, Path(__file__).name)
+    save_file({"class_tokens": class_tokens.detach().to(torch.float16).contiguous().cpu()},
+              str(out / f"{STEM}_text.safetensors"),
+              metadata={"class_names": json.dumps(CLASS_NAMES + ["<empty>"]), "version": VERSION,
+                        "usage": "context = class_tokens[label] (4 tokens), y = context.mean(1), guidance 1.0"})
+    sizes = {p.name: p.stat().st_size for p in sorted(out.glob(f"{STEM}*.safetensors"))}
+    gen = torch.Generator(device=device).manual_seed(0)
+    labels = torch.arange(10, device=device).repeat_interleave(args.sample_cols)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    lat = sample(fwd, model, class_tokens, labels, gen, device, steps=args.sample_steps, amp=amp)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t_sample = time.perf_counter() - t0
+    tip.save_grid(to_image(lat), 10, out / "samples.png")
+    ds.save_preview(torch.arange(8), out / "data.png")  # training-stream seeds 0..7 and their detail maps
+    print(f"[export] {out}: sizes {sizes}; sampled {labels.numel()} images x {args.sample_steps} steps "
+          f"(CFG 3, batch {2 * labels.numel()}) in {t_sample:.2f} s", flush=True)
+    return {"sizes": sizes, "sample_seconds": t_sample}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--hidden", type=int, default=96); a("--heads", type=int, default=2)
+    a("--depth", type=int, default=2); a("--single", type=int, default=6); a("--ctx-dim", type=int, default=128)
+    a("--sample-cols", type=int, default=4)
+    image_trainer().add_run_args(a, batch=64, reserve_s=45.0, sample_steps=28)  # --data/--synthetic: unused
+    p.set_defaults(lr=5e-4, warmup=300)
+    return p.parse_args(argv)
+
+
+def default_config() -> dict:
+    """The Flux kwargs of the default detail proxy (what ``make_random_provider`` builds without a file)."""
+    return image_trainer().flux_config(parse_args([]))
+
+
+def main(argv=None) -> dict:
+    t_start = time.time()
+    args = parse_args(argv)
+    tip = image_trainer()
+    if args.merge:
+        return {"merged": str(tip.merge_shards(Path(args.merge), STEM))}
+    device, amp = tip.run_device(args)
+    fwd = tip.load_flux_forward()
+
+    cfg = tip.flux_config(args)
+    torch.manual_seed(args.seed)
+    model = tip.build_model(cfg, device)
+    class_tokens = torch.nn.Parameter(torch.randn(11, 4, args.ctx_dim, device=device))
+    params, n_params, opt, ema, gen, state = tip.training_state(args, model, class_tokens, cfg, device, argv)
+    print(f"[setup] device {device} amp={amp} Flux params {n_params / 1e6:.2f}M config {cfg}; scenes "
+          f"{ds.SIZE}x{ds.SIZE}, latent {LATENT_SHAPE}, {(ds.SIZE // 8) ** 2} image tokens; batch {args.batch} "
+          f"lr {args.lr} warmup {args.warmup}", flush=True)
+
+    def draw_batch():
+        seeds = ds.train_seeds(gen, args.batch, device)
+        img, _ = ds.render(seeds)
+        x0 = to_latent(img)
+        lab = ds.class_of(seeds)
+        drop = torch.rand(args.batch, generator=gen, device=device) < args.label_drop
+        lab = torch.where(drop, torch.full_like(lab, EMPTY), lab)
+        t = torch.sigmoid(torch.randn(args.batch, generator=gen, device=device))
+        eps = torch.randn(x0.shape, generator=gen, device=device)
+        return x0, lab, t, eps
+
+    def loss_fn(x0, lab, t, eps):
+        xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
+        ctx = class_tokens[lab]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            v = fwd(model, xt, t, ctx, y=ctx.mean(1), guidance=torch.ones_like(t))
+        return F.mse_loss(v.float(), eps - x0)
+
+    steps_run, run_s = tip.train_loop(args, model=model, params=params, ema=ema, opt=opt, gen=gen,
+                                      class_tokens=class_tokens, cfg=cfg, state=state, device=device,
+                                      t_start=t_start, draw_batch=draw_batch, loss_fn=loss_fn)
+
+    result = {"step": state["step"], "loss": state["loss"], "log": state["log"], "config": cfg,
+              "n_params": n_params, "steps_per_s": steps_run / max(run_s, 1e-9)}
+    if args.export:
+        out = Path(args.export)
+        with torch.no_grad():  # EMA weights into the model for export / sampling
+            for p, e in zip(params, ema):
+                p.copy_(e)
+        model.eval()
+        result.update(export(args, out, fwd, model, class_tokens, cfg, state, device, amp))
+        log = {"config": cfg, "args": vars(args), "commands": state["commands"], "n_params": n_params,
+               "steps": state["step"], "final_loss": state["loss"], "train_seconds": state["train_seconds"],
+               "steps_per_s_this_run": result["steps_per_s"], "sample_seconds": result["sample_seconds"],
+               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "data_recipe": DATA_RECIPE, "version": VERSION, "log": state["log"]}
+        (out / "train_log.json").write_text(json.dumps(log, indent=1))
+    print(f"[done] total wall {time.time() - t_start:.1f} s", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
