@@ -31,7 +31,8 @@ decisions) and runs, in order:
    token-FLOPs (``ModelCallFlops``), so it sits on the same axis and gets the same competitor.
    ``merge=R[:ORDER[:MODE[:noprop][:copy]]]`` is the Token Merge node at ratio R on every step
    (window 0..1; ORDER spread|border_first, MODE within_frames|across_frames|both; ``:noprop``
-   without proportional attention, ``:copy`` unmerging by copy alone), as bench_speed's variant.
+   without proportional attention, ``:copy`` unmerging by copy alone, ``:end=0.8`` / ``:start=X``
+   the node's window in sampling percent), as bench_speed's variant.
 4. the plain competitor of each node setting S: the baseline with ``round(N / est(S))`` steps,
    where ``est(S)`` is the node's own token-FLOP estimate (``last_run_report(model).estimated_speedup``), so
    both cost the same transformer FLOPs; plus any ``--extra-steps``. Each distinct step count
@@ -466,7 +467,9 @@ class Setting:
             return f"EasyCache reuse_threshold={self.easycache:g}"
         if self.merge is not None:
             m = self.merge
-            return (f"Token Merge ratio={m['ratio']:g} {m['order']}/{m['video_mode']}"
+            window = ("" if (m["start_percent"], m["end_percent"]) == (0.0, 1.0)
+                      else f" window {m['start_percent']:g}-{m['end_percent']:g}")
+            return (f"Token Merge ratio={m['ratio']:g} {m['order']}/{m['video_mode']}{window}"
                     + ("" if m["proportional_attention"] else " noprop")
                     + ("" if m.get("unmerge", "residual") == "residual" else f" unmerge={m['unmerge']}"))
         if self.node is None:
@@ -498,13 +501,21 @@ def parse_settings(spec: str, steps: int, rho: float, cuda_graphs: bool) -> list
         if tok.startswith("merge="):  # the Token Merge node on every step (as bench_speed's variant)
             if adapter:
                 raise SystemExit(f"setting {name}: Token Merge takes no patch adapter")
+            parts = tok.split(":")
+            window = {"start": 0.0, "end": 1.0}
+            for flag in [p for p in parts[3:] if "=" in p]:  # start=X / end=X: the node's window
+                key, _, value = flag.partition("=")
+                if key not in window:
+                    raise SystemExit(f"setting {name}: unknown flag {flag!r} (start=X, end=X, noprop, copy)")
+                window[key] = float(value)
+            tok = ":".join(parts[:3] + [p for p in parts[3:] if "=" not in p])
             try:
                 ratio, order, mode, prop, unmerge = parse_merge(name, tok, run_steps).merge
             except ValueError as e:
                 raise SystemExit(str(e)) from None
             out.append(Setting(name, "node", run_steps, merge=dict(
                 ratio=ratio, order=order, video_mode=mode, proportional_attention=prop, unmerge=unmerge,
-                start_percent=0.0, end_percent=1.0)))
+                start_percent=window["start"], end_percent=window["end"])))
             continue
         if tok.startswith("tau="):  # tau=X, or tau=X:2 for patches up to 2p only (max_patch 2)
             value, _, cap = tok[4:].partition(":")
