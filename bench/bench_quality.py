@@ -34,6 +34,10 @@ decisions) and runs, in order:
    chosen once per step for the whole batch (scores averaged over the batch's samples), so a
    router row depends on ``--batch``: use ``--batch 1`` for rows that compare seed by seed with
    a batch-independent baseline (the images of other settings do not depend on it).
+   ``merge=R[:ORDER[:MODE[:noprop][:copy]]]`` is the Token Merge node at ratio R on every step
+   (window 0..1; ORDER spread|border_first, MODE within_frames|across_frames|both; ``:noprop``
+   without proportional attention, ``:copy`` unmerging by copy alone, ``:end=0.8`` / ``:start=X``
+   the node's window in sampling percent), as bench_speed's variant.
 4. the plain competitor of each node setting S: the baseline with ``round(N / est(S))`` steps,
    where ``est(S)`` is the node's own token-FLOP estimate (``last_run_report(model).estimated_speedup``), so
    both cost the same transformer FLOPs; plus any ``--extra-steps``. Each distinct step count
@@ -110,7 +114,7 @@ for _p in (REPO / "bench", REPO / "tests" / "support"):
         sys.path.insert(0, str(_p))
 
 import quality_metrics as qm  # noqa: E402
-from bench_speed import compress_schedule, expand_schedule, forced_for, parse_router  # noqa: E402
+from bench_speed import compress_schedule, expand_schedule, forced_for, parse_merge, parse_router  # noqa: E402
 
 PERTURB_SEED_OFFSET = 10_000_000
 DEFAULT_SETTINGS = "2x,2x80,4x80,tau=0.3,tau=0.5,tau=0.7"
@@ -461,6 +465,7 @@ class Setting:
     strength: float = 1.0       # "+A*0.8": the adapter at that strength
     easycache: float | None = None  # "easycache=T": ComfyUI's EasyCache at reuse_threshold T (the peer)
     router: dict | None = None      # "router=...": RouterConfig settings (ideas/drop/config.py)
+    merge: dict | None = None   # "merge=R[:ORDER[:MODE[:flags]]]": Token Merge settings (window 0..1)
 
     @property
     def schedule(self) -> str:
@@ -469,6 +474,13 @@ class Setting:
         if self.router is not None:
             return "router " + " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in self.router.items())
+        if self.merge is not None:
+            m = self.merge
+            window = ("" if (m["start_percent"], m["end_percent"]) == (0.0, 1.0)
+                      else f" window {m['start_percent']:g}-{m['end_percent']:g}")
+            return (f"Token Merge ratio={m['ratio']:g} {m['order']}/{m['video_mode']}{window}"
+                    + ("" if m["proportional_attention"] else " noprop")
+                    + ("" if m.get("unmerge", "residual") == "residual" else f" unmerge={m['unmerge']}"))
         if self.node is None:
             return f"1x{self.steps}"
         if self.node.get("forced_schedule"):
@@ -503,6 +515,25 @@ def parse_settings(spec: str, steps: int, rho: float, cuda_graphs: bool) -> list
             except ValueError as e:
                 raise SystemExit(f"setting {name}: {e}") from None
             out.append(Setting(name, "node", run_steps, router=router))
+            continue
+        if tok.startswith("merge="):  # the Token Merge node on every step (as bench_speed's variant)
+            if adapter:
+                raise SystemExit(f"setting {name}: Token Merge takes no patch adapter")
+            parts = tok.split(":")
+            window = {"start": 0.0, "end": 1.0}
+            for flag in [p for p in parts[3:] if "=" in p]:  # start=X / end=X: the node's window
+                key, _, value = flag.partition("=")
+                if key not in window:
+                    raise SystemExit(f"setting {name}: unknown flag {flag!r} (start=X, end=X, noprop, copy)")
+                window[key] = float(value)
+            tok = ":".join(parts[:3] + [p for p in parts[3:] if "=" not in p])
+            try:
+                ratio, order, mode, prop, unmerge = parse_merge(name, tok, run_steps).merge
+            except ValueError as e:
+                raise SystemExit(str(e)) from None
+            out.append(Setting(name, "node", run_steps, merge=dict(
+                ratio=ratio, order=order, video_mode=mode, proportional_attention=prop, unmerge=unmerge,
+                start_percent=window["start"], end_percent=window["end"])))
             continue
         if tok.startswith("tau="):  # tau=X, or tau=X:2 for patches up to 2p only (max_patch 2)
             value, _, cap = tok[4:].partition(":")
@@ -620,6 +651,11 @@ def run_setting(provider, model, setting: Setting, seeds: list[int], args, node_
         from elastic_tokens.ideas.drop.config import RouterConfig
 
         mp = apply_router(mp, RouterConfig(**setting.router))
+    if setting.merge is not None:
+        from elastic_tokens.ideas.merge import apply_token_merge
+        from elastic_tokens.ideas.merge.config import TokenMergeConfig
+
+        mp = apply_token_merge(mp, TokenMergeConfig(**setting.merge))
     calls = None
     if setting.easycache is not None:
         from comfy_extras.nodes_easycache import EasyCacheNode
@@ -657,7 +693,7 @@ def run_setting(provider, model, setting: Setting, seeds: list[int], args, node_
             images.append(qm.as_uint8_images(provider.decode(out)))
         if calls is not None:
             reports.append(calls.report(setting.steps, len(b), provider.cfg))
-        elif setting.node is not None or setting.router is not None:
+        elif setting.node is not None or setting.router is not None or setting.merge is not None:
             rep = last_run_report(mp)
             reports.append({"step_factors": list(rep.step_factors), "flops_native": float(rep.flops_native),
                             "flops_used": float(rep.flops_used), "batch": len(b),

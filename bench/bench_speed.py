@@ -44,6 +44,13 @@ Variants (``--variants``, comma-separated, run in order):
              (an idle router is the plain model)
   router=B@SCHED  the router stacked with a forced patch schedule SCHED (2x80, 4x80, 2x, s=...):
              coarse steps run every token of their grid, the router routes the native ones
+  merge=R[:ORDER[:MODE]]  the Token Merge node at ratio R (0..0.75; ORDER spread|border_first, MODE
+             within_frames|across_frames|both; defaults spread, within_frames) on every step
+             (window 0..1, the node's own default ends at 0.8), proportional attention on
+             (flags after MODE: ":noprop" turns it off, ":copy" unmerges by copy alone instead of
+             copy + each token's own residual, e.g. merge=0.5:::noprop:copy)
+  merge=R[:ORDER[:MODE]]@SCHED  the same stacked on a forced patch schedule SCHED (any schedule
+             token above: 2x80, s=1x6/2x22, ...): coarse steps run unmerged, native ones merged
 Suffix "+g" forces cuda_graphs=True, "+e" forces it off; a coarse variant without a suffix is
 expanded according to --cuda-graphs (both: eager, then graphs). Suffix "+A" attaches a patch
 adapter of rank --adapter-rank for the schedule's coarse sizes, as Load Patch Adapter does (eager:
@@ -244,6 +251,7 @@ class Variant:
     adapter: bool = False  # "+A": an untrained patch adapter attached (see module doc)
     keep: float = 1.0      # "keep=F": share of image tokens through the blocks (runtime token path)
     router: dict | None = None  # "router=...": RouterConfig settings (ideas/drop/config.py)
+    merge: tuple | None = None  # "merge=R[:ORDER[:MODE]]": (ratio, order, mode) of the Token Merge node
 
 
 def expand_schedule(s: str) -> list[int]:
@@ -294,6 +302,9 @@ def build_variants(spec: str, graphs_mode: str, steps: int) -> list[Variant]:
                     raise ValueError(f"variant {raw}: schedule {sched!r} has {n} steps, run has {steps}")
             out.append(Variant(tok + ("+g" if forced_graphs else ""), "router", sched, bool(forced_graphs),
                                router=router))
+            continue
+        if tok.startswith("merge="):
+            out.append(parse_merge(raw, tok, steps))
             continue
         if tok.startswith("keep="):
             share = float(tok[5:])
@@ -368,6 +379,47 @@ def router_tokens(binding, latent, ctx_len: int, v: Variant, steps: int) -> tupl
     factors = expand_schedule(v.schedule) if v.schedule else [1] * steps
     tokens = {str(f): tokens_at(binding, latent, f, ctx_len, budget if f == 1 else 1.0) for f in sorted(set(factors))}
     return tokens, round(sum(tokens[str(f)] for f in factors) / len(factors), 1)
+def parse_merge(raw: str, tok: str, steps: int) -> Variant:
+    """``merge=R[:ORDER[:MODE]][@SCHED]`` as a Variant (settings checked by the pack's own kernel)."""
+    body, _, sched_tok = tok[len("merge="):].partition("@")
+    parts = body.split(":")
+    flags = parts[3:]
+    parts = parts[:3]
+    if any(f not in ("noprop", "copy") for f in flags) or len(set(flags)) != len(flags):
+        raise ValueError(f"variant {raw}: use merge=R[:ORDER[:MODE[:noprop][:copy]]][@SCHED]")
+    proportional, unmerge = "noprop" not in flags, "copy" if "copy" in flags else "residual"
+    try:
+        ratio = float(parts[0])
+    except ValueError:
+        raise ValueError(f"variant {raw}: ratio {parts[0]!r} is not a number") from None
+    order = parts[1] if len(parts) > 1 and parts[1] else "spread"
+    mode = parts[2] if len(parts) > 2 and parts[2] else "within_frames"
+    try:
+        pack_module("kernels.merge_pattern").check_settings(ratio, order, mode)
+    except ValueError as e:
+        raise ValueError(f"variant {raw}: {e}") from None
+    sched = ""
+    if sched_tok:
+        sched = forced_for(sched_tok, steps)
+        n = len(expand_schedule(sched))
+        if n != steps:
+            raise ValueError(f"variant {raw}: schedule {sched!r} has {n} steps, run has {steps}")
+    return Variant(tok, "merge", sched, False, merge=(ratio, order, mode, proportional, unmerge))
+
+
+def merged_tokens(binding, latent, ctx_len: int, merge: tuple) -> int:
+    """Tokens of one sample's self-attention on a merged native step (the pack's own pattern)."""
+    ratio, order, mode = merge[:3]
+    _, sizes = pack_module("kernels.merge_pattern").merge_pattern(binding.grid(latent), ratio, order, mode)
+    return int(sizes.numel()) + (ctx_len if binding.joint_text else 0)
+
+
+def add_token_merge(patcher, merge: tuple):
+    ratio, order, mode, proportional, unmerge = merge
+    settings = dict(ratio=ratio, order=order, video_mode=mode, start_percent=0.0, end_percent=1.0,
+                    proportional_attention=proportional, unmerge=unmerge)
+    config = pack_module("ideas.merge.config").TokenMergeConfig(**settings)
+    return pack_module("ideas.merge").apply_token_merge(patcher, config), settings
 
 
 class EvenKeep:
@@ -611,7 +663,7 @@ def estimate_run_s(base_median, v_kind, mean_tokens, native_tokens):
     """Rough cost of one run of a variant from the baseline's (attention makes it superlinear)."""
     if base_median is None:
         return 0.0
-    if v_kind != "forced":
+    if v_kind not in ("forced", "merge"):
         return base_median
     return base_median * max(0.05, mean_tokens / native_tokens)
 
@@ -695,6 +747,12 @@ def bench_model(model: str, args, pack, record, save):
         elif v.kind == "keep":
             res["tokens"] = {"1": tokens_at(binding, lshape, 1, ctx_len, v.keep)}
             res["mean_tokens_per_step"] = res["tokens"]["1"]
+        elif v.kind == "merge":  # native steps merged ("1"), coarse steps of a stacked schedule not
+            factors = expand_schedule(v.schedule) if v.schedule else [1] * steps
+            per = {f: merged_tokens(binding, lshape, ctx_len, v.merge) if f == 1 else tokens_at(binding, lshape, f, ctx_len)
+                   for f in sorted(set(factors))}
+            res["tokens"] = {str(f): c for f, c in per.items()}
+            res["mean_tokens_per_step"] = round(sum(per[f] for f in factors) / len(factors), 1)
         elif v.schedule:
             factors = expand_schedule(v.schedule)
             res["tokens"] = {str(f): tokens_at(binding, lshape, f, ctx_len) for f in sorted(set(factors))}
@@ -721,6 +779,13 @@ def bench_model(model: str, args, pack, record, save):
                     continue
                 mp, cfg = add_router(patcher, v, args)
                 res["config"] = _jsonable(cfg)
+            elif v.kind == "merge" and pack is not None:
+                base = patcher
+                if v.schedule:
+                    PatchScheduleConfig, apply_patch_schedule = pack
+                    base = apply_patch_schedule(patcher, make_config(PatchScheduleConfig, v, args))
+                mp, cfg = add_token_merge(base, v.merge)
+                res["config"] = cfg
             elif v.kind != "baseline":
                 if pack is None:
                     res["status"] = "skipped: pack not importable"
@@ -863,6 +928,9 @@ def markdown(record) -> str:
         try:
             sf = r["last_report"]["report"]["step_factors"]
             ran = "/".join(str(sum(1 for f in sf if f == k)) for k in (1, 2, 4))
+            merged = sum(1 for m in r["last_report"]["report"].get("step_merged") or () if m)
+            if merged:
+                ran += f" ({merged} merged)"
             fb = r["last_report"]["report"].get("fallbacks")
             if fb:
                 ran += f" (fallbacks {fb})"

@@ -4,7 +4,8 @@ Bound to ComfyUI's DIFFUSION_MODEL wrapper chain: the call goes to the next exec
 model's own (LoRA-patched, quantised, compiled...) layers do the work. In the order of
 docs/runtime.md: the latent at the plan's patch size (runtime/coarse.py, shared with the adapter
 trainer) -> the model's embed -> the plan's tokens gathered with their positions
-(runtime/token_path.py) -> blocks -> the grid restored -> de-embed.
+(runtime/token_path.py) and merged into groups (runtime/merge_path.py) -> blocks -> unmerged,
+the grid restored -> de-embed.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import inspect
 import torch
 
 from ..families.call_args import call_bound
-from .block_hooks import chain_block_patches
+from .block_hooks import chain_block_patches, merge_pairs
 from .coarse import coarse_velocity
 from .graph_replay import GraphCache, cache_for, graphable
+from .merge_path import MergePath
 from .token_path import TokenPath
 from .token_plan import NATIVE, TokenPlan
 
@@ -46,6 +48,12 @@ def token_blocker(bound: inspect.BoundArguments) -> str | None:
     extra = dict(bound.arguments.get("kwargs") or {})
     if extra.get("timestep_zero_index") is not None or bound.arguments.get("timestep_zero_index") is not None:
         return "per-token timesteps"
+    refs = bound.arguments.get("ref_latents", extra.get("ref_latents"))
+    if refs is not None and extra.get("ref_latents_method", bound.arguments.get("ref_latents_method")) \
+            == "index_timestep_zero":
+        # Flux.2 (ComfyUI 0.33) gives reference tokens their own timestep by absolute stream
+        # positions (modulation_dims) fixed before the blocks: a subset or merge would shift them
+        return "per-token timesteps"
     if (options.get("patches") or {}).get("double_block"):
         return "block patches"  # post-block patches index the full stream
     if bound.arguments.get("attention_mask") is not None or extra.get("attention_mask") is not None:
@@ -63,7 +71,10 @@ def admit(plan: TokenPlan, bound: inspect.BoundArguments, run) -> TokenPlan:
     if reason is None and plan.selects_tokens:
         reason = token_blocker(bound)
     if reason is None and plan.merge is not None:
-        reason = "token merging (not executable yet)"
+        entering = (int(plan.keep.numel()) if plan.keep is not None
+                    else run.binding.grid_tokens(bound.arguments["x"].shape, plan.factor))
+        if plan.merge.groups.numel() != entering:
+            reason = "merge pattern of another grid"
     if reason is not None:
         run.fallback(reason)
         return NATIVE
@@ -77,15 +88,22 @@ def call_with_plan(executor, bound: inspect.BoundArguments, plan: TokenPlan, run
     binding = run.binding
     x = bound.arguments["x"]
     options = bound.arguments["transformer_options"]
+    grid = binding.grid_tokens(x.shape, plan.factor)
+    pairs = []
     if plan.keep is not None:
         fill = None
         if plan.fill is not None:
             call_options = options
             fill = lambda grid, keep: plan.fill(grid, keep, call_options)  # noqa: E731
-        path = TokenPath(binding, plan.keep, binding.grid_tokens(x.shape, plan.factor), run.fallback, fill)
-        options = chain_block_patches(options, path.block_patches())
-        if plan.attention is not None:
-            options = plan.attention(options)
+        pairs.append(TokenPath(binding, plan.keep, grid, run.fallback, fill).block_patches())
+    if plan.merge is not None:  # groups the tokens that enter the blocks (the kept ones, in order)
+        entering = grid if plan.keep is None else int(plan.keep.numel())
+        pairs.append(MergePath(binding, plan.merge, entering, run.fallback, plan.merge.proportional,
+                               unmerge=plan.merge.unmerge).block_patches())
+    if pairs:
+        options = chain_block_patches(options, merge_pairs(*pairs))
+    if plan.keep is not None and plan.attention is not None:
+        options = plan.attention(options)
     if plan.factor == 1:
         bound.arguments["transformer_options"] = options
         return call_bound(executor, bound)

@@ -35,6 +35,7 @@ class RunReport:
     graph_replays: int = 0                                    # coarse calls replayed as CUDA graphs
     adapter_calls: int = 0                                    # coarse calls run with a patch adapter
     notes: list[str] = field(default_factory=list)            # one-off remarks for the log
+    step_merged: list[int] = field(default_factory=list)      # image tokens merged away per step (0: none)
 
     @property
     def saved_fraction(self) -> float:
@@ -62,6 +63,10 @@ class RunReport:
             text += f"; {100 * (1 - sum(self.step_tokens) / grid):.0f}% of image tokens skipped or merged"
         if self.seconds:
             text += f"; sampling took {self.seconds:.2f} s"
+        merged = [i for i, m in enumerate(self.step_merged) if m]
+        if merged:
+            share = sum(self.step_merged[i] for i in merged) / max(sum(self.step_grid_tokens[i] for i in merged), 1)
+            text += f"; {100 * share:.0f}% of image tokens merged away on {len(merged)}/{self.total_steps} steps"
         if self.fallbacks:
             reasons = ", ".join(f"{n}x {r}" for r, n in self.fallbacks.items())
             text += f"; ran native instead: {reasons}"

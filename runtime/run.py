@@ -32,6 +32,7 @@ class SamplingRun:
         n = self.total_steps
         self.report = RunReport(n, [p.label for p in planners], [1 if self.idle else 0] * n, [0] * n, [0] * n,
                                 [{} for _ in range(n)])
+        self.report.step_merged = [0] * n
         self._plans: dict[int, TokenPlan] = {}
         self.sampler_input: tuple | None = None  # (latent, sigma) of the current call before the dtype cast
         self.graphs = None  # the model's GraphCache, set by the executor when CUDA graphs are on
@@ -86,6 +87,8 @@ class SamplingRun:
             if not self.report.step_tokens[i]:
                 self.report.step_tokens[i] = tokens
                 self.report.step_grid_tokens[i] = b.grid_tokens(latent_shape, plan.factor)
+                if plan.merge is not None:
+                    self.report.step_merged[i] = int(plan.merge.groups.numel()) - plan.merge.count
 
     def note(self, text: str) -> None:
         if text not in self.report.notes:

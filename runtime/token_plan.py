@@ -25,11 +25,15 @@ IDEA_ORDER = ("patch", "drop", "merge")
 
 @dataclass(frozen=True, eq=False)
 class MergePattern:
-    """Groups of the tokens that go through the blocks: token ``i`` joins group ``groups[i]``."""
+    """Groups of the tokens that go through the blocks: token ``i`` joins group ``groups[i]``
+    (runtime/merge_path.py executes it; kernels/merge_pattern.py makes the training-free ones)."""
 
     groups: torch.Tensor   # (tokens,) long, values 0..count-1, every group non-empty
     count: int
     name: str = ""
+    proportional: bool = True  # merged keys count |S| times in attention (+log|S| on their logits)
+    unmerge: str = "residual"  # "residual": a token's group output plus its own deviation from the
+                               # group mean before the blocks; "copy": the group output alone
 
 
 @dataclass(frozen=True, eq=False)

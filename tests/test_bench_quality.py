@@ -240,6 +240,30 @@ def test_router_setting_runs_the_elastic_token_router_with_its_token_flops(pack,
         n = rep["step_tokens"][0]
         assert rep["step_tokens"] == [n] + [n // 2] * 5  # step 0 dense, then half the tokens
         assert 0 < rep["flops_used"] < rep["flops_native"]
+def test_merge_setting_runs_the_token_merge_node(pack, tiny_flux):
+    """``merge=R[:ORDER[:MODE[:noprop]]]``: the Token Merge node on every step, its report's
+    token-FLOPs on the same axis as the other settings (so it gets its fewer-steps competitor)."""
+    import argparse
+
+    a, b = bench_quality.parse_settings("merge=0.5,merge=0.75:border_first::noprop", 8, 0.4, False)
+    assert a.merge == {"ratio": 0.5, "order": "spread", "video_mode": "within_frames", "proportional_attention": True,
+                       "unmerge": "residual", "start_percent": 0.0, "end_percent": 1.0}
+    assert b.schedule == "Token Merge ratio=0.75 border_first/within_frames noprop"
+    (windowed,) = bench_quality.parse_settings("merge=0.5:::end=0.6:copy", 8, 0.4, False)
+    assert (windowed.merge["end_percent"], windowed.merge["unmerge"]) == (0.6, "copy")
+    assert windowed.schedule == "Token Merge ratio=0.5 spread/within_frames window 0-0.6 unmerge=copy"
+    with pytest.raises(SystemExit, match="unknown flag"):
+        bench_quality.parse_settings("merge=0.5:::stop=0.6", 8, 0.4, False)
+    with pytest.raises(SystemExit, match="no patch adapter"):
+        bench_quality.parse_settings("merge=0.5+A", 8, 0.4, False)
+    with pytest.raises(SystemExit, match=r"ratio must be in \[0, 0.75\]"):
+        bench_quality.parse_settings("merge=0.9", 8, 0.4, False)
+    provider = bench_quality.TinyFluxProvider(argparse.Namespace(size=64))
+    provider._model = tiny_flux
+    res = bench_quality.run_setting(provider, tiny_flux, a, [5, 6], argparse.Namespace(batch=2, warmup=0), None)
+    (rep,) = res["reports"]
+    assert rep["flops_used"] < 0.7 * rep["flops_native"] and not rep["fallbacks"]  # 16 -> 8 image tokens + text
+    assert res["images"].shape == (2, 64, 64, 3)
 
 
 def test_easycache_setting_leaves_the_sampler_latent_alone(pack, tiny_flux):

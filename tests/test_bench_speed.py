@@ -66,6 +66,34 @@ def test_router_variants_run_and_report_their_tokens_per_step(pack, tmp_path):
     cmd = [sys.executable, str(REPO / "bench" / "bench_speed.py"), "--tiny", "--models", "flux", "--steps", "6",
            "--repeats", "1", "--warmup", "0", "--cuda-graphs", "off", "--variants",
            "baseline,router=1.0,router=0.5/start=0/refresh=0,router=0.5/start=0/refresh=0@s=1x1/2x2/1x3",
+def test_merge_variants_parse(pack):
+    """``merge=R[:ORDER[:MODE]][@SCHED]``: settings checked by the pack's own kernel, a stacked
+    schedule by the patch schedule's parser."""
+    import bench_speed
+
+    v = bench_speed.build_variants("merge=0.5,merge=0.25:border_first:both,merge=0.5@2x80,"
+                                   "merge=0.75::across_frames@s=2x2/1x6,merge=0.5:::noprop", "both", 8)
+    assert [(x.name, x.kind, x.schedule, x.merge) for x in v] == [
+        ("merge=0.5", "merge", "", (0.5, "spread", "within_frames", True, "residual")),
+        ("merge=0.25:border_first:both", "merge", "", (0.25, "border_first", "both", True, "residual")),
+        ("merge=0.5@2x80", "merge", "1x2,2x6", (0.5, "spread", "within_frames", True, "residual")),
+        ("merge=0.75::across_frames@s=2x2/1x6", "merge", "2x2,1x6", (0.75, "spread", "across_frames", True, "residual")),
+        ("merge=0.5:::noprop", "merge", "", (0.5, "spread", "within_frames", False, "residual"))]
+    (copy,) = bench_speed.build_variants("merge=0.5:::copy:noprop", "both", 8)
+    assert copy.merge == (0.5, "spread", "within_frames", False, "copy")
+    for bad, match in (("merge=0.8", r"ratio must be in \[0, 0.75\]"), ("merge=x", "not a number"),
+                       ("merge=0.5:middle", "order must be one of"), ("merge=0.5@s=2x3", "has 3 steps"),
+                       ("merge=0.5:spread:both:extra", "use merge=R"),
+                       ("merge=0.5:spread:both:noprop:x", "use merge=R"), ("merge=0.5:::copy:copy", "use merge=R")):
+        with pytest.raises(ValueError, match=match):
+            bench_speed.build_variants(bad, "both", 8)
+
+
+def test_merge_variants_run_through_the_node(pack, tmp_path):
+    """The tiny Flux through the bench: merged steps counted in the report, coarse steps of a
+    stacked schedule not merged, token counts from the node's own pattern."""
+    cmd = [sys.executable, str(REPO / "bench" / "bench_speed.py"), "--tiny", "--models", "flux", "--steps", "5",
+           "--repeats", "1", "--warmup", "0", "--cuda-graphs", "off", "--variants", "merge=0.5,merge=0.75@s=2x2/1x3",
            "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -80,3 +108,9 @@ def test_router_variants_run_and_report_their_tokens_per_step(pack, tmp_path):
     assert stacked["config"]["schedule"] == "1x1,2x2,1x3"
     assert stacked["last_report"]["report"]["step_factors"] == [1, 2, 2, 1, 1, 1]
     assert "image tokens run per step: mean" in (tmp_path / "bench_speed.md").read_text()
+    alone, stacked = rows["merge=0.5"], rows["merge=0.75@s=2x2/1x3"]
+    assert alone["finite"] and alone["last_report"]["report"]["step_merged"] == [32] * 5  # 64 tokens -> 32
+    assert alone["tokens"] == {"1": 32 + 512} and alone["config"]["ratio"] == 0.5
+    rep = stacked["last_report"]["report"]
+    assert rep["step_factors"] == [2, 2, 1, 1, 1] and rep["step_merged"] == [0, 0, 48, 48, 48]
+    assert stacked["tokens"] == {"1": 16 + 512, "2": 16 + 512}

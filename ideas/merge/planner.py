@@ -1,0 +1,67 @@
+"""Token Merge as a planner: a global merge pattern on the native full-grid steps of a window.
+
+The pattern (kernels/merge_pattern.py) depends on the step's token grid and the settings only,
+so every step and sample of a run merge alike; it is made once per grid and run. A step is merged
+when its sigma lies in the node's window (``start_percent`` / ``end_percent`` through the model's
+``percent_to_sigma``, as ComfyUI's own start/end settings) and the plan so far runs the native
+full grid: a coarse step of a stacked Dynamic Patch Schedule, or a step whose tokens a router
+already chose, is left as it is (one token reduction per step).
+"""
+
+from __future__ import annotations
+
+from ...families import FamilyBinding
+from ...kernels.merge_pattern import merge_pattern
+from ...runtime.token_plan import MergePattern, StepInput, TokenPlan
+from .config import TokenMergeConfig
+
+
+class TokenMergePlanner:
+    idea = "merge"
+    label = "Token Merge"
+
+    def __init__(self, config: TokenMergeConfig, sigma_start: float, sigma_end: float):
+        self.config = config
+        self.sigma_start = float(sigma_start)   # merge steps with sigma_end < sigma <= sigma_start
+        self.sigma_end = float(sigma_end)
+
+    @classmethod
+    def for_model(cls, config: TokenMergeConfig, model) -> "TokenMergePlanner":
+        """The planner with the window in sigmas of ``model``'s sampling (a ModelPatcher)."""
+        sampling = model.get_model_object("model_sampling")
+        return cls(config, sampling.percent_to_sigma(config.start_percent),
+                   sampling.percent_to_sigma(config.end_percent))
+
+    def start(self, binding: FamilyBinding, options: dict, total_steps: int) -> "TokenMergeRun":
+        return TokenMergeRun(self, binding)
+
+
+class TokenMergeRun:
+    needs_latent = False
+
+    def __init__(self, planner: TokenMergePlanner, binding: FamilyBinding):
+        self.planner = planner
+        self.config = planner.config
+        self.binding = binding
+        self.idle = self.config.never_merges
+        self._patterns: dict = {}
+
+    def pattern(self, grid: tuple) -> MergePattern | None:
+        """The pattern of a token grid ``(frames, rows, cols)``, or None where nothing merges."""
+        if grid not in self._patterns:
+            cfg = self.config
+            groups, sizes = merge_pattern(grid, cfg.ratio, cfg.order, cfg.video_mode)
+            name = f"{cfg.order}/{cfg.video_mode} {cfg.ratio:g}"
+            self._patterns[grid] = (MergePattern(groups, int(sizes.numel()), name, cfg.proportional_attention,
+                                                 cfg.unmerge)
+                                    if sizes.numel() < groups.numel() else None)
+        return self._patterns[grid]
+
+    def plan(self, step: StepInput, plan: TokenPlan) -> TokenPlan:
+        if plan.factor != 1 or plan.keep is not None or plan.merge is not None:
+            return plan
+        p = self.planner
+        if not (p.sigma_end < step.sigma <= p.sigma_start):
+            return plan
+        pattern = self.pattern(self.binding.grid(step.latent_shape))
+        return plan if pattern is None else plan.replace(merge=pattern)
