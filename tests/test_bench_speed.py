@@ -66,6 +66,22 @@ def test_router_variants_run_and_report_their_tokens_per_step(pack, tmp_path):
     cmd = [sys.executable, str(REPO / "bench" / "bench_speed.py"), "--tiny", "--models", "flux", "--steps", "6",
            "--repeats", "1", "--warmup", "0", "--cuda-graphs", "off", "--variants",
            "baseline,router=1.0,router=0.5/start=0/refresh=0,router=0.5/start=0/refresh=0@s=1x1/2x2/1x3",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "bench_speed.json").read_text())["results"]}
+    idle, routed = rows["router=1.0"], rows["router=0.5/start=0/refresh=0"]
+    stacked = rows["router=0.5/start=0/refresh=0@s=1x1/2x2/1x3"]
+    n = idle["step_tokens"][0]
+    assert idle["step_tokens"] == [n] * 6 and idle["config"]["router"]["budget"] == 1.0
+    assert routed["step_tokens"] == [n] + [n // 2] * 5 and routed["finite"]
+    coarse = stacked["step_tokens"][1]
+    assert stacked["step_tokens"] == [n, coarse, coarse, n, n // 2, n // 2] and coarse < n
+    assert stacked["config"]["schedule"] == "1x1,2x2,1x3"
+    assert stacked["last_report"]["report"]["step_factors"] == [1, 2, 2, 1, 1, 1]
+    assert "image tokens run per step: mean" in (tmp_path / "bench_speed.md").read_text()
+
+
 def test_merge_variants_parse(pack):
     """``merge=R[:ORDER[:MODE]][@SCHED]``: settings checked by the pack's own kernel, a stacked
     schedule by the patch schedule's parser."""
@@ -98,16 +114,6 @@ def test_merge_variants_run_through_the_node(pack, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = {r["variant"]: r for r in json.loads((tmp_path / "bench_speed.json").read_text())["results"]}
-    idle, routed = rows["router=1.0"], rows["router=0.5/start=0/refresh=0"]
-    stacked = rows["router=0.5/start=0/refresh=0@s=1x1/2x2/1x3"]
-    n = idle["step_tokens"][0]
-    assert idle["step_tokens"] == [n] * 6 and idle["config"]["router"]["budget"] == 1.0
-    assert routed["step_tokens"] == [n] + [n // 2] * 5 and routed["finite"]
-    coarse = stacked["step_tokens"][1]
-    assert stacked["step_tokens"] == [n, coarse, coarse, n, n // 2, n // 2] and coarse < n
-    assert stacked["config"]["schedule"] == "1x1,2x2,1x3"
-    assert stacked["last_report"]["report"]["step_factors"] == [1, 2, 2, 1, 1, 1]
-    assert "image tokens run per step: mean" in (tmp_path / "bench_speed.md").read_text()
     alone, stacked = rows["merge=0.5"], rows["merge=0.75@s=2x2/1x3"]
     assert alone["finite"] and alone["last_report"]["report"]["step_merged"] == [32] * 5  # 64 tokens -> 32
     assert alone["tokens"] == {"1": 32 + 512} and alone["config"]["ratio"] == 0.5
