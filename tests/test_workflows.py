@@ -541,22 +541,52 @@ def test_workflow_runs_on_tiny_models(path, server, object_info):
     before = len(_schedule_lines(server))
     history = _run(server, prompt)
     _assert_outputs(server, history)
-    if hasattr(server, "log_text"):
-        # the pack's node ran and followed the forced schedule (2 coarse steps at 2p)
-        deadline = time.monotonic() + 5  # the log line may trail the history entry a moment
-        while not (lines := _schedule_lines(server)[before:]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert lines, server.log_text()[-3000:]
-        line, active = lines[-1], _active_pack_nodes(path)
-        names = line.split(":", 1)[0].split(" + ")
-        assert set(names) == {{PACK_NODE: "Dynamic Patch Schedule", ROUTER_NODE: "Elastic Token Router"}[t]
-                              for t in active}, line
-        if PACK_NODE in active:  # it followed the forced schedule (2 coarse steps at 2p)
-            assert "2 at 2p" in line, line
-        if ROUTER_NODE in active:  # it routed: some image tokens of the native steps skipped
-            m = re.search(r"Elastic Token Router: (\d+)% of image tokens skipped, ~[\d.]+x \(budget 0\.5, "
-                          r"(\d+) routed", line)
-            assert m and int(m[1]) > 0 and int(m[2]) > 0, line
+    _assert_nodes_ran(server, before, _active_pack_nodes(path))
+
+
+BYPASSED_IN_A_ROUTER_WORKFLOW = [p for p in WORKFLOWS if EXPECTED_PACK_NODES.get(p.stem, {}).get(PACK_NODE) == 4]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("path", BYPASSED_IN_A_ROUTER_WORKFLOW, ids=lambda p: p.stem)
+def test_router_workflow_stacks_when_the_schedule_is_turned_on(path, server, object_info):
+    """The note's promise: Ctrl+B on the bypassed Dynamic Patch Schedule (mode 0) stacks it with
+    the router: both run in one sampling (one log line naming both), the schedule's coarse steps
+    and the router's skipped tokens each in it."""
+    assert BYPASSED_IN_A_ROUTER_WORKFLOW, "the Wan router workflow ships the schedule bypassed"
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    for node in wf["nodes"]:
+        if node["type"] == PACK_NODE:
+            node["mode"] = 0
+    overrides = copy.deepcopy(TEST_OVERRIDES.get(path.stem, {}))
+    overrides["KSampler"] = {"steps": STEPS}
+    overrides[PACK_NODE] = {"forced_schedule": FORCED_SCHEDULE}
+    prompt = ui_to_api(wf, object_info, overrides=overrides)
+    before = len(_schedule_lines(server))
+    _assert_outputs(server, _run(server, prompt))
+    _assert_nodes_ran(server, before, {PACK_NODE, ROUTER_NODE})
+
+
+def _assert_nodes_ran(server, before: int, active: set) -> None:
+    """The run's log line names exactly the ``active`` pack nodes, and each did its part: the
+    schedule followed the forced schedule (2 coarse steps at 2p), the router skipped image tokens
+    on routed steps."""
+    if not hasattr(server, "log_text"):
+        return
+    deadline = time.monotonic() + 5  # the log line may trail the history entry a moment
+    while not (lines := _schedule_lines(server)[before:]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lines, server.log_text()[-3000:]
+    line = lines[-1]
+    names = line.split(":", 1)[0].split(" + ")
+    assert set(names) == {{PACK_NODE: "Dynamic Patch Schedule", ROUTER_NODE: "Elastic Token Router"}[t]
+                          for t in active}, line
+    if PACK_NODE in active:  # it followed the forced schedule (2 coarse steps at 2p)
+        assert "2 at 2p" in line, line
+    if ROUTER_NODE in active:  # it routed: some image tokens of the native steps skipped
+        m = re.search(r"Elastic Token Router: (\d+)% of image tokens skipped, ~[\d.]+x \(budget 0\.5, "
+                      r"(\d+) routed", line)
+        assert m and int(m[1]) > 0 and int(m[2]) > 0, line
 
 
 @pytest.mark.server
