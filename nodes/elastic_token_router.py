@@ -30,7 +30,7 @@ class ElasticTokenRouter(io.ComfyNode):
                                        "token (identical to the plain model); 0.5 = half (FLUX ~1.6-1.9x "
                                        "faster per routed step); lower = faster, less detail. The same "
                                        "scores serve every budget: a lower budget keeps a subset."),
-                io.Combo.Input("scorer", options=list(SCORERS), default="ras",
+                io.Combo.Input("scorer", options=list(SCORERS), default="context",
                                tooltip="How tokens are ranked. ras: how much the token's latent changed "
                                        "in the last step (RAS). context: how badly the token is predicted "
                                        "from its neighbours on the current clean-image estimate (DC-DiT; "
@@ -54,7 +54,7 @@ class ElasticTokenRouter(io.ComfyNode):
                              tooltip="Every k-th step of the window computes every token and renews the "
                                      "cache (RAS's dense steps). 0 = only the first step of the window; "
                                      "1 = every step dense (no saving)."),
-                io.Boolean.Input("attend_skipped", default=False,
+                io.Boolean.Input("attend_skipped", default=True,
                                  tooltip="Computed tokens also attend to the skipped tokens' keys and values "
                                          "from their last computed step (RAS). Closer to the full step; "
                                          "costs memory (FLUX 1024²: ~3 GB per CFG branch, Wan 1.3B 480p "
@@ -65,7 +65,7 @@ class ElasticTokenRouter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, budget, scorer, fill, start_percent, end_percent, refresh_every,
-                attend_skipped=False) -> io.NodeOutput:
+                attend_skipped=True) -> io.NodeOutput:
         config = RouterConfig(budget=budget, scorer=scorer, fill=fill, start_percent=start_percent,
                               end_percent=end_percent, refresh_every=refresh_every, attend_skipped=attend_skipped)
         return io.NodeOutput(apply_router(model, config))

@@ -452,7 +452,8 @@ def test_attend_skipped_through_the_ksampler_wraps_an_existing_override(cases, f
     # step 0 dense (n queries, n keys), then kept queries with every token's keys
     assert self_attn[:blocks] == [(text + n, text + n)] * blocks
     assert self_attn[blocks:] == [(text + k, text + n)] * (blocks * (STEPS - 1))
-    plain_drop = ksample(router(model, budget=0.5, start_percent=0.0, refresh_every=0), pos, neg, latent, cfg=cfg)
+    plain_drop = ksample(router(model, budget=0.5, start_percent=0.0, refresh_every=0, attend_skipped=False),
+                         pos, neg, latent, cfg=cfg)
     assert torch.isfinite(out).all() and not torch.equal(out, plain_drop)
     assert "attended to the skipped ones' cached keys/values" in report(routed).summary()
     assert "without a cache" not in report(routed).summary()

@@ -32,13 +32,13 @@ class RouterConfig:
     """
 
     budget: float = 0.5
-    scorer: str = "ras"
+    scorer: str = "context"
     fill: str = "cache"
     start_percent: float = 0.2
     end_percent: float = 1.0
     refresh_every: int = 5
     starvation: float = 0.1
-    attend_skipped: bool = False
+    attend_skipped: bool = True
 
     def __post_init__(self):
         b = self.budget
