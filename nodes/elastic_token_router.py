@@ -30,7 +30,7 @@ class ElasticTokenRouter(io.ComfyNode):
                                        "token (identical to the plain model); 0.5 = half (FLUX ~1.6-1.9x "
                                        "faster per routed step); lower = faster, less detail. The same "
                                        "scores serve every budget: a lower budget keeps a subset."),
-                io.Combo.Input("scorer", options=list(SCORERS), default="context",
+                io.Combo.Input("scorer", options=list(SCORERS), default="ras",
                                tooltip="How tokens are ranked. ras: how much the token's latent changed "
                                        "in the last step (RAS). context: how badly the token is predicted "
                                        "from its neighbours on the current clean-image estimate (DC-DiT; "

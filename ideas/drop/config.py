@@ -32,7 +32,7 @@ class RouterConfig:
     """
 
     budget: float = 0.5
-    scorer: str = "context"
+    scorer: str = "ras"
     fill: str = "cache"
     start_percent: float = 0.2
     end_percent: float = 1.0
