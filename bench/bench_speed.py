@@ -317,9 +317,11 @@ def parse_merge(raw: str, tok: str, steps: int) -> Variant:
     parts = body.split(":")
     flags = parts[3:]
     parts = parts[:3]
-    if any(f not in ("noprop", "copy") for f in flags) or len(set(flags)) != len(flags):
-        raise ValueError(f"variant {raw}: use merge=R[:ORDER[:MODE[:noprop][:copy]]][@SCHED]")
-    proportional, unmerge = "noprop" not in flags, "copy" if "copy" in flags else "residual"
+    if any(f not in ("noprop", "copy", "velocity") for f in flags) or len(set(flags)) != len(flags) \
+            or ("copy" in flags and "velocity" in flags):
+        raise ValueError(f"variant {raw}: use merge=R[:ORDER[:MODE[:noprop][:copy|:velocity]]][@SCHED]")
+    proportional = "noprop" not in flags
+    unmerge = "copy" if "copy" in flags else "velocity" if "velocity" in flags else "residual"
     try:
         ratio = float(parts[0])
     except ValueError:

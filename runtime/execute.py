@@ -100,7 +100,10 @@ def call_with_plan(executor, bound: inspect.BoundArguments, plan: TokenPlan, run
         options = chain_block_patches(options, merge_pairs(*pairs))
     if plan.factor == 1:
         bound.arguments["transformer_options"] = options
-        return call_bound(executor, bound)
+        out = call_bound(executor, bound)
+        if plan.merge is not None and plan.merge.unmerge == "velocity" and plan.keep is None:
+            out = _velocity_residual(out, x, run.sigma_of(bound.arguments["timestep"]), plan.merge, binding)
+        return out
     return _coarse(executor, bound, plan, run, options)
 
 
@@ -145,3 +148,21 @@ def _graphs(executor, bound, plan: TokenPlan, run) -> GraphCache | None:
         run.graphs = cache_for(executor.class_obj)
         run.graph_replays_before = run.graphs.replays
     return run.graphs
+
+
+def _velocity_residual(v: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, pattern, binding) -> torch.Tensor:
+    """Every merged token's velocity plus its own deviation from its group's mean input over sigma:
+    its clean estimate ``x - sigma v`` becomes its group's, its noise stays its own (as a coarse step
+    keeps the fine noise: runtime/coarse.py)."""
+    from ..kernels.patchify import pad_to_multiple, patchify, unpatchify
+    from ..kernels.token_select import merge, unmerge
+
+    c = v.shape[1]
+    p = binding.native_patch
+    patch = (binding.temporal_patch, p, p) if x.ndim == 5 else p
+    padded, (h, w) = pad_to_multiple(x[:, :c].float(), p)
+    tokens, grid = patchify(padded, patch)
+    groups = pattern.groups.to(tokens.device)
+    dev = tokens - unmerge(merge(tokens, groups, pattern.count), groups)
+    s = sigma.float().clamp_min(1e-6).view(-1, *([1] * (x.ndim - 1))).to(x.device)
+    return (v.float() + unpatchify(dev, grid, patch)[..., :h, :w] / s).to(v.dtype)

@@ -39,7 +39,7 @@ from ..families import FamilyBinding
 from ..kernels.token_select import unmerge
 
 PAD = 8  # extra head dims for the key bias (fused kernels want multiples of 8)
-UNMERGE_MODES = ("residual", "copy")
+UNMERGE_MODES = ("residual", "copy", "velocity")  # velocity: copy here, corrected by the executor
 _ON_DEVICE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pattern -> {device: tensors}
 
 
