@@ -317,11 +317,12 @@ def parse_merge(raw: str, tok: str, steps: int) -> Variant:
     parts = body.split(":")
     flags = parts[3:]
     parts = parts[:3]
-    if any(f not in ("noprop", "copy", "velocity") for f in flags) or len(set(flags)) != len(flags) \
-            or ("copy" in flags and "velocity" in flags):
-        raise ValueError(f"variant {raw}: use merge=R[:ORDER[:MODE[:noprop][:copy|:velocity]]][@SCHED]")
+    modes = [f for f in flags if f in ("copy", "velocity", "renoise")]
+    if any(f not in ("noprop", "copy", "velocity", "renoise") for f in flags) or len(set(flags)) != len(flags) \
+            or len(modes) > 1:
+        raise ValueError(f"variant {raw}: use merge=R[:ORDER[:MODE[:noprop][:copy|:velocity|:renoise]]][@SCHED]")
     proportional = "noprop" not in flags
-    unmerge = "copy" if "copy" in flags else "velocity" if "velocity" in flags else "residual"
+    unmerge = modes[0] if modes else "residual"
     try:
         ratio = float(parts[0])
     except ValueError:

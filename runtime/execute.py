@@ -100,10 +100,10 @@ def call_with_plan(executor, bound: inspect.BoundArguments, plan: TokenPlan, run
         options = chain_block_patches(options, merge_pairs(*pairs))
     if plan.factor == 1:
         bound.arguments["transformer_options"] = options
-        out = call_bound(executor, bound)
-        if plan.merge is not None and plan.merge.unmerge == "velocity" and plan.keep is None:
-            out = _velocity_residual(out, x, run.sigma_of(bound.arguments["timestep"]), plan.merge, binding)
-        return out
+        if plan.merge is not None and plan.merge.unmerge in ("velocity", "renoise") and plan.keep is None:
+            return _merged_velocity(executor, bound, x, run.sigma_of(bound.arguments["timestep"]), plan.merge,
+                                    binding)
+        return call_bound(executor, bound)
     return _coarse(executor, bound, plan, run, options)
 
 
@@ -150,19 +150,33 @@ def _graphs(executor, bound, plan: TokenPlan, run) -> GraphCache | None:
     return run.graphs
 
 
-def _velocity_residual(v: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, pattern, binding) -> torch.Tensor:
-    """Every merged token's velocity plus its own deviation from its group's mean input over sigma:
-    its clean estimate ``x - sigma v`` becomes its group's, its noise stays its own (as a coarse step
-    keeps the fine noise: runtime/coarse.py)."""
+def _merged_velocity(executor, bound, x: torch.Tensor, sigma: torch.Tensor, pattern, binding) -> torch.Tensor:
+    """A merged call whose every token's clean estimate ``x - sigma v`` is its group's and whose
+    noise stays its own (as a coarse step keeps the fine noise: runtime/coarse.py).
+
+    The model runs on ``x_in``: each group's mean input patch (``renoise``: plus fresh noise of
+    std ``sigma * sqrt(1 - 1/|S|)``, so a mean of |S| noisy tokens is back at the noise level its
+    timestep says; deterministic per step). A token's velocity is its group's plus
+    ``(x - x_in) / sigma``.
+    """
     from ..kernels.patchify import pad_to_multiple, patchify, unpatchify
     from ..kernels.token_select import merge, unmerge
 
-    c = v.shape[1]
+    c = binding.latent_channels
     p = binding.native_patch
     patch = (binding.temporal_patch, p, p) if x.ndim == 5 else p
     padded, (h, w) = pad_to_multiple(x[:, :c].float(), p)
     tokens, grid = patchify(padded, patch)
     groups = pattern.groups.to(tokens.device)
-    dev = tokens - unmerge(merge(tokens, groups, pattern.count), groups)
-    s = sigma.float().clamp_min(1e-6).view(-1, *([1] * (x.ndim - 1))).to(x.device)
-    return (v.float() + unpatchify(dev, grid, patch)[..., :h, :w] / s).to(v.dtype)
+    s = sigma.float().clamp_min(1e-6).to(x.device)
+    mean = merge(tokens, groups, pattern.count)
+    if pattern.unmerge == "renoise":
+        sizes = torch.bincount(pattern.groups.cpu(), minlength=pattern.count).float().to(x.device)
+        gen = torch.Generator(device=x.device).manual_seed(int(float(s.max()) * 1e6) + 7919)
+        noise = torch.randn(mean.shape, generator=gen, device=x.device, dtype=torch.float32)
+        mean = mean + noise * (1.0 - 1.0 / sizes).sqrt().view(1, -1, 1) * s.view(-1, 1, 1)
+    x_in = unpatchify(unmerge(mean, groups), grid, patch)[..., :h, :w]
+    bound.arguments["x"] = torch.cat([x_in.to(x.dtype), x[:, c:]], 1) if x.shape[1] > c else x_in.to(x.dtype)
+    v = call_bound(executor, bound)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    return (v.float() + (x[:, :c].float() - x_in) / s.view(shape)).to(v.dtype)

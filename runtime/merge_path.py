@@ -39,7 +39,8 @@ from ..families import FamilyBinding
 from ..kernels.token_select import unmerge
 
 PAD = 8  # extra head dims for the key bias (fused kernels want multiples of 8)
-UNMERGE_MODES = ("residual", "copy", "velocity")  # velocity: copy here, corrected by the executor
+UNMERGE_MODES = ("residual", "copy", "velocity", "renoise")  # velocity / renoise: copy here, the executor
+                                                              # corrects the velocity (runtime/execute.py)
 _ON_DEVICE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pattern -> {device: tensors}
 
 

@@ -614,3 +614,53 @@ def test_a_merge_of_kept_tokens_composes_with_a_token_subset(cases):
     assert seen and all(t == n // 4 for t, _ in seen) and torch.isfinite(out).all()
     rep = report(paired)
     assert rep.step_tokens == [n // 4] * 6 and not rep.fallbacks
+
+
+@pytest.mark.parametrize("unmerge", ["copy", "velocity", "renoise"])
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_every_unmerge_mode_with_groups_of_one_is_the_plain_model(cases, family, unmerge):
+    from elastic_tokens.runtime.token_plan import MergePattern
+
+    model, (pos, neg), latent, cfg = cases[family]
+    base = ksample(model, pos, neg, latent, cfg=cfg)
+    ident = with_planner(model, PatternPlanner(lambda n: MergePattern(torch.arange(n), n, "identity", True, unmerge)))
+    assert torch.equal(ksample(ident, pos, neg, latent, cfg=cfg), base)
+
+
+@pytest.mark.parametrize("unmerge", ["velocity", "renoise"])
+def test_velocity_unmerge_gives_each_group_one_clean_estimate_and_keeps_each_tokens_noise(pack, tiny_flux, unmerge):
+    """The model sees each group's mean input patch (``renoise``: plus noise back to the step's
+    level); every token's clean estimate ``x - sigma v`` is the one the model made for its group's
+    input (in a merged call, one per group), whatever the model returns."""
+    import inspect
+
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.kernels.patchify import patchify
+    from elastic_tokens.runtime.execute import _merged_velocity
+    from elastic_tokens.runtime.token_plan import MergePattern
+
+    binding = binding_for(tiny_flux)
+    groups, sizes = mp.merge_pattern((6, 8), 0.5)
+    pattern = MergePattern(groups, sizes.numel(), unmerge=unmerge)
+    seen = {}
+
+    def model(x, timestep, transformer_options=None):
+        seen["x"] = x
+        return torch.tanh(x * 3.0) + x.roll(1, -1)  # any per-position function
+
+    x = torch.randn(2, 16, 12, 16)
+    sigma = torch.tensor([0.7, 0.7])
+    bound = inspect.signature(model).bind(x, sigma)
+    v = _merged_velocity(model, bound, x, sigma, pattern, binding)
+    seen_tokens, _ = patchify(seen["x"], 2)
+    # the clean estimate is the one the model made for its (merged) input; the rest is x's own noise
+    assert torch.allclose(x - 0.7 * v, seen["x"] - 0.7 * model(seen["x"], sigma), atol=1e-5)
+    for k in (0, 5, int(groups[-1])):  # the model's input is one patch per group
+        members = (groups == k).nonzero().flatten()
+        assert torch.equal(seen_tokens[:, members], seen_tokens[:, members[:1]].expand(-1, len(members), -1))
+    mean_in = ts.unmerge(ts.merge(patchify(x, 2)[0], groups, sizes.numel()), groups)
+    extra = seen_tokens - mean_in
+    if unmerge == "velocity":
+        assert torch.allclose(extra, torch.zeros(()), atol=1e-6)
+    else:  # pairs: a mean of two has std 1/sqrt(2) of the noise; renoise adds the missing half back
+        assert 0.4 < float(extra.std() / 0.7) ** 2 < 0.6
