@@ -94,8 +94,11 @@ def call_with_plan(executor, bound: inspect.BoundArguments, plan: TokenPlan, run
         pairs.append(TokenPath(binding, plan.keep, grid, run.fallback).block_patches())
     if plan.merge is not None:  # groups the tokens that enter the blocks (the kept ones, in order)
         entering = grid if plan.keep is None else int(plan.keep.numel())
+        unmerge = plan.merge.unmerge
+        if unmerge in ("velocity", "renoise") and (plan.keep is not None or plan.factor != 1):
+            unmerge = "residual"  # the velocity correction is made for the native full grid only
         pairs.append(MergePath(binding, plan.merge, entering, run.fallback, plan.merge.proportional,
-                               unmerge=plan.merge.unmerge).block_patches())
+                               unmerge=unmerge).block_patches())
     if pairs:
         options = chain_block_patches(options, merge_pairs(*pairs))
     if plan.factor == 1:
