@@ -163,18 +163,18 @@ def _merged_velocity(executor, bound, x: torch.Tensor, sigma: torch.Tensor, patt
     ``(x - x_in) / sigma``.
     """
     from ..kernels.patchify import pad_to_multiple, patchify, unpatchify
-    from ..kernels.token_select import merge, unmerge
+    from ..kernels.token_select import unmerge
+    from .merge_path import group_mean, pattern_on
 
     c = binding.latent_channels
     p = binding.native_patch
     patch = (binding.temporal_patch, p, p) if x.ndim == 5 else p
     padded, (h, w) = pad_to_multiple(x[:, :c].float(), p)
     tokens, grid = patchify(padded, patch)
-    groups = pattern.groups.to(tokens.device)
+    groups, sizes, _, _ = pattern_on(pattern, tokens.device)  # no bincount: no device sync
     s = sigma.float().clamp_min(1e-6).to(x.device)
-    mean = merge(tokens, groups, pattern.count)
+    mean = group_mean(tokens, groups, sizes, 1)
     if pattern.unmerge == "renoise":
-        sizes = torch.bincount(pattern.groups.cpu(), minlength=pattern.count).float().to(x.device)
         gen = torch.Generator(device=x.device).manual_seed(int(float(s.max()) * 1e6) + 7919)
         noise = torch.randn(mean.shape, generator=gen, device=x.device, dtype=torch.float32)
         mean = mean + noise * (1.0 - 1.0 / sizes).sqrt().view(1, -1, 1) * s.view(-1, 1, 1)
