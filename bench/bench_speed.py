@@ -318,7 +318,7 @@ def parse_merge(raw: str, tok: str, steps: int) -> Variant:
     parts = body.split(":")
     flags = parts[3:]
     parts = parts[:3]
-    unmerges = ("velocity", "renoise", "residual", "copy")  # the node's default first
+    unmerges = ("velocity", "renoise", "sigma", "residual", "copy")  # the node's default first
     modes = [f for f in flags if f in unmerges]
     if any(f not in ("noprop",) + unmerges for f in flags) or len(set(flags)) != len(flags) or len(modes) > 1:
         raise ValueError(f"variant {raw}: use merge=R[:ORDER[:MODE[:noprop][:velocity|:renoise|:residual|:copy]]]"

@@ -47,7 +47,7 @@ from ..families import FamilyBinding
 from ..kernels.token_select import unmerge
 
 PAD = 8  # extra head dims for the key bias (fused kernels want multiples of 8)
-UNMERGE_MODES = ("velocity", "renoise", "residual", "copy")  # velocity / renoise: copy here, the executor
+UNMERGE_MODES = ("velocity", "renoise", "sigma", "residual", "copy")  # velocity / renoise: copy here, the executor
                                                               # corrects the velocity (runtime/execute.py)
 _ON_DEVICE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pattern -> {device: tensors}
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ...kernels.merge_pattern import MAX_RATIO, ORDERS, VIDEO_MODES, check_settings
 
-UNMERGE_MODES = ("velocity", "renoise", "residual", "copy")  # as runtime/merge_path.py (ideas import no runtime at config level)
+UNMERGE_MODES = ("velocity", "renoise", "sigma", "residual", "copy")  # as runtime/merge_path.py (ideas import no runtime at config level)
 
 log = logging.getLogger("elastic_tokens")
 
