@@ -627,7 +627,7 @@ def test_every_unmerge_mode_with_groups_of_one_is_the_plain_model(cases, family,
     assert torch.equal(ksample(ident, pos, neg, latent, cfg=cfg), base)
 
 
-@pytest.mark.parametrize("unmerge", ["velocity", "renoise"])
+@pytest.mark.parametrize("unmerge", ["velocity", "renoise", "sigma"])
 def test_velocity_unmerge_gives_each_group_one_clean_estimate_and_keeps_each_tokens_noise(pack, tiny_flux, unmerge):
     """The model sees each group's mean input patch (``renoise``: plus noise back to the step's
     level); every token's clean estimate ``x - sigma v`` is the one the model made for its group's
@@ -645,7 +645,7 @@ def test_velocity_unmerge_gives_each_group_one_clean_estimate_and_keeps_each_tok
     seen = {}
 
     def model(x, timestep, transformer_options=None):
-        seen["x"] = x
+        seen["x"], seen["t"] = x, timestep
         return torch.tanh(x * 3.0) + x.roll(1, -1)  # any per-position function
 
     x = torch.randn(2, 16, 12, 16)
@@ -653,8 +653,11 @@ def test_velocity_unmerge_gives_each_group_one_clean_estimate_and_keeps_each_tok
     bound = inspect.signature(model).bind(x, sigma)
     v = _merged_velocity(model, bound, x, sigma, pattern, binding)
     seen_tokens, _ = patchify(seen["x"], 2)
-    # the clean estimate is the one the model made for its (merged) input; the rest is x's own noise
-    assert torch.allclose(x - 0.7 * v, seen["x"] - 0.7 * model(seen["x"], sigma), atol=1e-5)
+    # the clean estimate is the one the model made for its (merged) input at the sigma it was asked
+    # at (sigma: pairs' mean noise has gain 1/sqrt(2), put back on the flow path at a lower sigma')
+    s_in = 0.7 * 2 ** -0.5 / (0.3 + 0.7 * 2 ** -0.5) if unmerge == "sigma" else 0.7
+    assert torch.allclose(seen["t"], torch.full((2,), s_in), atol=1e-6)
+    assert torch.allclose(x - 0.7 * v, seen["x"] - s_in * model(seen["x"], sigma), atol=1e-5)
     for k in (0, 5, int(groups[-1])):  # the model's input is one patch per group
         members = (groups == k).nonzero().flatten()
         assert torch.equal(seen_tokens[:, members], seen_tokens[:, members[:1]].expand(-1, len(members), -1))
@@ -662,5 +665,7 @@ def test_velocity_unmerge_gives_each_group_one_clean_estimate_and_keeps_each_tok
     extra = seen_tokens - mean_in
     if unmerge == "velocity":
         assert torch.allclose(extra, torch.zeros(()), atol=1e-6)
+    elif unmerge == "sigma":  # rescaled by 1 / ((1 - s) + s g)
+        assert torch.allclose(seen_tokens, mean_in / (0.3 + 0.7 * 2 ** -0.5), atol=1e-5)
     else:  # pairs: a mean of two has std 1/sqrt(2) of the noise; renoise adds the missing half back
         assert 0.4 < float(extra.std() / 0.7) ** 2 < 0.6
