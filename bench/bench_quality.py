@@ -29,6 +29,11 @@ decisions) and runs, in order:
    ``easycache=T`` is the peer a ComfyUI user would pick instead: ComfyUI's own EasyCache node at
    reuse_threshold T (its default window 0.15-0.95), its skipped model calls counted as saved
    token-FLOPs (``ModelCallFlops``), so it sits on the same axis and gets the same competitor.
+   ``router=B[/scorer=S][/fill=F][/start=P][/end=P][/refresh=K][/attend=1]`` is the Elastic Token Router at
+   budget B (the same syntax as bench/bench_speed.py; ``@N`` as above). Its kept tokens are
+   chosen once per step for the whole batch (scores averaged over the batch's samples), so a
+   router row depends on ``--batch``: use ``--batch 1`` for rows that compare seed by seed with
+   a batch-independent baseline (the images of other settings do not depend on it).
    ``merge=R[:ORDER[:MODE[:noprop][:copy]]]`` is the Token Merge node at ratio R on every step
    (window 0..1; ORDER spread|border_first, MODE within_frames|across_frames|both; ``:noprop``
    without proportional attention, ``:renoise`` / ``:residual`` / ``:copy`` another unmerge than
@@ -110,7 +115,7 @@ for _p in (REPO / "bench", REPO / "tests" / "support"):
         sys.path.insert(0, str(_p))
 
 import quality_metrics as qm  # noqa: E402
-from bench_speed import compress_schedule, expand_schedule, forced_for, parse_merge  # noqa: E402
+from bench_speed import compress_schedule, expand_schedule, forced_for, parse_merge, parse_router  # noqa: E402
 
 PERTURB_SEED_OFFSET = 10_000_000
 DEFAULT_SETTINGS = "2x,2x80,4x80,tau=0.3,tau=0.5,tau=0.7"
@@ -460,12 +465,16 @@ class Setting:
     adapter: bool = False       # "+A" settings: the node with --adapter attached (Load Patch Adapter)
     strength: float = 1.0       # "+A*0.8": the adapter at that strength
     easycache: float | None = None  # "easycache=T": ComfyUI's EasyCache at reuse_threshold T (the peer)
+    router: dict | None = None      # "router=...": RouterConfig settings (ideas/drop/config.py)
     merge: dict | None = None   # "merge=R[:ORDER[:MODE[:flags]]]": Token Merge settings (window 0..1)
 
     @property
     def schedule(self) -> str:
         if self.easycache is not None:
             return f"EasyCache reuse_threshold={self.easycache:g}"
+        if self.router is not None:
+            return "router " + " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in self.router.items())
         if self.merge is not None:
             m = self.merge
             window = ("" if (m["start_percent"], m["end_percent"]) == (0.0, 1.0)
@@ -498,6 +507,15 @@ def parse_settings(spec: str, steps: int, rho: float, cuda_graphs: bool) -> list
             if adapter:
                 raise SystemExit(f"setting {name}: EasyCache takes no patch adapter")
             out.append(Setting(name, "node", run_steps, easycache=float(tok.split("=", 1)[1])))
+            continue
+        if tok.startswith("router="):  # the Elastic Token Router (settings as in bench_speed)
+            if adapter:
+                raise SystemExit(f"setting {name}: the router takes no patch adapter")
+            try:
+                router = parse_router(tok)
+            except ValueError as e:
+                raise SystemExit(f"setting {name}: {e}") from None
+            out.append(Setting(name, "node", run_steps, router=router))
             continue
         if tok.startswith("merge="):  # the Token Merge node on every step (as bench_speed's variant)
             if adapter:
@@ -629,6 +647,11 @@ def run_setting(provider, model, setting: Setting, seeds: list[int], args, node_
     if setting.node is not None:
         PatchScheduleConfig, apply_patch_schedule = node_api
         mp = apply_patch_schedule(mp, PatchScheduleConfig(**setting.node))
+    if setting.router is not None:
+        from elastic_tokens.ideas.drop import apply_router
+        from elastic_tokens.ideas.drop.config import RouterConfig
+
+        mp = apply_router(mp, RouterConfig(**setting.router))
     if setting.merge is not None:
         from elastic_tokens.ideas.merge import apply_token_merge
         from elastic_tokens.ideas.merge.config import TokenMergeConfig
@@ -671,11 +694,13 @@ def run_setting(provider, model, setting: Setting, seeds: list[int], args, node_
             images.append(qm.as_uint8_images(provider.decode(out)))
         if calls is not None:
             reports.append(calls.report(setting.steps, len(b), provider.cfg))
-        elif setting.node is not None or setting.merge is not None:
+        elif setting.node is not None or setting.router is not None or setting.merge is not None:
             rep = last_run_report(mp)
             reports.append({"step_factors": list(rep.step_factors), "flops_native": float(rep.flops_native),
                             "flops_used": float(rep.flops_used), "batch": len(b),
                             "fallbacks": dict(rep.fallbacks)})
+            if setting.router is not None:  # image tokens through the blocks per step (dense: all)
+                reports[-1]["step_tokens"] = list(rep.step_tokens)
     return {"images": np.concatenate(images), "wall_s": wall, "reports": reports}
 
 

@@ -37,6 +37,13 @@ Variants (``--variants``, comma-separated, run in order):
   s=SCHED    a literal forced schedule, '/' instead of ',' (e.g. s=1x4/2x10/4x14)
   keep=F     share F of the image tokens (evenly spread) through the blocks at every step, through
              the runtime's token path (bench-only planner EvenKeep; keep=1.0: the path's overhead)
+  router=B[/scorer=S][/fill=F][/start=P][/end=P][/refresh=K][/attend=1]
+             the Elastic Token Router node at budget B (its defaults otherwise: scorer ras, fill
+             cache, start 0.2, end 1.0, refresh 5, attend_skipped off), e.g. router=0.5/start=0/refresh=0 routes every
+             step after the first (dense: nothing to score yet); router=1.0: the node's overhead
+             (an idle router is the plain model)
+  router=B@SCHED  the router stacked with a forced patch schedule SCHED (2x80, 4x80, 2x, s=...):
+             coarse steps run every token of their grid, the router routes the native ones
   merge=R[:ORDER[:MODE]]  the Token Merge node at ratio R (0..0.75; ORDER spread|border_first, MODE
              within_frames|across_frames|both; defaults spread, within_frames) on every step
              (window 0..1, the node's own default ends at 0.8), proportional attention on
@@ -244,6 +251,7 @@ class Variant:
     cuda_graphs: bool = False
     adapter: bool = False  # "+A": an untrained patch adapter attached (see module doc)
     keep: float = 1.0      # "keep=F": share of image tokens through the blocks (runtime token path)
+    router: dict | None = None  # "router=...": RouterConfig settings (ideas/drop/config.py)
     merge: tuple | None = None  # "merge=R[:ORDER[:MODE]]": (ratio, order, mode) of the Token Merge node
 
 
@@ -284,6 +292,18 @@ def build_variants(spec: str, graphs_mode: str, steps: int) -> list[Variant]:
             tok, forced_graphs = tok[:-2], True
         elif tok.endswith("+e"):
             tok, forced_graphs = tok[:-2], False
+        if tok.startswith("router="):
+            settings, _, sched_tok = tok.partition("@")
+            router = parse_router(settings)
+            sched = ""
+            if sched_tok:
+                sched = forced_for(sched_tok, steps)
+                n = len(expand_schedule(sched))
+                if n != steps:
+                    raise ValueError(f"variant {raw}: schedule {sched!r} has {n} steps, run has {steps}")
+            out.append(Variant(tok + ("+g" if forced_graphs else ""), "router", sched, bool(forced_graphs),
+                               router=router))
+            continue
         if tok.startswith("merge="):
             out.append(parse_merge(raw, tok, steps))
             continue
@@ -312,6 +332,54 @@ def build_variants(spec: str, graphs_mode: str, steps: int) -> list[Variant]:
     return out
 
 
+ROUTER_KEYS = {"scorer": "scorer", "fill": "fill", "start": "start_percent", "end": "end_percent",
+               "refresh": "refresh_every", "attend": "attend_skipped"}
+
+
+def parse_router(text: str) -> dict:
+    """``router=0.5/scorer=context/start=0`` -> RouterConfig settings, checked by RouterConfig itself."""
+    head, *opts = text.split("/")
+    try:
+        settings = {"budget": float(head[len("router="):])}
+    except ValueError:
+        raise ValueError(f"variant {text}: router=B needs a budget number, e.g. router=0.5") from None
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key not in ROUTER_KEYS or not value:
+            raise ValueError(f"variant {text}: unknown router option {opt!r} "
+                             f"(known: {', '.join(k + '=' for k in ROUTER_KEYS)})")
+        name = ROUTER_KEYS[key]
+        if name == "attend_skipped":
+            if value not in ("0", "1"):
+                raise ValueError(f"variant {text}: write attend=1 (or attend=0)")
+            settings[name] = value == "1"
+            continue
+        settings[name] = (int(value) if name == "refresh_every" else
+                          float(value) if name.endswith("_percent") else value)
+    pack_module("ideas.drop.config").RouterConfig(**settings)  # its own validation and messages
+    return settings
+
+
+def add_router(patcher, v: Variant, args):
+    """``patcher`` with the Elastic Token Router of ``v`` (and its patch schedule, if any)."""
+    router = pack_module("ideas.drop")
+    config = pack_module("ideas.drop.config").RouterConfig(**v.router)
+    mp = router.apply_router(patcher, config)
+    cfg = {"router": dataclasses.asdict(config)}
+    if v.schedule:
+        schedule = make_config(pack_module("ideas.patch.config").PatchScheduleConfig, v, args)
+        mp = pack_module("ideas.patch").apply_patch_schedule(mp, schedule)
+        cfg["schedule"] = v.schedule
+    return mp, cfg
+
+
+def router_tokens(binding, latent, ctx_len: int, v: Variant, steps: int) -> tuple[dict, float]:
+    """Planned tokens of a router variant if every native step were routed (the report has the
+    real per-step counts: dense steps run every token)."""
+    budget = v.router["budget"]
+    factors = expand_schedule(v.schedule) if v.schedule else [1] * steps
+    tokens = {str(f): tokens_at(binding, latent, f, ctx_len, budget if f == 1 else 1.0) for f in sorted(set(factors))}
+    return tokens, round(sum(tokens[str(f)] for f in factors) / len(factors), 1)
 def parse_merge(raw: str, tok: str, steps: int) -> Variant:
     """``merge=R[:ORDER[:MODE]][@SCHED]`` as a Variant (settings checked by the pack's own kernel)."""
     body, _, sched_tok = tok[len("merge="):].partition("@")
@@ -679,7 +747,9 @@ def bench_model(model: str, args, pack, record, save):
         res = {"model": model, "variant": v.name, "kind": v.kind, "cuda_graphs": v.cuda_graphs,
                "schedule": v.schedule, "steps": steps, "times_s": [], "status": "ok"}
         record["results"].append(res)
-        if v.kind == "keep":
+        if v.kind == "router":
+            res["tokens"], res["mean_tokens_per_step"] = router_tokens(binding, lshape, ctx_len, v, steps)
+        elif v.kind == "keep":
             res["tokens"] = {"1": tokens_at(binding, lshape, 1, ctx_len, v.keep)}
             res["mean_tokens_per_step"] = res["tokens"]["1"]
         elif v.kind == "merge":  # native steps merged ("1"), coarse steps of a stacked schedule not
@@ -706,6 +776,14 @@ def bench_model(model: str, args, pack, record, save):
         try:
             if v.kind == "keep":
                 mp, cfg = add_keep_planner(patcher, v.keep), {"keep": v.keep}
+            elif v.kind == "router":
+                if pack is None:
+                    res["status"] = "skipped: pack not importable"
+                    print(f"  {v.name:<12} skipped (pack not importable)", flush=True)
+                    save()
+                    continue
+                mp, cfg = add_router(patcher, v, args)
+                res["config"] = _jsonable(cfg)
             elif v.kind == "merge" and pack is not None:
                 base = patcher
                 if v.schedule:
@@ -766,6 +844,8 @@ def bench_model(model: str, args, pack, record, save):
             rep = find_report(cfg, mp) if cfg is not None else None
             if rep is not None:
                 res["last_report"] = rep
+                if v.kind == "router":  # what the router computed per step (dense steps run every token)
+                    res["step_tokens"] = rep["report"].get("step_tokens")
             med = statistics.median(res["times_s"])
             res["median_s"] = round(med, 4)
             res["ms_per_step"] = round(1000.0 * med / steps, 2)
@@ -845,6 +925,9 @@ def markdown(record) -> str:
         toks = ", ".join(f"{f}: {c}" for f, c in r.get("tokens", {}).items())
         if len(r.get("tokens", {})) > 1:
             toks += f" (mean {r.get('mean_tokens_per_step')})"
+        if r.get("step_tokens"):  # a router's image tokens per step as run (dense steps: all)
+            run_tokens = [t for t in r["step_tokens"] if t]
+            toks += f"; image tokens run per step: mean {sum(run_tokens) / max(len(run_tokens), 1):.0f}"
         med = r.get("median_s")
         ran = "-"
         try:

@@ -35,7 +35,11 @@ seed as:
   (tiny models: ``1x6,2x22`` at 28 steps; proxies: ``1x4,2x20,1x4``), training-free;
 * **adapter**     -- (proxies) the same forced schedule with the trained patch adapter;
 * **dynamic**     -- the node at the workflow's own settings (automatic schedule; with the
-  adapter where the workflow has one), unless ``--no-dynamic``.
+  adapter where the workflow has one), unless ``--no-dynamic``;
+* **router**      -- (image proxy) the schedule node and the adapter bypassed, an **Elastic Token
+  Router** at budget 0.5 (its other inputs at their defaults) between the loader and the sampler,
+  unless ``--no-router``: its row in the grid, its line in the plot (image tokens per step) and
+  its log line ("Elastic Token Router: N% of image tokens skipped, ~Nx (budget 0.5, ...)").
 
 A warm-up prompt first loads every model, so the timed prompts only re-run the sampler, the decode
 and the save node (ComfyUI caches the loaders and prompts). Per run it reports the prompt's wall
@@ -84,8 +88,13 @@ import workflow_api  # noqa: E402
 
 PACK_NODE = "ElasticTokensDynamicPatchSchedule"
 ADAPTER_NODE = "ElasticTokensLoadPatchAdapter"
+ROUTER_NODE = "ElasticTokensTokenRouter"
+ROUTER_BUDGET = 0.5  # the router row's budget (share of image tokens computed on a routed step)
 OUT_DIR = REPO / "out"
 LOG_PREFIX = "Dynamic Patch Schedule:"
+# the run's log line starts with the names of the pack's nodes that ran, stacked: "A + B: 28/28 steps"
+LOG_LINE = re.compile(r"^(Dynamic Patch Schedule|Elastic Token Router)( \+ [A-Za-z ]+)?: \d+/\d+ steps")
+ROUTER_NOTE = re.compile(r"Elastic Token Router: \d+% of image tokens skipped[^;]*")
 PROXY_LOG_PREFIX = "Proxy schedule:"  # benchmarks/proxy/custom_nodes/elastic_tokens_proxy
 PROXY_DIR = REPO / "benchmarks" / "proxy"
 PROXY_PATHS_YAML = PROXY_DIR / "comfyui_extra_paths.yaml"
@@ -118,6 +127,7 @@ class Case:
     item_labels: list = field(default_factory=list)  # grid column labels (class names)
     model_note: str = "tiny random-weight model, CPU"
     use_adapter: bool = True  # run the workflow's Load Patch Adapter node (if it has one) in an extra row
+    router: bool = False      # an extra row: the Elastic Token Router at ROUTER_BUDGET instead of the schedule
 
     def size_text(self) -> str:
         text = f"{self.width}x{self.height} px" + (" latent size" if self.proxy else "")
@@ -199,7 +209,7 @@ def make_case(key: str, *, width=None, height=None, steps=None, frames=None, see
         case = Case("image", "Image proxy (ComfyUI Flux class, trained on Fashion-MNIST)",
                     PROXY_DIR / "workflows" / "image_proxy_dynamic_patch.json", "EmptySD3LatentImage",
                     width or 256, height or 256, steps or 28, 42 if seed is None else seed, "",
-                    batch=batch or 10, proxy=True, model_note="trained image proxy, CPU")
+                    batch=batch or 10, proxy=True, model_note="trained image proxy, CPU", router=True)
     elif key == "video":
         case = Case("video", "Video proxy (ComfyUI Wan 2.1 class, trained on Fashion-MNIST clips)",
                     PROXY_DIR / "workflows" / "video_proxy_dynamic_patch.json", "EmptyHunyuanLatentVideo",
@@ -329,7 +339,7 @@ def _status_seconds(entry: dict) -> float | None:
 
 
 def _schedule_lines(server) -> list[str]:
-    return [line.strip() for line in server.log_text().splitlines() if line.startswith(LOG_PREFIX)]
+    return [line.strip() for line in server.log_text().splitlines() if LOG_LINE.match(line)]
 
 
 def parse_schedule_line(line: str) -> dict:
@@ -475,10 +485,12 @@ def _json_num(x):
 
 def build_prompt(case: Case, object_info: dict, *, node: str, steps=None, size=None, prefix: str,
                  adapter: bool = False) -> dict:
-    """API prompt of ``case``: node = "bypass" | "forced" | "dynamic"; size/steps for the warm-up.
+    """API prompt of ``case``: node = "bypass" | "forced" | "dynamic" | "router"; size/steps for the warm-up.
 
     ``adapter``: keep the workflow's Load Patch Adapter node (if any) active; otherwise it is
-    bypassed like the schedule node, so "forced" alone is the training-free coarse schedule."""
+    bypassed like the schedule node, so "forced" alone is the training-free coarse schedule.
+    "router": the schedule node bypassed and an Elastic Token Router (:data:`ROUTER_BUDGET`, its
+    other inputs at the node's defaults) put in front of the sampler's MODEL input."""
     wf = json.loads(case.workflow.read_text(encoding="utf-8"))
     for n in wf["nodes"]:
         if n["type"] == ADAPTER_NODE and (node == "bypass" or not adapter):
@@ -491,7 +503,7 @@ def build_prompt(case: Case, object_info: dict, *, node: str, steps=None, size=N
     overrides = {case.latent_node: latent,
                  "KSampler": {"seed": case.seed, "steps": steps or case.steps},
                  save_type: {"filename_prefix": prefix, **case.save_overrides}}
-    if node == "bypass":
+    if node in ("bypass", "router"):
         for n in wf["nodes"]:
             if n["type"] == PACK_NODE:
                 n["mode"] = 4
@@ -506,7 +518,15 @@ def build_prompt(case: Case, object_info: dict, *, node: str, steps=None, size=N
         raise workflow_api.WorkflowError(f"{case.workflow.name}: " + "; ".join(problems))
     prompt = workflow_api.ui_to_api(wf, object_info, overrides=overrides)
     has_node = any(e["class_type"] == PACK_NODE for e in prompt.values())
-    assert has_node == (node != "bypass"), "the pack's node is bypassed iff node == 'bypass'"
+    assert has_node == (node not in ("bypass", "router")), "the schedule node runs iff node is forced/dynamic"
+    if node == "router":
+        sampler = next(e for e in prompt.values() if e["class_type"] == "KSampler")
+        inputs = {name: opts["default"] for name, _kind, opts, _req in workflow_api._input_defs(object_info[ROUTER_NODE])
+                  if "default" in opts}
+        inputs.update(model=sampler["inputs"]["model"], budget=ROUTER_BUDGET)
+        rid = str(max(int(k) for k in prompt if k.isdigit()) + 1)
+        prompt[rid] = {"class_type": ROUTER_NODE, "inputs": inputs, "_meta": {"title": "Elastic Token Router"}}
+        sampler["inputs"]["model"] = [rid, 0]
     return prompt
 
 
@@ -677,7 +697,8 @@ def sample_grid(case: Case, runs: list, path: Path) -> Path:
     draw = ImageDraw.Draw(canvas)
     big, small = _font(15), _font(12)
     draw.text((GRID_GAP, 4), case.title, fill=(0, 0, 0), font=big)
-    draw.text((GRID_GAP, 24), f"baseline vs. Dynamic Patch Schedule, same seed; {case.size_text()}",
+    draw.text((GRID_GAP, 24), f"baseline vs. Dynamic Patch Schedule{' and Elastic Token Router' * case.router}, "
+              f"same seed; {case.size_text()}",
               fill=(60, 60, 60), font=small)
     draw.text((GRID_GAP, 40), f"{case.model_note}; yellow = the cell's PSNR to the baseline's cell "
               f"(batch item i = class i % 10)", fill=(60, 60, 60), font=small)
@@ -696,7 +717,8 @@ def sample_grid(case: Case, runs: list, path: Path) -> Path:
         else:
             lines.append(f"PSNR {_fmt(run.psnr, '.1f')} dB, SSIM {_fmt(run.ssim, '.3f')}")
             if run.log:
-                lines.append(f"{run.log['flops_skipped_pct']:.0f}% FLOPs skipped")
+                lines.append(f"{run.log['flops_skipped_pct']:.0f}% FLOPs skipped"
+                             + (f", {run.log['tokens_skipped_pct']:.0f}% tokens" if run.log.get("tokens_skipped_pct") else ""))
         if sched:
             rle = run_length(sched)
             lines.append(f"schedule {rle}" if len(rle) <= 22 or not run.log else run.log["parts"])
@@ -719,7 +741,8 @@ def sample_grid(case: Case, runs: list, path: Path) -> Path:
 RUN_STYLE = {"baseline": dict(color="#555555", lw=4.0, ls="-", alpha=0.5),
              "accelerated": dict(color="#d62728", lw=2.0, ls="-", marker="o", ms=4),
              "adapter": dict(color="#2ca02c", lw=1.5, ls=":", marker="s", ms=3),
-             "dynamic": dict(color="#1f77b4", lw=1.5, ls="--", marker="x", ms=5)}
+             "dynamic": dict(color="#1f77b4", lw=1.5, ls="--", marker="x", ms=5),
+             "router": dict(color="#9467bd", lw=1.5, ls="-.", marker="d", ms=4)}
 SCHEDULE_PLOT_PX = (1000, 640)
 
 
@@ -742,6 +765,8 @@ def schedule_plot(case: Case, runs: list, path: Path) -> Path:
         style = RUN_STYLE.get(run.name, {})
         note = ("node bypassed" if run.name == "baseline" else
                 f"{run.log.get('flops_skipped_pct', 0):.0f}% FLOPs skipped, sampler {_fmt(run.speedup, '.2f')}x")
+        if run.log.get("tokens_skipped_pct"):
+            note += f", {run.log['tokens_skipped_pct']:.0f}% of image tokens skipped"
         label = f"{run.name}: {run_length(sched['factors'])} ({note})"
         ax_k.step(steps, sched["factors"], where="mid", label=label, **style)
         ax_t.step(steps, sched["tokens"], where="mid", label=label, **style)
@@ -798,8 +823,9 @@ class CaseResult:
 
 def run_case(server, case: Case, *, object_info: dict | None = None, dynamic: bool = True,
              out_dir: Path | None = OUT_DIR, warmup: bool = True, timeout: float | None = None,
-             progress: bool = True) -> CaseResult:
-    """Baseline, accelerated (and dynamic) runs of ``case`` on ``server``; metrics against the baseline.
+             progress: bool = True, router: bool = True) -> CaseResult:
+    """Baseline, accelerated (and dynamic, and router where ``case.router``) runs of ``case`` on
+    ``server``; metrics against the baseline.
 
     ``timeout``: seconds per prompt (None = no limit); ``progress``: print a line per prompt with
     the sampler's step as it advances."""
@@ -820,6 +846,9 @@ def run_case(server, case: Case, *, object_info: dict | None = None, dynamic: bo
         if dynamic:
             plan.append(("dynamic", "dynamic", "automatic schedule, workflow settings"
                          + (" + patch adapter" if has_adapter else ""), has_adapter))
+        if case.router and router:
+            plan.append(("router", "router", f"Elastic Token Router, budget {ROUTER_BUDGET:g} (schedule bypassed)",
+                         False))
         total = len(plan) + bool(warmup)
 
         def label(i: int, name: str):
@@ -886,6 +915,8 @@ def report(result: CaseResult) -> str:
         if r.log:
             sched = (f"{r.log['parts']}; {r.log['flops_skipped_pct']:.0f}% FLOPs skipped, "
                      f"~{r.log['estimated_speedup']:.2f}x est.; node timed {_fmt(r.log['sampling_s'], '.2f')} s")
+            if (note := ROUTER_NOTE.search(r.log_line or "")):
+                sched += f"; {note[0]}"
         else:
             sched = r.description + " -- no log line"
         if r.schedule.get("factors"):
@@ -916,7 +947,8 @@ def report(result: CaseResult) -> str:
 
 
 BANNER = """\
-Elastic Tokens -- main job: Dynamic Patch Schedule vs. the plain model (node bypassed), same seed"""
+Elastic Tokens -- main job: Dynamic Patch Schedule (and, on the image proxy, the Elastic Token Router)
+vs. the plain model (nodes bypassed), same seed"""
 
 MODEL_LINES = {
     "tiny": """\
@@ -946,6 +978,10 @@ Read these numbers for what they are:
    2x19,1x9 (strength 1.1) reaches 2.08x fewer token-FLOPs at +1.3% FID (BENCHMARKS.md section 5:
    FID and LPIPS over 2,000 samples on an H100; this job shows the first adapter, which the
    automatic schedule needs).
+ * Router: the Elastic Token Router (budget 0.5, training-free: scorer context, fill cache, skipped
+   tokens' keys/values attended, routing from 20% of the sampling on, every 5th step dense) on the image proxy; the row shows what it skipped and
+   PSNR/SSIM against the baseline. Its quality against fewer steps at n = 2,000 is issue 13's
+   benchmark (BENCHMARKS.md), not this job.
  * Speed: CPU timings of small proxies (9.3M / 7.0M parameters, 256-576 image tokens per sample), where
    per-step overhead weighs far more than in the 12B / 1.3B transformers; the node's "% FLOPs
    skipped" counts the proxy's own FLOPs. They are NOT the GPU speed-ups on FLUX.1-dev / Wan 2.1;
@@ -1017,6 +1053,8 @@ def main(argv=None) -> int:
     parser.add_argument("--schedule", default=None,
                         help="forced schedule of the accelerated run (default: ~20%% native, then 2p)")
     parser.add_argument("--no-dynamic", action="store_true", help="skip the automatic-schedule run")
+    parser.add_argument("--no-router", action="store_true",
+                        help=f"skip the image proxy's Elastic Token Router run (budget {ROUTER_BUDGET:g})")
     parser.add_argument("--out", type=Path, default=OUT_DIR,
                         help="where the PNGs, the summary and ComfyUI's log go (out/)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
@@ -1058,7 +1096,7 @@ def main(argv=None) -> int:
             object_info = server.object_info()
             for case in cases:
                 result = run_case(server, case, object_info=object_info, dynamic=not args.no_dynamic,
-                                  out_dir=args.out, timeout=timeout)
+                                  out_dir=args.out, timeout=timeout, router=not args.no_router)
                 results.append(result)
                 print(report(result) + "\n", flush=True)
     except PromptTimeout as exc:

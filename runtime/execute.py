@@ -91,7 +91,11 @@ def call_with_plan(executor, bound: inspect.BoundArguments, plan: TokenPlan, run
     grid = binding.grid_tokens(x.shape, plan.factor)
     pairs = []
     if plan.keep is not None:
-        pairs.append(TokenPath(binding, plan.keep, grid, run.fallback).block_patches())
+        fill = None
+        if plan.fill is not None:
+            call_options = options
+            fill = lambda grid, keep: plan.fill(grid, keep, call_options)  # noqa: E731
+        pairs.append(TokenPath(binding, plan.keep, grid, run.fallback, fill).block_patches())
     if plan.merge is not None:  # groups the tokens that enter the blocks (the kept ones, in order)
         entering = grid if plan.keep is None else int(plan.keep.numel())
         unmerge = plan.merge.unmerge
@@ -101,6 +105,8 @@ def call_with_plan(executor, bound: inspect.BoundArguments, plan: TokenPlan, run
                                unmerge=unmerge).block_patches())
     if pairs:
         options = chain_block_patches(options, merge_pairs(*pairs))
+    if plan.keep is not None and plan.attention is not None:
+        options = plan.attention(options)
     if plan.factor == 1:
         bound.arguments["transformer_options"] = options
         if plan.merge is not None and plan.merge.unmerge in VELOCITY_UNMERGE and plan.keep is None:

@@ -22,6 +22,7 @@ class SamplingRun:
         self.sigmas = sigmas.detach().flatten().float().cpu().tolist()  # one copy, not a sync per step
         self.total_steps = max(len(self.sigmas) - 1, 0)
         self.t_per_sigma = timestep_per_sigma(model_sampling)
+        self.percent_to_sigma = getattr(model_sampling, "percent_to_sigma", None)
         planners = ordered(planners)
         self.runs = [p.start(binding, options, self.total_steps) for p in planners]
         # a run whose planners never act makes no per-step decisions (and no GPU sync): all native
@@ -60,7 +61,8 @@ class SamplingRun:
             return NATIVE
         plan = self._plans.get(step)
         if plan is None:
-            info = StepInput(step, self.total_steps, sigma, self.binding, tuple(latent_shape), options, latent)
+            info = StepInput(step, self.total_steps, sigma, self.binding, tuple(latent_shape), options, latent,
+                             percent_to_sigma=self.percent_to_sigma)
             plan = self._plans[step] = compose(self.runs, info)
             if step < self.total_steps:
                 self.report.step_factors[step] = plan.factor
@@ -94,6 +96,16 @@ class SamplingRun:
 
     def fallback(self, reason: str) -> None:
         self.report.fallbacks[reason] += 1
+
+    def finish(self) -> None:
+        """Let planner runs that want it (``finish(report)``) add to the report before it is logged."""
+        for r in self.runs:
+            finish = getattr(r, "finish", None)
+            if finish is not None:
+                try:
+                    finish(self.report)
+                except Exception as e:  # a report note must never hide the run's own result or error
+                    self.note(f"{type(r).__name__}.finish failed: {type(e).__name__}: {e}")
 
     def release(self) -> None:
         """Drop this run's tensors (graphs stay with the model, see graph_replay.cache_for)."""

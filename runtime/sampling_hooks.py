@@ -113,6 +113,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         report = run.report
         report.seconds = time.perf_counter() - start
         report.graph_replays = run.graphs.replays - run.graph_replays_before if run.graphs else 0
+        run.finish()
         stack.last_report = report
         log.info(report.summary())
         run.release()

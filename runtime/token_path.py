@@ -9,7 +9,8 @@ Installed for one model call as chained block hooks (runtime/block_hooks.py), on
   model hands every block the full ``pe`` it computed), and so is a per-token ``vec`` (Wan 2.2's
   per-token timesteps);
 * last block, after: the computed tokens are scattered back into the full grid; a skipped token
-  gets its hidden state from before the blocks (it skipped them, residual stream unchanged).
+  gets its hidden state from before the blocks (it skipped them, residual stream unchanged), or
+  what the plan's ``fill`` gives it (runtime/token_plan.py, TokenFill: e.g. a cached output).
 
 Where a call's stream does not look as the family binding says (an unknown extra token block, a
 ``pe`` of another length), the hooks stay out of the way and the call runs dense, counted as a
@@ -25,8 +26,9 @@ from ..kernels.token_select import gather, with_extra
 
 
 class TokenPath:
-    def __init__(self, binding: FamilyBinding, keep: torch.Tensor, grid_tokens: int, on_fallback=None):
+    def __init__(self, binding: FamilyBinding, keep: torch.Tensor, grid_tokens: int, on_fallback=None, fill=None):
         self.binding = binding
+        self.fill = fill           # (grid, keep) -> grid: fills the skipped tokens (a plan's TokenFill)
         self.keep = keep
         self.grid_tokens = grid_tokens
         self.on_fallback = on_fallback or (lambda reason: None)
@@ -112,4 +114,8 @@ class TokenPath:
         grid = self._full[:, self._start:self._start + self.grid_tokens].to(img.dtype)
         restored = torch.cat([img[:, :start], grid, img[:, start + kept:]], dim=1)
         restored = restored.index_copy(1, self.keep + start, img[:, start:start + kept])
+        if self.fill is not None:
+            stop = start + self.grid_tokens
+            filled = self.fill(restored[:, start:stop], self.keep)
+            restored = torch.cat([restored[:, :start], filled.to(restored.dtype), restored[:, stop:]], dim=1)
         return {**out, "img": restored}

@@ -46,6 +46,9 @@ class TokenPlan:
     coarse_adapter: object | None = None   # learned parts for a coarse call (ideas/patch/adapter_attach.py)
     coarse_embed: str = "area"             # how a coarse patch is embedded (kernels/resize.py)
     coarse_deembed: str = "bilinear"       # how a coarse prediction is brought back to full size
+    fill: object | None = None             # TokenFill: skipped tokens' hidden state after the blocks
+    attention: object | None = None        # keep plans: attention(options) -> the call's options (an
+                                           # attention override, e.g. ideas/drop/attend.py)
 
     @property
     def is_native(self) -> bool:
@@ -74,6 +77,16 @@ class TokenPlan:
 NATIVE = TokenPlan()
 
 
+class TokenFill(Protocol):
+    """How a ``keep`` plan fills the skipped tokens after the last block (None: each keeps its
+    hidden state from before the blocks). ``grid``: ``(B, grid tokens, D)``, computed tokens at
+    ``keep`` and skipped ones at their pre-block state; ``options``: the call's
+    transformer_options (``uuids`` / ``cond_or_uncond`` tell the batch chunks apart). Returns the
+    grid to de-embed; it may keep what it needs (a per-branch cache), never change ``grid``."""
+
+    def __call__(self, grid: torch.Tensor, keep: torch.Tensor, options: dict) -> torch.Tensor: ...
+
+
 @dataclass
 class StepInput:
     """What a planner may read to plan one sampling step (read once, on the step's first call)."""
@@ -87,6 +100,7 @@ class StepInput:
     latent: Callable[[], torch.Tensor | None]   # the sampler's float32 latent (first cond chunk)
     scores: dict = field(default_factory=dict)  # what planners measured, for the run report
     notes: list = field(default_factory=list)   # one-off remarks for the run's log line
+    percent_to_sigma: Callable[[float], float] | None = None  # the model's own (sampling windows)
 
 
 class PlannerRun(Protocol):
@@ -96,6 +110,9 @@ class PlannerRun(Protocol):
     needs_latent: bool    # reads StepInput.latent (the runtime hands it over in full precision)
 
     def plan(self, step: StepInput, plan: TokenPlan) -> TokenPlan: ...
+
+    # optional: ``finish(report)`` is called once at the end of the run, before its log line
+    # (a planner may add notes to ``report.notes`` there)
 
 
 class Planner(Protocol):

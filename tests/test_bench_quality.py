@@ -221,6 +221,25 @@ def test_easycache_setting_is_the_peer_with_its_model_calls_counted(pack, tiny_f
     assert plain["reports"][0]["flops_used"] == pytest.approx(plain["reports"][0]["flops_native"])  # never reuses
 
 
+def test_router_setting_runs_the_elastic_token_router_with_its_token_flops(pack, tiny_flux):
+    import argparse
+
+    (setting,) = bench_quality.parse_settings("router=0.5/start=0/refresh=0@6", 8, 0.4, False)
+    assert setting.router == {"budget": 0.5, "start_percent": 0.0, "refresh_every": 0} and setting.steps == 6
+    assert setting.schedule == "router budget=0.5 start_percent=0 refresh_every=0"
+    with pytest.raises(SystemExit, match="budget must be a share"):
+        bench_quality.parse_settings("router=2", 8, 0.4, False)
+    with pytest.raises(SystemExit, match="no patch adapter"):
+        bench_quality.parse_settings("router=0.5+A", 8, 0.4, False)
+    provider = bench_quality.TinyFluxProvider(argparse.Namespace(size=64))
+    provider._model = tiny_flux
+    res = bench_quality.run_setting(provider, tiny_flux, setting, [5, 6], argparse.Namespace(batch=1, warmup=0),
+                                    None)
+    assert len(res["reports"]) == 2 and res["images"].shape[0] == 2
+    for rep in res["reports"]:
+        n = rep["step_tokens"][0]
+        assert rep["step_tokens"] == [n] + [n // 2] * 5  # step 0 dense, then half the tokens
+        assert 0 < rep["flops_used"] < rep["flops_native"]
 def test_merge_setting_runs_the_token_merge_node(pack, tiny_flux):
     """``merge=R[:ORDER[:MODE[:noprop]]]``: the Token Merge node on every step, its report's
     token-FLOPs on the same axis as the other settings (so it gets its fewer-steps competitor)."""

@@ -35,6 +35,53 @@ def test_adapter_variant_times_adapter_steps(pack, tmp_path):
     assert adapted["last_report"]["report"]["adapter_calls"] == 4  # the 4 coarse steps, cfg 1
 
 
+def test_router_variants_parse_with_their_settings_and_schedules(pack):
+    import bench_speed
+
+    v = bench_speed.build_variants("router=0.5,router=0.3/scorer=context/fill=nearest/start=0/end=0.9/refresh=0,"
+                                   "router=0.5@2x80,router=0.75/start=0@s=2x2/1x6", "both", 8)
+    assert [(x.name, x.kind, x.schedule, x.cuda_graphs) for x in v] == [
+        ("router=0.5", "router", "", False),
+        ("router=0.3/scorer=context/fill=nearest/start=0/end=0.9/refresh=0", "router", "", False),
+        ("router=0.5@2x80", "router", "1x2,2x6", False), ("router=0.75/start=0@s=2x2/1x6", "router", "2x2,1x6", False)]
+    assert v[1].router == {"budget": 0.3, "scorer": "context", "fill": "nearest", "start_percent": 0.0,
+                           "end_percent": 0.9, "refresh_every": 0}
+    assert v[3].router == {"budget": 0.75, "start_percent": 0.0}
+    assert bench_speed.build_variants("router=0.5/attend=1", "both", 8)[0].router == {"budget": 0.5,
+                                                                                      "attend_skipped": True}
+    with pytest.raises(ValueError, match="attend=1"):
+        bench_speed.build_variants("router=0.5/attend=yes", "both", 8)
+    # the node's own validation speaks for bad settings, before any model is built
+    with pytest.raises(ValueError, match="budget must be a share"):
+        bench_speed.build_variants("router=0.05", "both", 8)
+    with pytest.raises(ValueError, match="unknown router option 'tau=1'"):
+        bench_speed.build_variants("router=0.5/tau=1", "both", 8)
+    with pytest.raises(ValueError, match="scorer must be one of"):
+        bench_speed.build_variants("router=0.5/scorer=magic", "both", 8)
+    with pytest.raises(ValueError, match="has 9 steps"):
+        bench_speed.build_variants("router=0.5@s=2x9", "both", 8)
+
+
+def test_router_variants_run_and_report_their_tokens_per_step(pack, tmp_path):
+    cmd = [sys.executable, str(REPO / "bench" / "bench_speed.py"), "--tiny", "--models", "flux", "--steps", "6",
+           "--repeats", "1", "--warmup", "0", "--cuda-graphs", "off", "--variants",
+           "baseline,router=1.0,router=0.5/start=0/refresh=0,router=0.5/start=0/refresh=0@s=1x1/2x2/1x3",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "bench_speed.json").read_text())["results"]}
+    idle, routed = rows["router=1.0"], rows["router=0.5/start=0/refresh=0"]
+    stacked = rows["router=0.5/start=0/refresh=0@s=1x1/2x2/1x3"]
+    n = idle["step_tokens"][0]
+    assert idle["step_tokens"] == [n] * 6 and idle["config"]["router"]["budget"] == 1.0
+    assert routed["step_tokens"] == [n] + [n // 2] * 5 and routed["finite"]
+    coarse = stacked["step_tokens"][1]
+    assert stacked["step_tokens"] == [n, coarse, coarse, n, n // 2, n // 2] and coarse < n
+    assert stacked["config"]["schedule"] == "1x1,2x2,1x3"
+    assert stacked["last_report"]["report"]["step_factors"] == [1, 2, 2, 1, 1, 1]
+    assert "image tokens run per step: mean" in (tmp_path / "bench_speed.md").read_text()
+
+
 def test_merge_variants_parse(pack):
     """``merge=R[:ORDER[:MODE]][@SCHED]``: settings checked by the pack's own kernel, a stacked
     schedule by the patch schedule's parser."""

@@ -303,9 +303,10 @@ def _plot_has_colour(path: Path, hex_colour: str, min_pixels: int = 200) -> bool
 def _check_proxy_result(result, case, tmp_path, cell: int, frames_per_item: int, tokens: tuple):
     from PIL import Image
 
-    names = ["baseline", "accelerated"] + (["adapter"] if case.use_adapter else []) + ["dynamic"]
+    names = (["baseline", "accelerated"] + (["adapter"] if case.use_adapter else []) + ["dynamic"]
+             + (["router"] if case.router else []))
     assert [r.name for r in result.runs] == names
-    base, acc, dyn = result.runs[0], result.runs[1], result.runs[-1]
+    base, acc, dyn = result.runs[0], result.runs[1], result.run("dynamic")
     size = {1: 128, 9: 64}[frames_per_item]
     for r in result.runs:
         assert r.frames.shape == (case.batch * frames_per_item, size, size, 3), r.name
@@ -335,6 +336,17 @@ def _check_proxy_result(result, case, tmp_path, cell: int, frames_per_item: int,
         assert not np.array_equal(ada.frames, acc.frames)
     text = run_example.report(result)
     assert f"per step 1x1,2x{case.steps - 1}" in text and "per step 1x" in text and str(result.grid) in text
+    if case.router:  # the router row: native patches, fewer image tokens on its routed steps, its log line
+        rou = result.run("router")
+        assert rou.schedule["source"] == "Elastic Token Router" and rou.schedule["factors"] == [1] * case.steps
+        assert rou.schedule["tokens"][0] == tokens[0] and min(rou.schedule["tokens"]) == tokens[0] // 2
+        m = re.search(r"Elastic Token Router: (\d+)% of image tokens skipped, ~[\d.]+x \(budget 0\.5, (\d+) routed",
+                      rou.log_line)
+        assert m and int(m[1]) > 0 and int(m[2]) > 0, rou.log_line
+        assert rou.log["tokens_skipped_pct"] == int(m[1]) and "Dynamic Patch Schedule" not in rou.log_line
+        assert math.isfinite(rou.psnr) and not np.array_equal(base.frames, rou.frames)
+        assert _plot_has_colour(result.schedule_plot, run_example.RUN_STYLE["router"]["color"])
+        assert re.search(r"router .*Elastic Token Router: \d+% of image tokens skipped", text), text
 
 
 def test_main_job_on_image_proxy(proxy_server, tmp_path):
@@ -402,8 +414,9 @@ def test_main_end_to_end_with_missing_video_proxy(comfy, monkeypatch, tmp_path, 
     assert "TRAINED PROXIES" in text and "video proxy: SKIPPED" in text and "Main job done" in text
     # progress: one line per prompt with the sampler's steps; no time limit unless asked for
     assert "per-prompt time limit: none" in text
-    for i, name in enumerate(["warm-up", "baseline", "accelerated", "adapter"], start=1):
-        assert re.search(rf"\[{i}/4\] {name} +.*done: {1 if i == 1 else 2}/{1 if i == 1 else 2} steps", text), name
+    for i, name in enumerate(["warm-up", "baseline", "accelerated", "adapter", "router"], start=1):
+        assert re.search(rf"\[{i}/5\] {name} +.*done: {1 if i == 1 else 2}/{1 if i == 1 else 2} steps", text), name
+    assert re.search(r"router .*Elastic Token Router: \d+% of image tokens skipped", text)
     # ComfyUI's own output goes to the log file the job names, not to the terminal
     log = tmp_path / run_example.SERVER_LOG_NAME
     assert log.is_file() and "Import times for custom nodes" in log.read_text(errors="replace")
@@ -414,3 +427,5 @@ def test_main_end_to_end_with_missing_video_proxy(comfy, monkeypatch, tmp_path, 
     assert not (tmp_path / "video_proxy_grid.png").exists()
     summary = json.loads((tmp_path / "main_job.json").read_text())
     assert summary["skipped"] and [r["runs"][1]["schedule"]["factors"] for r in summary["results"]] == [[1, 2]]
+    assert [r["name"] for r in summary["results"][0]["runs"]][-1] == "router"
+    assert summary["results"][0]["runs"][-1]["log_line"].startswith("Elastic Token Router: 2/2 steps")

@@ -8,13 +8,15 @@
 * ``server`` tests: against a real headless ComfyUI with this pack and the tiny models
   (tests/support/comfy_server.py): every workflow validates against the live object_info, is
   listed by the template endpoint with its thumbnail served, and runs through POST /prompt to
-  success with the pack's node active on a forced coarse schedule.
+  success with the pack's nodes active: a Dynamic Patch Schedule on a forced coarse schedule, an
+  Elastic Token Router skipping image tokens (each checked by its own part of the run's log line).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 import time
 import urllib.request
@@ -31,6 +33,18 @@ from workflow_api import WorkflowError, ui_to_api, validate  # noqa: E402
 
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 PACK_NODE = "ElasticTokensDynamicPatchSchedule"
+ROUTER_NODE = "ElasticTokensTokenRouter"
+PACK_NODES = (PACK_NODE, ROUTER_NODE)  # the MODEL -> MODEL nodes an example workflow shows off
+# what each example workflow holds: pack node type -> its mode as shipped (0 active, 4 bypassed)
+EXPECTED_PACK_NODES = {
+    "flux1_dev_dynamic_patch_t2i": {PACK_NODE: 0},
+    "wan21_t2v_1.3b_dynamic_patch": {PACK_NODE: 0},
+    # FLUX: the router routes the native steps the patch schedule leaves (both active)
+    "flux1_dev_token_router_t2i": {PACK_NODE: 0, ROUTER_NODE: 0},
+    # Wan: the schedule in the chain but bypassed (training-free coarse steps lose to fewer steps on
+    # the video proxy, BENCHMARKS.md section 4): Ctrl+B turns the stack on
+    "wan21_t2v_1.3b_token_router": {PACK_NODE: 4, ROUTER_NODE: 0},
+}
 
 
 # =========================================================================== converter unit tests
@@ -301,7 +315,7 @@ def test_api_format_is_rejected_clearly():
 
 def test_there_are_example_workflows():
     names = {p.stem for p in WORKFLOWS}
-    assert {"flux1_dev_dynamic_patch_t2i", "wan21_t2v_1.3b_dynamic_patch"} <= names
+    assert set(EXPECTED_PACK_NODES) <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -317,14 +331,27 @@ def test_workflow_file_is_well_formed(path):
             assert key in node, (node["id"], key)
         if node["type"] not in workflow_api.VIRTUAL_NODE_TYPES:
             assert node["properties"].get("Node name for S&R") == node["type"]
-    pack_nodes = [n for n in wf["nodes"] if n["type"] == PACK_NODE]
-    assert len(pack_nodes) == 1 and pack_nodes[0]["mode"] == 0
-    assert any(n["type"] in ("Note", "MarkdownNote") for n in wf["nodes"])
-    # the example runs the sampler on the pack's MODEL output
+    pack_nodes = [n for n in wf["nodes"] if n["type"] in PACK_NODES]
+    assert {n["type"]: n["mode"] for n in pack_nodes} == EXPECTED_PACK_NODES[path.stem]
+    assert len(pack_nodes) == len(EXPECTED_PACK_NODES[path.stem]), "one node of each type"
+    notes = [n for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+    assert notes
+    if ROUTER_NODE in EXPECTED_PACK_NODES[path.stem]:  # the note explains the slider and the stacking
+        text = " ".join(str(v) for n in notes for v in n["widgets_values"])
+        assert "**budget**" in text and "Dynamic Patch Schedule" in text and "stacks" in text
+    # the example runs the sampler on the MODEL output of the last pack node in the chain
     links = {link[0]: link for link in wf["links"]}
     sampler = next(n for n in wf["nodes"] if n["type"] == "KSampler")
     model_in = next(i for i in sampler["inputs"] if i["name"] == "model")
-    assert links[model_in["link"]][1] == pack_nodes[0]["id"]
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    last = by_id[links[model_in["link"]][1]]
+    assert last["type"] == (ROUTER_NODE if ROUTER_NODE in EXPECTED_PACK_NODES[path.stem] else PACK_NODE)
+    # ... and every pack node sits in that one MODEL chain (loader -> ... -> sampler)
+    chain, node = [], last
+    while node["type"] in PACK_NODES or node["type"] == "ModelSamplingSD3":
+        chain.append(node["type"])
+        node = by_id[links[next(i for i in node["inputs"] if i["name"] == "model")["link"]][1]]
+    assert node["type"] == "UNETLoader" and set(EXPECTED_PACK_NODES[path.stem]) <= set(chain), chain
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -405,6 +432,8 @@ TEST_OVERRIDES = {
     "wan21_t2v_1.3b_dynamic_patch": {"EmptyHunyuanLatentVideo": {"width": 64, "height": 64, "length": 9,
                                                                  "batch_size": 1}},
 }
+TEST_OVERRIDES["flux1_dev_token_router_t2i"] = TEST_OVERRIDES["flux1_dev_dynamic_patch_t2i"]
+TEST_OVERRIDES["wan21_t2v_1.3b_token_router"] = TEST_OVERRIDES["wan21_t2v_1.3b_dynamic_patch"]
 FORCED_SCHEDULE = "2,2,1,1"
 STEPS = 4
 
@@ -449,6 +478,8 @@ def test_pack_node_is_registered(object_info):
     required = adapter["input"]["required"]
     assert set(required) == {"model", "adapter_name", "strength"}
     assert required["strength"][1]["min"] == 0.0 and required["strength"][1]["default"] == 1.0
+    assert object_info[ROUTER_NODE]["display_name"] == "Elastic Token Router"
+    assert object_info[ROUTER_NODE]["output"] == ["MODEL"]
 
 
 @pytest.mark.server
@@ -474,23 +505,33 @@ def _test_prompt(path: Path, object_info: dict) -> dict:
     wf = json.loads(path.read_text(encoding="utf-8"))
     overrides = copy.deepcopy(TEST_OVERRIDES.get(path.stem, {}))
     overrides.setdefault("KSampler", {})["steps"] = STEPS
-    pack_inputs = workflow_api._input_defs(object_info[PACK_NODE])
-    names = {name for name, *_ in pack_inputs}
-    pack = {}
-    if "forced_schedule" in names:
-        pack["forced_schedule"] = FORCED_SCHEDULE
-    if "cuda_graphs" in names:
-        pack["cuda_graphs"] = False
-    if pack:
-        overrides[PACK_NODE] = pack
+    active = _active_pack_nodes(path)
+    if PACK_NODE in active:
+        pack_inputs = workflow_api._input_defs(object_info[PACK_NODE])
+        names = {name for name, *_ in pack_inputs}
+        pack = {}
+        if "forced_schedule" in names:
+            pack["forced_schedule"] = FORCED_SCHEDULE
+        if "cuda_graphs" in names:
+            pack["cuda_graphs"] = False
+        if pack:
+            overrides[PACK_NODE] = pack
     prompt = ui_to_api(wf, object_info, overrides=overrides)
-    assert any(e["class_type"] == PACK_NODE for e in prompt.values())
+    assert {e["class_type"] for e in prompt.values()} & set(PACK_NODES) == active
     return prompt
+
+
+def _active_pack_nodes(path: Path) -> set:
+    return {t for t, mode in EXPECTED_PACK_NODES[path.stem].items() if mode == 0}
+
+
+# the run's log line starts with the stacked nodes' names ("A + B: 4/4 steps (...)")
+_LOG_LINE = re.compile(r"^(Dynamic Patch Schedule|Elastic Token Router)( \+ [A-Za-z ]+)?: \d+/\d+ steps")
 
 
 def _schedule_lines(server) -> list[str]:
     text = server.log_text() if hasattr(server, "log_text") else ""
-    return [line for line in text.splitlines() if line.startswith("Dynamic Patch Schedule:")]
+    return [line for line in text.splitlines() if _LOG_LINE.match(line)]
 
 
 @pytest.mark.server
@@ -500,27 +541,67 @@ def test_workflow_runs_on_tiny_models(path, server, object_info):
     before = len(_schedule_lines(server))
     history = _run(server, prompt)
     _assert_outputs(server, history)
-    if hasattr(server, "log_text"):
-        # the pack's node ran and followed the forced schedule (2 coarse steps at 2p)
-        deadline = time.monotonic() + 5  # the log line may trail the history entry a moment
-        while not (lines := _schedule_lines(server)[before:]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert lines and "2 at 2p" in lines[-1], lines or server.log_text()[-3000:]
+    _assert_nodes_ran(server, before, _active_pack_nodes(path))
+
+
+BYPASSED_IN_A_ROUTER_WORKFLOW = [p for p in WORKFLOWS if EXPECTED_PACK_NODES.get(p.stem, {}).get(PACK_NODE) == 4]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("path", BYPASSED_IN_A_ROUTER_WORKFLOW, ids=lambda p: p.stem)
+def test_router_workflow_stacks_when_the_schedule_is_turned_on(path, server, object_info):
+    """The note's promise: Ctrl+B on the bypassed Dynamic Patch Schedule (mode 0) stacks it with
+    the router: both run in one sampling (one log line naming both), the schedule's coarse steps
+    and the router's skipped tokens each in it."""
+    assert BYPASSED_IN_A_ROUTER_WORKFLOW, "the Wan router workflow ships the schedule bypassed"
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    for node in wf["nodes"]:
+        if node["type"] == PACK_NODE:
+            node["mode"] = 0
+    overrides = copy.deepcopy(TEST_OVERRIDES.get(path.stem, {}))
+    overrides["KSampler"] = {"steps": STEPS}
+    overrides[PACK_NODE] = {"forced_schedule": FORCED_SCHEDULE}
+    prompt = ui_to_api(wf, object_info, overrides=overrides)
+    before = len(_schedule_lines(server))
+    _assert_outputs(server, _run(server, prompt))
+    _assert_nodes_ran(server, before, {PACK_NODE, ROUTER_NODE})
+
+
+def _assert_nodes_ran(server, before: int, active: set) -> None:
+    """The run's log line names exactly the ``active`` pack nodes, and each did its part: the
+    schedule followed the forced schedule (2 coarse steps at 2p), the router skipped image tokens
+    on routed steps."""
+    if not hasattr(server, "log_text"):
+        return
+    deadline = time.monotonic() + 5  # the log line may trail the history entry a moment
+    while not (lines := _schedule_lines(server)[before:]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lines, server.log_text()[-3000:]
+    line = lines[-1]
+    names = line.split(":", 1)[0].split(" + ")
+    assert set(names) == {{PACK_NODE: "Dynamic Patch Schedule", ROUTER_NODE: "Elastic Token Router"}[t]
+                          for t in active}, line
+    if PACK_NODE in active:  # it followed the forced schedule (2 coarse steps at 2p)
+        assert "2 at 2p" in line, line
+    if ROUTER_NODE in active:  # it routed: some image tokens of the native steps skipped
+        m = re.search(r"Elastic Token Router: (\d+)% of image tokens skipped, ~[\d.]+x \(budget 0\.5, "
+                      r"(\d+) routed", line)
+        assert m and int(m[1]) > 0 and int(m[2]) > 0, line
 
 
 @pytest.mark.server
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_runs_with_pack_node_bypassed(path, server, object_info):
-    """Ctrl+B on the pack's node (mode 4) must leave a runnable graph: loader -> sampler."""
+    """Ctrl+B on the pack's nodes (mode 4) must leave a runnable graph: loader -> sampler."""
     wf = json.loads(path.read_text(encoding="utf-8"))
     for node in wf["nodes"]:
-        if node["type"] == PACK_NODE:
+        if node["type"] in PACK_NODES:
             node["mode"] = 4
     assert validate(wf, object_info) == []
     overrides = copy.deepcopy(TEST_OVERRIDES.get(path.stem, {}))
     overrides["KSampler"] = {"steps": 2}
     prompt = ui_to_api(wf, object_info, overrides=overrides)
-    assert not any(e["class_type"] == PACK_NODE for e in prompt.values())
+    assert not any(e["class_type"] in PACK_NODES for e in prompt.values())
     sampler = next(e for e in prompt.values() if e["class_type"] == "KSampler")
     assert prompt[sampler["inputs"]["model"][0]]["class_type"] in ("UNETLoader", "ModelSamplingSD3")
     _assert_outputs(server, _run(server, prompt))
