@@ -33,7 +33,8 @@ token path of a token subset (runtime/token_path.py), on every block:
 The key bias is one extra q/k dimension (q: a constant, k: log|S_j|; v: zeros, its output
 dropped), padded to 8 so fused SDPA / flash kernels still apply, with q rescaled so the logits
 keep the model's own scale; :func:`proportional_attention` can also add it as an additive mask.
-Where every group has one member there is no bias and no override.
+Where every group has one member, or (Wan: no text among the keys) every group has one size,
+the bias is a constant on every logit: there is none, and no override.
 """
 
 from __future__ import annotations
@@ -62,6 +63,16 @@ def pattern_on(pattern, device) -> tuple:
         sizes = torch.bincount(groups, minlength=pattern.count).float()
         per[key] = (groups.to(device), sizes.to(device), sizes.log().to(device), bool((sizes > 1).any()))
     return per[key]
+
+
+def _uniform(pattern) -> bool:
+    """Every group of ``pattern`` has one size (computed on the CPU once per pattern)."""
+    cached = getattr(pattern, "_one_size", None)
+    if cached is None:
+        sizes = torch.bincount(pattern.groups.detach().cpu().long(), minlength=pattern.count)
+        cached = bool((sizes == sizes[0]).all())
+        object.__setattr__(pattern, "_one_size", cached)
+    return cached
 
 
 def group_mean(x: torch.Tensor, groups: torch.Tensor, sizes: torch.Tensor, dim: int) -> torch.Tensor:
@@ -210,8 +221,11 @@ class MergePath:
         self._groups, self._sizes, logs, merges = pattern_on(p, img.device)
         self._extra = img.shape[1] - start - self.tokens      # reference tokens after the grid
         self._bias = None
-        if self.proportional and merges:  # groups of one only: no bias, no override
-            keys = text if b.joint_text else 0
+        keys = text if b.joint_text else 0
+        # no bias where it cannot change the softmax: groups of one only, or (Wan) every key a
+        # merged image token of one size |S| (a constant on every logit)
+        uniform = keys == 0 and self._extra == 0 and _uniform(p)
+        if self.proportional and merges and not uniform:
             self._bias = torch.cat([logs.new_zeros(keys), logs, logs.new_zeros(self._extra)])
         merged = self._merge_stream(img, start)
         if self.unmerge == "residual":  # each token's own deviation from its group's mean

@@ -333,7 +333,8 @@ def test_merge_path_restores_a_constant_per_group_field_and_merges_positions(pac
     from elastic_tokens.runtime.token_plan import MergePattern
 
     binding = binding_for(tiny_wan)
-    groups, sizes = mp.merge_pattern((2, 4, 4), 0.5, mode="both")
+    groups, sizes = mp.merge_pattern((2, 4, 4), 0.6, mode="both")  # pairs and fours: a key bias
+    assert set(sizes.tolist()) == {2, 4}
     pattern = MergePattern(groups, sizes.numel())
     path = MergePath(binding, pattern, 32)
     pairs = path.block_patches()
@@ -397,7 +398,8 @@ def test_an_attention_override_already_present_is_wrapped_and_kept(cases):
 
 def test_only_wans_self_attention_gets_the_key_bias(cases):
     """Wan's blocks call attention three ways (self, text cross, image cross for I2V): only the
-    self-attention over the merged tokens gets the bias; cross-attention keys are text."""
+    self-attention over the merged tokens gets the bias; cross-attention keys are text. Where every
+    group has one size the bias is one constant on every key and is left out."""
     model, (pos, neg), latent, cfg = cases["wan"]
     calls = []
 
@@ -408,6 +410,10 @@ def test_only_wans_self_attention_gets_the_key_bias(cases):
     user = model.clone()
     user.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = user_override
     ksample(token_merge(user, ratio=0.5), pos, neg, latent, cfg=cfg)
+    # ratio 0.5 on this grid: every group a pair, so log 2 on every key changes nothing: no bias
+    assert len({k[-1] for _, k in calls}) == 1
+    calls.clear()
+    ksample(token_merge(user, ratio=0.25), pos, neg, latent, cfg=cfg)  # pairs and singletons
     self_calls = [c for c in calls if c[1][-2] == c[0]]
     cross_calls = [c for c in calls if c[1][-2] != c[0]]
     assert self_calls and cross_calls and len(self_calls) == len(cross_calls)
