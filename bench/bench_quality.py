@@ -36,7 +36,8 @@ decisions) and runs, in order:
    a batch-independent baseline (the images of other settings do not depend on it).
    ``merge=R[:ORDER[:MODE[:noprop][:copy]]]`` is the Token Merge node at ratio R on every step
    (window 0..1; ORDER spread|border_first, MODE within_frames|across_frames|both; ``:noprop``
-   without proportional attention, ``:copy`` unmerging by copy alone, ``:end=0.8`` / ``:start=X``
+   without proportional attention, ``:renoise`` / ``:residual`` / ``:copy`` another unmerge than
+   the default velocity one (runtime/merge_path.py), ``:end=0.8`` / ``:start=X``
    the node's window in sampling percent), as bench_speed's variant.
 4. the plain competitor of each node setting S: the baseline with ``round(N / est(S))`` steps,
    where ``est(S)`` is the node's own token-FLOP estimate (``last_run_report(model).estimated_speedup``), so
@@ -480,7 +481,7 @@ class Setting:
                       else f" window {m['start_percent']:g}-{m['end_percent']:g}")
             return (f"Token Merge ratio={m['ratio']:g} {m['order']}/{m['video_mode']}{window}"
                     + ("" if m["proportional_attention"] else " noprop")
-                    + ("" if m.get("unmerge", "residual") == "residual" else f" unmerge={m['unmerge']}"))
+                    + ("" if m.get("unmerge", "velocity") == "velocity" else f" unmerge={m['unmerge']}"))
         if self.node is None:
             return f"1x{self.steps}"
         if self.node.get("forced_schedule"):

@@ -47,8 +47,9 @@ Variants (``--variants``, comma-separated, run in order):
   merge=R[:ORDER[:MODE]]  the Token Merge node at ratio R (0..0.75; ORDER spread|border_first, MODE
              within_frames|across_frames|both; defaults spread, within_frames) on every step
              (window 0..1, the node's own default ends at 0.8), proportional attention on
-             (flags after MODE: ":noprop" turns it off, ":copy" unmerges by copy alone instead of
-             copy + each token's own residual, e.g. merge=0.5:::noprop:copy)
+             (flags after MODE: ":noprop" turns it off; how outputs go back to the tokens:
+             ":velocity" (default), ":renoise", ":residual", ":copy", see runtime/merge_path.py;
+             e.g. merge=0.5:::noprop:residual)
   merge=R[:ORDER[:MODE]]@SCHED  the same stacked on a forced patch schedule SCHED (any schedule
              token above: 2x80, s=1x6/2x22, ...): coarse steps run unmerged, native ones merged
 Suffix "+g" forces cuda_graphs=True, "+e" forces it off; a coarse variant without a suffix is
@@ -385,9 +386,13 @@ def parse_merge(raw: str, tok: str, steps: int) -> Variant:
     parts = body.split(":")
     flags = parts[3:]
     parts = parts[:3]
-    if any(f not in ("noprop", "copy") for f in flags) or len(set(flags)) != len(flags):
-        raise ValueError(f"variant {raw}: use merge=R[:ORDER[:MODE[:noprop][:copy]]][@SCHED]")
-    proportional, unmerge = "noprop" not in flags, "copy" if "copy" in flags else "residual"
+    unmerges = ("velocity", "renoise", "sigma", "residual", "copy")  # the node's default first
+    modes = [f for f in flags if f in unmerges]
+    if any(f not in ("noprop",) + unmerges for f in flags) or len(set(flags)) != len(flags) or len(modes) > 1:
+        raise ValueError(f"variant {raw}: use merge=R[:ORDER[:MODE[:noprop][:velocity|:renoise|:residual|:copy]]]"
+                         f"[@SCHED]")
+    proportional = "noprop" not in flags
+    unmerge = modes[0] if modes else unmerges[0]
     try:
         ratio = float(parts[0])
     except ValueError:

@@ -98,14 +98,20 @@ def call_with_plan(executor, bound: inspect.BoundArguments, plan: TokenPlan, run
         pairs.append(TokenPath(binding, plan.keep, grid, run.fallback, fill).block_patches())
     if plan.merge is not None:  # groups the tokens that enter the blocks (the kept ones, in order)
         entering = grid if plan.keep is None else int(plan.keep.numel())
+        unmerge = plan.merge.unmerge
+        if unmerge in VELOCITY_UNMERGE and (plan.keep is not None or plan.factor != 1):
+            unmerge = "residual"  # the velocity correction is made for the native full grid only
         pairs.append(MergePath(binding, plan.merge, entering, run.fallback, plan.merge.proportional,
-                               unmerge=plan.merge.unmerge).block_patches())
+                               unmerge=unmerge).block_patches())
     if pairs:
         options = chain_block_patches(options, merge_pairs(*pairs))
     if plan.keep is not None and plan.attention is not None:
         options = plan.attention(options)
     if plan.factor == 1:
         bound.arguments["transformer_options"] = options
+        if plan.merge is not None and plan.merge.unmerge in VELOCITY_UNMERGE and plan.keep is None:
+            return _merged_velocity(executor, bound, x, run.sigma_of(bound.arguments["timestep"]), plan.merge,
+                                    binding, run.t_per_sigma)
         return call_bound(executor, bound)
     return _coarse(executor, bound, plan, run, options)
 
@@ -151,3 +157,65 @@ def _graphs(executor, bound, plan: TokenPlan, run) -> GraphCache | None:
         run.graphs = cache_for(executor.class_obj)
         run.graph_replays_before = run.graphs.replays
     return run.graphs
+
+
+VELOCITY_UNMERGE = ("velocity", "renoise", "sigma")
+
+
+def _merged_velocity(executor, bound, x: torch.Tensor, sigma: torch.Tensor, pattern, binding,
+                     t_per_sigma: float = 1.0) -> torch.Tensor:
+    """A merged call whose every token's clean estimate ``x - sigma v`` is its group's and whose
+    noise stays its own (as a coarse step keeps the fine noise: runtime/coarse.py).
+
+    The model runs on ``x_in``: each group's mean input patch (``renoise``: plus fresh noise of
+    std ``sigma * sqrt(1 - 1/|S|)``, so a mean of |S| noisy tokens is back at the noise level its
+    timestep says; deterministic per step). A token's velocity is its group's plus
+    ``(x - x_in) / sigma``. ``sigma``: where every group has one size |S|, the mean input is put
+    back on the flow path as a coarse step's pooled latent is (kernels/flow.py: noise gain
+    1/sqrt(|S|), rescaled input, the model asked at the lower sigma'); other patterns renoise.
+    """
+    from ..kernels.patchify import pad_to_multiple, patchify, unpatchify
+    from ..kernels.token_select import unmerge
+    from .merge_path import group_mean, pattern_on
+
+    c = binding.latent_channels
+    p = binding.native_patch
+    patch = (binding.temporal_patch, p, p) if x.ndim == 5 else p
+    padded, (h, w) = pad_to_multiple(x[:, :c].float(), p)
+    tokens, grid = patchify(padded, patch)
+    groups, sizes, _, _ = pattern_on(pattern, tokens.device)  # no bincount: no device sync
+    s = sigma.float().clamp_min(1e-6).to(x.device)
+    mean = group_mean(tokens, groups, sizes, 1)
+    mode = pattern.unmerge
+    size = _uniform_size(pattern)
+    if mode == "sigma" and size is None:
+        mode = "renoise"
+    s_in = s
+    if mode == "sigma":
+        gain = size ** -0.5
+        scale = 1.0 / ((1.0 - s) + s * gain)
+        mean = mean * scale.view(-1, 1, 1)
+        s_in = s * gain * scale
+        bound.arguments["timestep"] = (s_in * t_per_sigma).to(bound.arguments["timestep"].dtype)
+    if mode == "renoise":
+        gen = torch.Generator(device=x.device).manual_seed(int(float(s.max()) * 1e6) + 7919)
+        noise = torch.randn(mean.shape, generator=gen, device=x.device, dtype=torch.float32)
+        mean = mean + noise * (1.0 - 1.0 / sizes).sqrt().view(1, -1, 1) * s.view(-1, 1, 1)
+    x_in = unpatchify(unmerge(mean, groups), grid, patch)[..., :h, :w]
+    bound.arguments["x"] = torch.cat([x_in.to(x.dtype), x[:, c:]], 1) if x.shape[1] > c else x_in.to(x.dtype)
+    v = call_bound(executor, bound)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    if mode == "sigma":
+        x0 = x_in - s_in.view(shape) * v.float()  # the group's clean estimate, at the sigma it was asked at
+        return ((x[:, :c].float() - x0) / s.view(shape)).to(v.dtype)
+    return (v.float() + (x[:, :c].float() - x_in) / s.view(shape)).to(v.dtype)  # groups of one: v exactly
+
+
+def _uniform_size(pattern) -> int | None:
+    """The one group size of a pattern whose groups all have it, else None (cached on the pattern)."""
+    cached = getattr(pattern, "_uniform", "unset")
+    if cached == "unset":
+        sizes = torch.bincount(pattern.groups.detach().cpu().long(), minlength=pattern.count)
+        cached = int(sizes[0]) if bool((sizes == sizes[0]).all()) else None
+        object.__setattr__(pattern, "_uniform", cached)
+    return cached

@@ -32,8 +32,8 @@ class MergePattern:
     count: int
     name: str = ""
     proportional: bool = True  # merged keys count |S| times in attention (+log|S| on their logits)
-    unmerge: str = "residual"  # "residual": a token's group output plus its own deviation from the
-                               # group mean before the blocks; "copy": the group output alone
+    unmerge: str = "velocity"  # how outputs go back to the tokens (runtime/merge_path.py UNMERGE_MODES):
+                               # "velocity" (default): the group's clean estimate, each token's own noise
 
 
 @dataclass(frozen=True, eq=False)

@@ -247,7 +247,7 @@ def test_merge_setting_runs_the_token_merge_node(pack, tiny_flux):
 
     a, b = bench_quality.parse_settings("merge=0.5,merge=0.75:border_first::noprop", 8, 0.4, False)
     assert a.merge == {"ratio": 0.5, "order": "spread", "video_mode": "within_frames", "proportional_attention": True,
-                       "unmerge": "residual", "start_percent": 0.0, "end_percent": 1.0}
+                       "unmerge": "velocity", "start_percent": 0.0, "end_percent": 1.0}
     assert b.schedule == "Token Merge ratio=0.75 border_first/within_frames noprop"
     (windowed,) = bench_quality.parse_settings("merge=0.5:::end=0.6:copy", 8, 0.4, False)
     assert (windowed.merge["end_percent"], windowed.merge["unmerge"]) == (0.6, "copy")

@@ -90,13 +90,15 @@ def test_merge_variants_parse(pack):
     v = bench_speed.build_variants("merge=0.5,merge=0.25:border_first:both,merge=0.5@2x80,"
                                    "merge=0.75::across_frames@s=2x2/1x6,merge=0.5:::noprop", "both", 8)
     assert [(x.name, x.kind, x.schedule, x.merge) for x in v] == [
-        ("merge=0.5", "merge", "", (0.5, "spread", "within_frames", True, "residual")),
-        ("merge=0.25:border_first:both", "merge", "", (0.25, "border_first", "both", True, "residual")),
-        ("merge=0.5@2x80", "merge", "1x2,2x6", (0.5, "spread", "within_frames", True, "residual")),
-        ("merge=0.75::across_frames@s=2x2/1x6", "merge", "2x2,1x6", (0.75, "spread", "across_frames", True, "residual")),
-        ("merge=0.5:::noprop", "merge", "", (0.5, "spread", "within_frames", False, "residual"))]
+        ("merge=0.5", "merge", "", (0.5, "spread", "within_frames", True, "velocity")),
+        ("merge=0.25:border_first:both", "merge", "", (0.25, "border_first", "both", True, "velocity")),
+        ("merge=0.5@2x80", "merge", "1x2,2x6", (0.5, "spread", "within_frames", True, "velocity")),
+        ("merge=0.75::across_frames@s=2x2/1x6", "merge", "2x2,1x6", (0.75, "spread", "across_frames", True, "velocity")),
+        ("merge=0.5:::noprop", "merge", "", (0.5, "spread", "within_frames", False, "velocity"))]
     (copy,) = bench_speed.build_variants("merge=0.5:::copy:noprop", "both", 8)
     assert copy.merge == (0.5, "spread", "within_frames", False, "copy")
+    with pytest.raises(ValueError, match="use merge=R"):
+        bench_speed.build_variants("merge=0.5:::copy:residual", "both", 8)
     for bad, match in (("merge=0.8", r"ratio must be in \[0, 0.75\]"), ("merge=x", "not a number"),
                        ("merge=0.5:middle", "order must be one of"), ("merge=0.5@s=2x3", "has 3 steps"),
                        ("merge=0.5:spread:both:extra", "use merge=R"),

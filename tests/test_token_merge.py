@@ -333,7 +333,8 @@ def test_merge_path_restores_a_constant_per_group_field_and_merges_positions(pac
     from elastic_tokens.runtime.token_plan import MergePattern
 
     binding = binding_for(tiny_wan)
-    groups, sizes = mp.merge_pattern((2, 4, 4), 0.5, mode="both")
+    groups, sizes = mp.merge_pattern((2, 4, 4), 0.6, mode="both")  # pairs and fours: a key bias
+    assert set(sizes.tolist()) == {2, 4}
     pattern = MergePattern(groups, sizes.numel())
     path = MergePath(binding, pattern, 32)
     pairs = path.block_patches()
@@ -397,7 +398,8 @@ def test_an_attention_override_already_present_is_wrapped_and_kept(cases):
 
 def test_only_wans_self_attention_gets_the_key_bias(cases):
     """Wan's blocks call attention three ways (self, text cross, image cross for I2V): only the
-    self-attention over the merged tokens gets the bias; cross-attention keys are text."""
+    self-attention over the merged tokens gets the bias; cross-attention keys are text. Where every
+    group has one size the bias is one constant on every key and is left out."""
     model, (pos, neg), latent, cfg = cases["wan"]
     calls = []
 
@@ -408,6 +410,10 @@ def test_only_wans_self_attention_gets_the_key_bias(cases):
     user = model.clone()
     user.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = user_override
     ksample(token_merge(user, ratio=0.5), pos, neg, latent, cfg=cfg)
+    # ratio 0.5 on this grid: every group a pair, so log 2 on every key changes nothing: no bias
+    assert len({k[-1] for _, k in calls}) == 1
+    calls.clear()
+    ksample(token_merge(user, ratio=0.25), pos, neg, latent, cfg=cfg)  # pairs and singletons
     self_calls = [c for c in calls if c[1][-2] == c[0]]
     cross_calls = [c for c in calls if c[1][-2] != c[0]]
     assert self_calls and cross_calls and len(self_calls) == len(cross_calls)
@@ -614,3 +620,58 @@ def test_a_merge_of_kept_tokens_composes_with_a_token_subset(cases):
     assert seen and all(t == n // 4 for t, _ in seen) and torch.isfinite(out).all()
     rep = report(paired)
     assert rep.step_tokens == [n // 4] * 6 and not rep.fallbacks
+
+
+@pytest.mark.parametrize("unmerge", ["copy", "velocity", "renoise"])
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_every_unmerge_mode_with_groups_of_one_is_the_plain_model(cases, family, unmerge):
+    from elastic_tokens.runtime.token_plan import MergePattern
+
+    model, (pos, neg), latent, cfg = cases[family]
+    base = ksample(model, pos, neg, latent, cfg=cfg)
+    ident = with_planner(model, PatternPlanner(lambda n: MergePattern(torch.arange(n), n, "identity", True, unmerge)))
+    assert torch.equal(ksample(ident, pos, neg, latent, cfg=cfg), base)
+
+
+@pytest.mark.parametrize("unmerge", ["velocity", "renoise", "sigma"])
+def test_velocity_unmerge_gives_each_group_one_clean_estimate_and_keeps_each_tokens_noise(pack, tiny_flux, unmerge):
+    """The model sees each group's mean input patch (``renoise``: plus noise back to the step's
+    level); every token's clean estimate ``x - sigma v`` is the one the model made for its group's
+    input (in a merged call, one per group), whatever the model returns."""
+    import inspect
+
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.kernels.patchify import patchify
+    from elastic_tokens.runtime.execute import _merged_velocity
+    from elastic_tokens.runtime.token_plan import MergePattern
+
+    binding = binding_for(tiny_flux)
+    groups, sizes = mp.merge_pattern((6, 8), 0.5)
+    pattern = MergePattern(groups, sizes.numel(), unmerge=unmerge)
+    seen = {}
+
+    def model(x, timestep, transformer_options=None):
+        seen["x"], seen["t"] = x, timestep
+        return torch.tanh(x * 3.0) + x.roll(1, -1)  # any per-position function
+
+    x = torch.randn(2, 16, 12, 16)
+    sigma = torch.tensor([0.7, 0.7])
+    bound = inspect.signature(model).bind(x, sigma)
+    v = _merged_velocity(model, bound, x, sigma, pattern, binding)
+    seen_tokens, _ = patchify(seen["x"], 2)
+    # the clean estimate is the one the model made for its (merged) input at the sigma it was asked
+    # at (sigma: pairs' mean noise has gain 1/sqrt(2), put back on the flow path at a lower sigma')
+    s_in = 0.7 * 2 ** -0.5 / (0.3 + 0.7 * 2 ** -0.5) if unmerge == "sigma" else 0.7
+    assert torch.allclose(seen["t"], torch.full((2,), s_in), atol=1e-6)
+    assert torch.allclose(x - 0.7 * v, seen["x"] - s_in * model(seen["x"], sigma), atol=1e-5)
+    for k in (0, 5, int(groups[-1])):  # the model's input is one patch per group
+        members = (groups == k).nonzero().flatten()
+        assert torch.equal(seen_tokens[:, members], seen_tokens[:, members[:1]].expand(-1, len(members), -1))
+    mean_in = ts.unmerge(ts.merge(patchify(x, 2)[0], groups, sizes.numel()), groups)
+    extra = seen_tokens - mean_in
+    if unmerge == "velocity":
+        assert torch.allclose(extra, torch.zeros(()), atol=1e-6)
+    elif unmerge == "sigma":  # rescaled by 1 / ((1 - s) + s g)
+        assert torch.allclose(seen_tokens, mean_in / (0.3 + 0.7 * 2 ** -0.5), atol=1e-5)
+    else:  # pairs: a mean of two has std 1/sqrt(2) of the noise; renoise adds the missing half back
+        assert 0.4 < float(extra.std() / 0.7) ** 2 < 0.6

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ...kernels.merge_pattern import MAX_RATIO, ORDERS, VIDEO_MODES, check_settings
 
-UNMERGE_MODES = ("residual", "copy")  # as runtime/merge_path.py (ideas import no runtime at config level)
+UNMERGE_MODES = ("velocity", "renoise", "sigma", "residual", "copy")  # as runtime/merge_path.py (ideas import no runtime at config level)
 
 log = logging.getLogger("elastic_tokens")
 
@@ -25,7 +25,7 @@ class TokenMergeConfig:
     start_percent: float = 0.0          # sampling percent (ComfyUI's percent_to_sigma) where merging starts
     end_percent: float = 0.8            # ... and ends (the last steps add the fine detail)
     proportional_attention: bool = True
-    unmerge: str = "residual"           # residual | copy (runtime/merge_path.py)
+    unmerge: str = "velocity"           # velocity | renoise | residual | copy (runtime/merge_path.py)
 
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
