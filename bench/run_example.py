@@ -39,7 +39,11 @@ seed as:
 * **router**      -- (image proxy) the schedule node and the adapter bypassed, an **Elastic Token
   Router** at budget 0.5 (its other inputs at their defaults) between the loader and the sampler,
   unless ``--no-router``: its row in the grid, its line in the plot (image tokens per step) and
-  its log line ("Elastic Token Router: N% of image tokens skipped, ~Nx (budget 0.5, ...)").
+  its log line ("Elastic Token Router: N% of image tokens skipped, ~Nx (budget 0.5, ...)");
+* **merge**       -- (image proxy) the same with a **Token Merge** node at ratio 0.5 (its other inputs
+  at their defaults: window 0-0.8, spread, proportional attention) instead of the router, unless
+  ``--no-merge``: its grid row, plot line and log line ("... 50% of image tokens merged away on
+  22/28 steps").
 
 A warm-up prompt first loads every model, so the timed prompts only re-run the sampler, the decode
 and the save node (ComfyUI caches the loaders and prompts). Per run it reports the prompt's wall
@@ -90,11 +94,14 @@ PACK_NODE = "ElasticTokensDynamicPatchSchedule"
 ADAPTER_NODE = "ElasticTokensLoadPatchAdapter"
 ROUTER_NODE = "ElasticTokensTokenRouter"
 ROUTER_BUDGET = 0.5  # the router row's budget (share of image tokens computed on a routed step)
+MERGE_NODE = "ElasticTokensTokenMerge"
+MERGE_RATIO = 0.5  # the merge row's ratio (share of image tokens merged away on a merged step)
 OUT_DIR = REPO / "out"
 LOG_PREFIX = "Dynamic Patch Schedule:"
 # the run's log line starts with the names of the pack's nodes that ran, stacked: "A + B: 28/28 steps"
-LOG_LINE = re.compile(r"^(Dynamic Patch Schedule|Elastic Token Router)( \+ [A-Za-z ]+)?: \d+/\d+ steps")
+LOG_LINE = re.compile(r"^(Dynamic Patch Schedule|Elastic Token Router|Token Merge)( \+ [A-Za-z ]+)?: \d+/\d+ steps")
 ROUTER_NOTE = re.compile(r"Elastic Token Router: \d+% of image tokens skipped[^;]*")
+MERGE_NOTE = re.compile(r"\d+% of image tokens merged away on \d+/\d+ steps")
 PROXY_LOG_PREFIX = "Proxy schedule:"  # benchmarks/proxy/custom_nodes/elastic_tokens_proxy
 PROXY_DIR = REPO / "benchmarks" / "proxy"
 PROXY_PATHS_YAML = PROXY_DIR / "comfyui_extra_paths.yaml"
@@ -128,6 +135,7 @@ class Case:
     model_note: str = "tiny random-weight model, CPU"
     use_adapter: bool = True  # run the workflow's Load Patch Adapter node (if it has one) in an extra row
     router: bool = False      # an extra row: the Elastic Token Router at ROUTER_BUDGET instead of the schedule
+    merge: bool = False       # an extra row: Token Merge at MERGE_RATIO instead of the schedule
 
     def size_text(self) -> str:
         text = f"{self.width}x{self.height} px" + (" latent size" if self.proxy else "")
@@ -209,7 +217,8 @@ def make_case(key: str, *, width=None, height=None, steps=None, frames=None, see
         case = Case("image", "Image proxy (ComfyUI Flux class, trained on Fashion-MNIST)",
                     PROXY_DIR / "workflows" / "image_proxy_dynamic_patch.json", "EmptySD3LatentImage",
                     width or 256, height or 256, steps or 28, 42 if seed is None else seed, "",
-                    batch=batch or 10, proxy=True, model_note="trained image proxy, CPU", router=True)
+                    batch=batch or 10, proxy=True, model_note="trained image proxy, CPU", router=True,
+                    merge=True)
     elif key == "video":
         case = Case("video", "Video proxy (ComfyUI Wan 2.1 class, trained on Fashion-MNIST clips)",
                     PROXY_DIR / "workflows" / "video_proxy_dynamic_patch.json", "EmptyHunyuanLatentVideo",
@@ -485,12 +494,14 @@ def _json_num(x):
 
 def build_prompt(case: Case, object_info: dict, *, node: str, steps=None, size=None, prefix: str,
                  adapter: bool = False) -> dict:
-    """API prompt of ``case``: node = "bypass" | "forced" | "dynamic" | "router"; size/steps for the warm-up.
+    """API prompt of ``case``: node = "bypass" | "forced" | "dynamic" | "router" | "merge"; size/steps for the
+    warm-up.
 
     ``adapter``: keep the workflow's Load Patch Adapter node (if any) active; otherwise it is
     bypassed like the schedule node, so "forced" alone is the training-free coarse schedule.
     "router": the schedule node bypassed and an Elastic Token Router (:data:`ROUTER_BUDGET`, its
-    other inputs at the node's defaults) put in front of the sampler's MODEL input."""
+    other inputs at the node's defaults) put in front of the sampler's MODEL input; "merge": the same
+    with a Token Merge node (:data:`MERGE_RATIO`, its other inputs at the node's defaults)."""
     wf = json.loads(case.workflow.read_text(encoding="utf-8"))
     for n in wf["nodes"]:
         if n["type"] == ADAPTER_NODE and (node == "bypass" or not adapter):
@@ -503,7 +514,7 @@ def build_prompt(case: Case, object_info: dict, *, node: str, steps=None, size=N
     overrides = {case.latent_node: latent,
                  "KSampler": {"seed": case.seed, "steps": steps or case.steps},
                  save_type: {"filename_prefix": prefix, **case.save_overrides}}
-    if node in ("bypass", "router"):
+    if node in ("bypass", "router", "merge"):
         for n in wf["nodes"]:
             if n["type"] == PACK_NODE:
                 n["mode"] = 4
@@ -518,14 +529,16 @@ def build_prompt(case: Case, object_info: dict, *, node: str, steps=None, size=N
         raise workflow_api.WorkflowError(f"{case.workflow.name}: " + "; ".join(problems))
     prompt = workflow_api.ui_to_api(wf, object_info, overrides=overrides)
     has_node = any(e["class_type"] == PACK_NODE for e in prompt.values())
-    assert has_node == (node not in ("bypass", "router")), "the schedule node runs iff node is forced/dynamic"
-    if node == "router":
+    assert has_node == (node not in ("bypass", "router", "merge")), "the schedule node runs iff node is forced/dynamic"
+    if node in ("router", "merge"):
+        class_type, title, setting = {"router": (ROUTER_NODE, "Elastic Token Router", {"budget": ROUTER_BUDGET}),
+                                      "merge": (MERGE_NODE, "Token Merge", {"ratio": MERGE_RATIO})}[node]
         sampler = next(e for e in prompt.values() if e["class_type"] == "KSampler")
-        inputs = {name: opts["default"] for name, _kind, opts, _req in workflow_api._input_defs(object_info[ROUTER_NODE])
+        inputs = {name: opts["default"] for name, _kind, opts, _req in workflow_api._input_defs(object_info[class_type])
                   if "default" in opts}
-        inputs.update(model=sampler["inputs"]["model"], budget=ROUTER_BUDGET)
+        inputs.update(model=sampler["inputs"]["model"], **setting)
         rid = str(max(int(k) for k in prompt if k.isdigit()) + 1)
-        prompt[rid] = {"class_type": ROUTER_NODE, "inputs": inputs, "_meta": {"title": "Elastic Token Router"}}
+        prompt[rid] = {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
         sampler["inputs"]["model"] = [rid, 0]
     return prompt
 
@@ -697,7 +710,8 @@ def sample_grid(case: Case, runs: list, path: Path) -> Path:
     draw = ImageDraw.Draw(canvas)
     big, small = _font(15), _font(12)
     draw.text((GRID_GAP, 4), case.title, fill=(0, 0, 0), font=big)
-    draw.text((GRID_GAP, 24), f"baseline vs. Dynamic Patch Schedule{' and Elastic Token Router' * case.router}, "
+    extra = [n for n, on in (("Elastic Token Router", case.router), ("Token Merge", case.merge)) if on]
+    draw.text((GRID_GAP, 24), f"baseline vs. Dynamic Patch Schedule{''.join(', ' + n for n in extra)}, "
               f"same seed; {case.size_text()}",
               fill=(60, 60, 60), font=small)
     draw.text((GRID_GAP, 40), f"{case.model_note}; yellow = the cell's PSNR to the baseline's cell "
@@ -742,7 +756,8 @@ RUN_STYLE = {"baseline": dict(color="#555555", lw=4.0, ls="-", alpha=0.5),
              "accelerated": dict(color="#d62728", lw=2.0, ls="-", marker="o", ms=4),
              "adapter": dict(color="#2ca02c", lw=1.5, ls=":", marker="s", ms=3),
              "dynamic": dict(color="#1f77b4", lw=1.5, ls="--", marker="x", ms=5),
-             "router": dict(color="#9467bd", lw=1.5, ls="-.", marker="d", ms=4)}
+             "router": dict(color="#9467bd", lw=1.5, ls="-.", marker="d", ms=4),
+             "merge": dict(color="#ff7f0e", lw=1.5, ls=(0, (5, 1, 1, 1)), marker="^", ms=4)}
 SCHEDULE_PLOT_PX = (1000, 640)
 
 
@@ -766,7 +781,7 @@ def schedule_plot(case: Case, runs: list, path: Path) -> Path:
         note = ("node bypassed" if run.name == "baseline" else
                 f"{run.log.get('flops_skipped_pct', 0):.0f}% FLOPs skipped, sampler {_fmt(run.speedup, '.2f')}x")
         if run.log.get("tokens_skipped_pct"):
-            note += f", {run.log['tokens_skipped_pct']:.0f}% of image tokens skipped"
+            note += f", {run.log['tokens_skipped_pct']:.0f}% of image tokens {'merged away' if run.name == 'merge' else 'skipped'}"
         label = f"{run.name}: {run_length(sched['factors'])} ({note})"
         ax_k.step(steps, sched["factors"], where="mid", label=label, **style)
         ax_t.step(steps, sched["tokens"], where="mid", label=label, **style)
@@ -823,8 +838,8 @@ class CaseResult:
 
 def run_case(server, case: Case, *, object_info: dict | None = None, dynamic: bool = True,
              out_dir: Path | None = OUT_DIR, warmup: bool = True, timeout: float | None = None,
-             progress: bool = True, router: bool = True) -> CaseResult:
-    """Baseline, accelerated (and dynamic, and router where ``case.router``) runs of ``case`` on
+             progress: bool = True, router: bool = True, merge: bool = True) -> CaseResult:
+    """Baseline, accelerated (and dynamic, and router / merge where ``case.router`` / ``case.merge``) runs of ``case`` on
     ``server``; metrics against the baseline.
 
     ``timeout``: seconds per prompt (None = no limit); ``progress``: print a line per prompt with
@@ -849,6 +864,8 @@ def run_case(server, case: Case, *, object_info: dict | None = None, dynamic: bo
         if case.router and router:
             plan.append(("router", "router", f"Elastic Token Router, budget {ROUTER_BUDGET:g} (schedule bypassed)",
                          False))
+        if case.merge and merge:
+            plan.append(("merge", "merge", f"Token Merge, ratio {MERGE_RATIO:g} (schedule bypassed)", False))
         total = len(plan) + bool(warmup)
 
         def label(i: int, name: str):
@@ -917,6 +934,8 @@ def report(result: CaseResult) -> str:
                      f"~{r.log['estimated_speedup']:.2f}x est.; node timed {_fmt(r.log['sampling_s'], '.2f')} s")
             if (note := ROUTER_NOTE.search(r.log_line or "")):
                 sched += f"; {note[0]}"
+            if (note := MERGE_NOTE.search(r.log_line or "")):
+                sched += f"; Token Merge: {note[0]}"
         else:
             sched = r.description + " -- no log line"
         if r.schedule.get("factors"):
@@ -947,8 +966,8 @@ def report(result: CaseResult) -> str:
 
 
 BANNER = """\
-Elastic Tokens -- main job: Dynamic Patch Schedule (and, on the image proxy, the Elastic Token Router)
-vs. the plain model (nodes bypassed), same seed"""
+Elastic Tokens -- main job: Dynamic Patch Schedule (and, on the image proxy, the Elastic Token Router
+and Token Merge) vs. the plain model (nodes bypassed), same seed"""
 
 MODEL_LINES = {
     "tiny": """\
@@ -982,6 +1001,11 @@ Read these numbers for what they are:
    tokens' keys/values attended, routing from 20% of the sampling on, every 5th step dense) on the image proxy; the row shows what it skipped and
    PSNR/SSIM against the baseline. Its quality against fewer steps at n = 2,000 is issue 13's
    benchmark (BENCHMARKS.md), not this job.
+ * Merge: Token Merge (ratio 0.5, training-free, the node's defaults: pairs of neighbouring tokens
+   merged on the first 80% of the steps, each token keeps its own noise) on the image proxy. On this
+   proxy training-free merging loses clearly to simply running fewer steps at the same token-FLOPs
+   (BENCHMARKS.md section 10, every step merged: LPIPS 0.26 against 0.02 for 13 plain steps); expect its row to look
+   visibly worse. Its speed is real at size (Wan 2.1 1.3B at 0.5: 2.31x on an H200, section 9).
  * Speed: CPU timings of small proxies (9.3M / 7.0M parameters, 256-576 image tokens per sample), where
    per-step overhead weighs far more than in the 12B / 1.3B transformers; the node's "% FLOPs
    skipped" counts the proxy's own FLOPs. They are NOT the GPU speed-ups on FLUX.1-dev / Wan 2.1;
@@ -1055,6 +1079,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-dynamic", action="store_true", help="skip the automatic-schedule run")
     parser.add_argument("--no-router", action="store_true",
                         help=f"skip the image proxy's Elastic Token Router run (budget {ROUTER_BUDGET:g})")
+    parser.add_argument("--no-merge", action="store_true",
+                        help=f"skip the image proxy's Token Merge run (ratio {MERGE_RATIO:g})")
     parser.add_argument("--out", type=Path, default=OUT_DIR,
                         help="where the PNGs, the summary and ComfyUI's log go (out/)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
@@ -1096,7 +1122,8 @@ def main(argv=None) -> int:
             object_info = server.object_info()
             for case in cases:
                 result = run_case(server, case, object_info=object_info, dynamic=not args.no_dynamic,
-                                  out_dir=args.out, timeout=timeout, router=not args.no_router)
+                                  out_dir=args.out, timeout=timeout, router=not args.no_router,
+                                  merge=not args.no_merge)
                 results.append(result)
                 print(report(result) + "\n", flush=True)
     except PromptTimeout as exc:

@@ -304,7 +304,7 @@ def _check_proxy_result(result, case, tmp_path, cell: int, frames_per_item: int,
     from PIL import Image
 
     names = (["baseline", "accelerated"] + (["adapter"] if case.use_adapter else []) + ["dynamic"]
-             + (["router"] if case.router else []))
+             + (["router"] if case.router else []) + (["merge"] if case.merge else []))
     assert [r.name for r in result.runs] == names
     base, acc, dyn = result.runs[0], result.runs[1], result.run("dynamic")
     size = {1: 128, 9: 64}[frames_per_item]
@@ -347,6 +347,19 @@ def _check_proxy_result(result, case, tmp_path, cell: int, frames_per_item: int,
         assert math.isfinite(rou.psnr) and not np.array_equal(base.frames, rou.frames)
         assert _plot_has_colour(result.schedule_plot, run_example.RUN_STYLE["router"]["color"])
         assert re.search(r"router .*Elastic Token Router: \d+% of image tokens skipped", text), text
+    if case.merge:  # the merge row: native patches, half the image tokens on its merged steps, its log line
+        mer = result.run("merge")
+        assert mer.schedule["source"] == "Token Merge" and mer.schedule["factors"] == [1] * case.steps
+        assert set(mer.schedule["tokens"]) <= {tokens[0], tokens[0] // 2}, mer.schedule["tokens"]
+        m = re.search(r"; (\d+)% of image tokens merged away on (\d+)/(\d+) steps", mer.log_line)
+        assert m and int(m[1]) == 50 and int(m[3]) == case.steps, mer.log_line
+        # the log's merged steps are the steps the proxy saw at half the tokens (first ones: window 0-0.8)
+        merged = int(m[2])
+        assert 0 < merged and mer.schedule["tokens"] == [tokens[0] // 2] * merged + [tokens[0]] * (case.steps - merged)
+        assert "Dynamic Patch Schedule" not in mer.log_line and "Elastic Token Router" not in mer.log_line
+        assert math.isfinite(mer.psnr) and not np.array_equal(base.frames, mer.frames)
+        assert _plot_has_colour(result.schedule_plot, run_example.RUN_STYLE["merge"]["color"])
+        assert re.search(r"merge .*Token Merge: 50% of image tokens merged away on \d+/\d+ steps", text), text
 
 
 def test_main_job_on_image_proxy(proxy_server, tmp_path):
@@ -414,9 +427,10 @@ def test_main_end_to_end_with_missing_video_proxy(comfy, monkeypatch, tmp_path, 
     assert "TRAINED PROXIES" in text and "video proxy: SKIPPED" in text and "Main job done" in text
     # progress: one line per prompt with the sampler's steps; no time limit unless asked for
     assert "per-prompt time limit: none" in text
-    for i, name in enumerate(["warm-up", "baseline", "accelerated", "adapter", "router"], start=1):
-        assert re.search(rf"\[{i}/5\] {name} +.*done: {1 if i == 1 else 2}/{1 if i == 1 else 2} steps", text), name
+    for i, name in enumerate(["warm-up", "baseline", "accelerated", "adapter", "router", "merge"], start=1):
+        assert re.search(rf"\[{i}/6\] {name} +.*done: {1 if i == 1 else 2}/{1 if i == 1 else 2} steps", text), name
     assert re.search(r"router .*Elastic Token Router: \d+% of image tokens skipped", text)
+    assert re.search(r"merge .*Token Merge: 50% of image tokens merged away on \d+/2 steps", text)
     # ComfyUI's own output goes to the log file the job names, not to the terminal
     log = tmp_path / run_example.SERVER_LOG_NAME
     assert log.is_file() and "Import times for custom nodes" in log.read_text(errors="replace")
@@ -427,5 +441,6 @@ def test_main_end_to_end_with_missing_video_proxy(comfy, monkeypatch, tmp_path, 
     assert not (tmp_path / "video_proxy_grid.png").exists()
     summary = json.loads((tmp_path / "main_job.json").read_text())
     assert summary["skipped"] and [r["runs"][1]["schedule"]["factors"] for r in summary["results"]] == [[1, 2]]
-    assert [r["name"] for r in summary["results"][0]["runs"]][-1] == "router"
-    assert summary["results"][0]["runs"][-1]["log_line"].startswith("Elastic Token Router: 2/2 steps")
+    assert [r["name"] for r in summary["results"][0]["runs"]][-2:] == ["router", "merge"]
+    assert summary["results"][0]["runs"][-2]["log_line"].startswith("Elastic Token Router: 2/2 steps")
+    assert summary["results"][0]["runs"][-1]["log_line"].startswith("Token Merge: 2/2 steps")

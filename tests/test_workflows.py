@@ -34,7 +34,8 @@ from workflow_api import WorkflowError, ui_to_api, validate  # noqa: E402
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 PACK_NODE = "ElasticTokensDynamicPatchSchedule"
 ROUTER_NODE = "ElasticTokensTokenRouter"
-PACK_NODES = (PACK_NODE, ROUTER_NODE)  # the MODEL -> MODEL nodes an example workflow shows off
+MERGE_NODE = "ElasticTokensTokenMerge"
+PACK_NODES = (PACK_NODE, ROUTER_NODE, MERGE_NODE)  # the MODEL -> MODEL nodes an example workflow shows off
 # what each example workflow holds: pack node type -> its mode as shipped (0 active, 4 bypassed)
 EXPECTED_PACK_NODES = {
     "flux1_dev_dynamic_patch_t2i": {PACK_NODE: 0},
@@ -44,6 +45,10 @@ EXPECTED_PACK_NODES = {
     # Wan: the schedule in the chain but bypassed (training-free coarse steps lose to fewer steps on
     # the video proxy, BENCHMARKS.md section 4): Ctrl+B turns the stack on
     "wan21_t2v_1.3b_token_router": {PACK_NODE: 4, ROUTER_NODE: 0},
+    # Token Merge (ratio 0.5, default window) with the schedule in the chain, bypassed, on both: merging
+    # training-free loses to fewer steps on the proxies (BENCHMARKS.md section 10), stacking is opt-in
+    "flux1_dev_token_merge_t2i": {PACK_NODE: 4, MERGE_NODE: 0},
+    "wan21_t2v_1.3b_token_merge": {PACK_NODE: 4, MERGE_NODE: 0},
 }
 
 
@@ -339,13 +344,21 @@ def test_workflow_file_is_well_formed(path):
     if ROUTER_NODE in EXPECTED_PACK_NODES[path.stem]:  # the note explains the slider and the stacking
         text = " ".join(str(v) for n in notes for v in n["widgets_values"])
         assert "**budget**" in text and "Dynamic Patch Schedule" in text and "stacks" in text
+    if MERGE_NODE in EXPECTED_PACK_NODES[path.stem]:  # ... the ratio, the window, the stacking, honestly
+        text = " ".join(str(v) for n in notes for v in n["widgets_values"])
+        assert "**ratio**" in text and "start_percent / end_percent" in text and "stacks" in text
+        assert "fewer steps" in text and "section 10" in text and "2.31x" in text
+        merge = next(n for n in wf["nodes"] if n["type"] == MERGE_NODE)
+        # ratio 0.5, order spread, within frames, the default window 0-0.8, proportional attention
+        assert merge["widgets_values"] == [0.5, "spread", "within_frames", 0.0, 0.8, True]
     # the example runs the sampler on the MODEL output of the last pack node in the chain
     links = {link[0]: link for link in wf["links"]}
     sampler = next(n for n in wf["nodes"] if n["type"] == "KSampler")
     model_in = next(i for i in sampler["inputs"] if i["name"] == "model")
     by_id = {n["id"]: n for n in wf["nodes"]}
     last = by_id[links[model_in["link"]][1]]
-    assert last["type"] == (ROUTER_NODE if ROUTER_NODE in EXPECTED_PACK_NODES[path.stem] else PACK_NODE)
+    expected_last = next((t for t in (ROUTER_NODE, MERGE_NODE) if t in EXPECTED_PACK_NODES[path.stem]), PACK_NODE)
+    assert last["type"] == expected_last
     # ... and every pack node sits in that one MODEL chain (loader -> ... -> sampler)
     chain, node = [], last
     while node["type"] in PACK_NODES or node["type"] == "ModelSamplingSD3":
@@ -434,6 +447,8 @@ TEST_OVERRIDES = {
 }
 TEST_OVERRIDES["flux1_dev_token_router_t2i"] = TEST_OVERRIDES["flux1_dev_dynamic_patch_t2i"]
 TEST_OVERRIDES["wan21_t2v_1.3b_token_router"] = TEST_OVERRIDES["wan21_t2v_1.3b_dynamic_patch"]
+TEST_OVERRIDES["flux1_dev_token_merge_t2i"] = TEST_OVERRIDES["flux1_dev_dynamic_patch_t2i"]
+TEST_OVERRIDES["wan21_t2v_1.3b_token_merge"] = TEST_OVERRIDES["wan21_t2v_1.3b_dynamic_patch"]
 FORCED_SCHEDULE = "2,2,1,1"
 STEPS = 4
 
@@ -480,6 +495,8 @@ def test_pack_node_is_registered(object_info):
     assert required["strength"][1]["min"] == 0.0 and required["strength"][1]["default"] == 1.0
     assert object_info[ROUTER_NODE]["display_name"] == "Elastic Token Router"
     assert object_info[ROUTER_NODE]["output"] == ["MODEL"]
+    assert object_info[MERGE_NODE]["display_name"] == "Token Merge"
+    assert object_info[MERGE_NODE]["output"] == ["MODEL"]
 
 
 @pytest.mark.server
@@ -526,7 +543,7 @@ def _active_pack_nodes(path: Path) -> set:
 
 
 # the run's log line starts with the stacked nodes' names ("A + B: 4/4 steps (...)")
-_LOG_LINE = re.compile(r"^(Dynamic Patch Schedule|Elastic Token Router)( \+ [A-Za-z ]+)?: \d+/\d+ steps")
+_LOG_LINE = re.compile(r"^(Dynamic Patch Schedule|Elastic Token Router|Token Merge)( \+ [A-Za-z ]+)?: \d+/\d+ steps")
 
 
 def _schedule_lines(server) -> list[str]:
@@ -544,16 +561,16 @@ def test_workflow_runs_on_tiny_models(path, server, object_info):
     _assert_nodes_ran(server, before, _active_pack_nodes(path))
 
 
-BYPASSED_IN_A_ROUTER_WORKFLOW = [p for p in WORKFLOWS if EXPECTED_PACK_NODES.get(p.stem, {}).get(PACK_NODE) == 4]
+SCHEDULE_BYPASSED_WORKFLOWS = [p for p in WORKFLOWS if EXPECTED_PACK_NODES.get(p.stem, {}).get(PACK_NODE) == 4]
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("path", BYPASSED_IN_A_ROUTER_WORKFLOW, ids=lambda p: p.stem)
-def test_router_workflow_stacks_when_the_schedule_is_turned_on(path, server, object_info):
+@pytest.mark.parametrize("path", SCHEDULE_BYPASSED_WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_stacks_when_the_schedule_is_turned_on(path, server, object_info):
     """The note's promise: Ctrl+B on the bypassed Dynamic Patch Schedule (mode 0) stacks it with
-    the router: both run in one sampling (one log line naming both), the schedule's coarse steps
-    and the router's skipped tokens each in it."""
-    assert BYPASSED_IN_A_ROUTER_WORKFLOW, "the Wan router workflow ships the schedule bypassed"
+    the router or Token Merge: both run in one sampling (one log line naming both), the schedule's
+    coarse steps and the router's skipped (or Token Merge's merged) tokens each in it."""
+    assert SCHEDULE_BYPASSED_WORKFLOWS, "the Wan router and the merge workflows ship the schedule bypassed"
     wf = json.loads(path.read_text(encoding="utf-8"))
     for node in wf["nodes"]:
         if node["type"] == PACK_NODE:
@@ -564,7 +581,8 @@ def test_router_workflow_stacks_when_the_schedule_is_turned_on(path, server, obj
     prompt = ui_to_api(wf, object_info, overrides=overrides)
     before = len(_schedule_lines(server))
     _assert_outputs(server, _run(server, prompt))
-    _assert_nodes_ran(server, before, {PACK_NODE, ROUTER_NODE})
+    _assert_nodes_ran(server, before, {PACK_NODE} | {t for t in (ROUTER_NODE, MERGE_NODE)
+                                                      if t in EXPECTED_PACK_NODES[path.stem]})
 
 
 def _assert_nodes_ran(server, before: int, active: set) -> None:
@@ -579,14 +597,17 @@ def _assert_nodes_ran(server, before: int, active: set) -> None:
     assert lines, server.log_text()[-3000:]
     line = lines[-1]
     names = line.split(":", 1)[0].split(" + ")
-    assert set(names) == {{PACK_NODE: "Dynamic Patch Schedule", ROUTER_NODE: "Elastic Token Router"}[t]
-                          for t in active}, line
+    assert set(names) == {{PACK_NODE: "Dynamic Patch Schedule", ROUTER_NODE: "Elastic Token Router",
+                           MERGE_NODE: "Token Merge"}[t] for t in active}, line
     if PACK_NODE in active:  # it followed the forced schedule (2 coarse steps at 2p)
         assert "2 at 2p" in line, line
     if ROUTER_NODE in active:  # it routed: some image tokens of the native steps skipped
         m = re.search(r"Elastic Token Router: (\d+)% of image tokens skipped, ~[\d.]+x \(budget 0\.5, "
                       r"(\d+) routed", line)
         assert m and int(m[1]) > 0 and int(m[2]) > 0, line
+    if MERGE_NODE in active:  # it merged: half the image tokens merged away on some (not all) native steps
+        m = re.search(r"; (\d+)% of image tokens merged away on (\d+)/(\d+) steps", line)
+        assert m and int(m[1]) == 50 and 0 < int(m[2]) <= int(m[3]), line
 
 
 @pytest.mark.server
