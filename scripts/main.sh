@@ -8,7 +8,7 @@
 # It prints a line per prompt with the sampler's step as it advances; ComfyUI's own output (import
 # messages, warnings) goes to out/comfyui_server.log. No time limit per prompt unless
 # `--timeout SECONDS` (or ELASTIC_TOKENS_PROMPT_TIMEOUT) sets one.
-# Times on a quiet 2-core CPU: the first install about 3 min, then the job about 70 s (README).
+# Times on a quiet 2-core CPU: the first install about 3 min, then the job about 105 s (README).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ ! -f .venv/.elastic_tokens_runtime_stamp ]]; then
