@@ -37,6 +37,17 @@ def _chained(existing, before: Before | None, after: After | None):
     return hook
 
 
+def stream_patches(block_keys, first_block, last_block, first: Before, before: Before, last: After) -> dict:
+    """The pairs of a path that reshapes the token stream for the blocks: ``first`` before the first
+    block (it reshapes), ``before`` before every other block (it reads that block's arguments), and
+    ``last`` after the last block (it restores); a one-block model gets ``(first, last)``."""
+    pairs = {key: (before, None) for key in block_keys}
+    pairs[first_block] = (first, last if first_block == last_block else None)
+    if last_block != first_block:
+        pairs[last_block] = (before, last)
+    return pairs
+
+
 def merge_pairs(*groups: dict) -> dict:
     """Several ``{key: (before, after)}`` maps as one: on a shared key the earlier map's
     ``before`` runs first and its ``after`` runs last (it wraps the later ones)."""

@@ -46,6 +46,7 @@ import torch
 
 from ..families import FamilyBinding
 from ..kernels.token_select import unmerge
+from .block_hooks import stream_patches
 
 PAD = 8  # extra head dims for the key bias (fused kernels want multiples of 8)
 UNMERGE_MODES = ("velocity", "renoise", "sigma", "residual", "copy")  # velocity / renoise: copy here, the executor
@@ -194,12 +195,7 @@ class MergePath:
 
     def block_patches(self) -> dict:
         b = self.binding
-        pairs = {key: (self._before, None) for key in b.block_keys}
-        first, last = b.first_block, b.last_block
-        pairs[first] = (self._first, self._last if first == last else None)
-        if last != first:
-            pairs[last] = (self._before, self._last)
-        return pairs
+        return stream_patches(b.block_keys, b.first_block, b.last_block, self._first, self._before, self._last)
 
     def _first(self, args: dict) -> dict:
         if self.done:

@@ -23,6 +23,7 @@ import torch
 
 from ..families import FamilyBinding
 from ..kernels.token_select import gather, with_extra
+from .block_hooks import stream_patches
 
 
 class TokenPath:
@@ -41,12 +42,7 @@ class TokenPath:
     # -- hooks ---------------------------------------------------------------------------
     def block_patches(self) -> dict:
         b = self.binding
-        pairs = {key: (self._before, None) for key in b.block_keys}
-        first, last = b.first_block, b.last_block
-        pairs[first] = (self._first, self._last if first == last else None)
-        if last != first:
-            pairs[last] = (self._before, self._last)
-        return pairs
+        return stream_patches(b.block_keys, b.first_block, b.last_block, self._first, self._before, self._last)
 
     def _text_tokens(self, args: dict) -> int:
         txt = args.get("txt")
