@@ -47,6 +47,7 @@ import torch
 from ..families import FamilyBinding
 from ..kernels.token_select import unmerge
 from .block_hooks import stream_patches
+from .token_path import stream_layout_problem
 
 PAD = 8  # extra head dims for the key bias (fused kernels want multiples of 8)
 UNMERGE_MODES = ("velocity", "renoise", "sigma", "residual", "copy")  # velocity / renoise: copy here, the executor
@@ -238,19 +239,12 @@ class MergePath:
         return torch.cat([head, body, tail], dim)
 
     def _layout_problem(self, img, pe, start: int, text: int) -> str | None:
-        b = self.binding
-        if img.ndim != 3 or img.shape[1] < start + self.tokens:
-            return "token layout"
+        tokens = stream_layout_problem(self.binding, img, None, start, text, self.tokens)  # checked first
+        if tokens is not None:
+            return tokens
         if self.pattern.groups.numel() != self.tokens:
             return "merge pattern of another grid"
-        if isinstance(pe, torch.Tensor):
-            axis = b.pe_token_axis
-            expected = img.shape[1] - start + b.pe_image_start(text)
-            if pe.ndim <= axis + 2 or pe.shape[axis] != expected or pe.shape[-2:] != (2, 2):
-                return "position layout"
-        elif pe is not None:
-            return "position layout"
-        return None
+        return stream_layout_problem(self.binding, img, pe, start, text, self.tokens, rotations=True)
 
     def _before(self, args: dict) -> dict:
         if not self.active:

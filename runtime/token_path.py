@@ -26,6 +26,25 @@ from ..kernels.token_select import gather, with_extra
 from .block_hooks import stream_patches
 
 
+def stream_layout_problem(binding: FamilyBinding, img, pe, start: int, text: int, tokens: int,
+                          rotations: bool = False) -> str | None:
+    """Why the first block's stream cannot be reshaped (None when it can): ``img`` must hold
+    ``tokens`` grid tokens from ``start`` on, and ``pe`` (if any) one position per stream token
+    (``rotations``: as 2x2 rotation matrices, which a merge averages)."""
+    if img.ndim != 3 or img.shape[1] < start + tokens:
+        return "token layout"
+    if isinstance(pe, torch.Tensor):
+        axis = binding.pe_token_axis
+        expected = img.shape[1] - start + binding.pe_image_start(text)
+        if pe.ndim <= axis + (2 if rotations else 0) or pe.shape[axis] != expected:
+            return "position layout"
+        if rotations and pe.shape[-2:] != (2, 2):
+            return "position layout"
+    elif pe is not None:
+        return "position layout"
+    return None
+
+
 class TokenPath:
     def __init__(self, binding: FamilyBinding, keep: torch.Tensor, grid_tokens: int, on_fallback=None, fill=None):
         self.binding = binding
@@ -69,17 +88,7 @@ class TokenPath:
         return self._before({**args, "img": gather(img, index, 1)})
 
     def _layout_problem(self, img, pe, start: int, text: int) -> str | None:
-        b = self.binding
-        if img.ndim != 3 or img.shape[1] < start + self.grid_tokens:
-            return "token layout"
-        if isinstance(pe, torch.Tensor):
-            axis = b.pe_token_axis
-            expected = img.shape[1] - start + b.pe_image_start(text)
-            if pe.ndim <= axis or pe.shape[axis] != expected:
-                return "position layout"
-        elif pe is not None:
-            return "position layout"
-        return None
+        return stream_layout_problem(self.binding, img, pe, start, text, self.grid_tokens)
 
     def _before(self, args: dict) -> dict:
         if not self.active:
