@@ -31,6 +31,9 @@ import detail_provider as dp  # noqa: E402
 import detail_scenes as ds  # noqa: E402
 
 TOL_RAW = 1e-4
+# the trained weights amplify fp32 rounding differences over the 8 steps far more than the tiny
+# random model; still three orders of magnitude below a missing latent-format inverse (> 0.5)
+TOL_TRAINED_RAW = 1e-3
 TINY = ["--hidden", "32", "--heads", "2", "--depth", "1", "--single", "1", "--ctx-dim", "16"]
 
 
@@ -154,4 +157,4 @@ def test_trained_proxy_samples_are_images(provider):
 @trained
 def test_trained_ksampler_matches_trainer_sampler(provider):
     r = dp.compare_with_trainer(provider, [4, 7], steps=8, seed=1)
-    assert r["max_abs_raw"] < TOL_RAW and r["max_abs_raw_without_inverse"] > 0.5
+    assert r["max_abs_raw"] < TOL_TRAINED_RAW and r["max_abs_raw_without_inverse"] > 0.5

@@ -178,3 +178,30 @@ def test_default_model_is_the_designed_size(trainer):
         model = trainer.image_trainer().build_model(cfg, "meta")
     n = sum(p.numel() for p in model.parameters())
     assert 1.4e6 < n < 1.8e6 and 2 * n < 3.5 * 2**20
+
+
+def test_init_warm_starts_from_an_export(trainer, tmp_path):
+    """--init (a later device session, the checkpoint gone): the run starts from the exported
+    weights and class tokens; at lr 0 its export equals the file it started from, and the step
+    count carries on. Without --init the same run exports other weights (the test has teeth)."""
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    trainer.main(TINY + ["--max-steps", "2", "--export", str(first)])
+    again = tmp_path / "again"
+    trainer.main(TINY + ["--max-steps", "1", "--lr", "0", "--seed", "5", "--export", str(again),
+                         "--init", str(first / "detail_proxy.safetensors")])
+    fresh = tmp_path / "fresh"
+    trainer.main(TINY + ["--max-steps", "1", "--lr", "0", "--seed", "5", "--export", str(fresh)])
+    import comfy.utils
+    a, meta = comfy.utils.load_torch_file(str(first / "detail_proxy.safetensors"), return_metadata=True)
+    b, meta_b = comfy.utils.load_torch_file(str(again / "detail_proxy.safetensors"), return_metadata=True)
+    c = load_file(str(fresh / "detail_proxy.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert meta["steps"] == "2" and meta_b["steps"] == "3"
+    ta = load_file(str(first / "detail_proxy_text.safetensors"))["class_tokens"]
+    tb = load_file(str(again / "detail_proxy_text.safetensors"))["class_tokens"]
+    assert torch.equal(ta, tb)
+    with pytest.raises(SystemExit, match="another architecture"):
+        trainer.main(["--hidden", "48"] + TINY[2:] + ["--max-steps", "1", "--init", str(first / "detail_proxy.safetensors")])

@@ -121,7 +121,7 @@ def sample(fwd, model, class_tokens, labels, gen, device, steps=28, cfg_scale=3.
 def file_meta(cfg: dict, state: dict) -> dict:
     cfg_json = json.dumps(cfg)
     return {"config": cfg_json, "elastic_tokens_test_config": cfg_json, "data_recipe": DATA_RECIPE,
-            "steps": str(state["step"]), "loss": f"{state['loss']:.6f}", "version": VERSION,
+            "steps": str(image_trainer().steps_done(state)), "loss": f"{state['loss']:.6f}", "version": VERSION,
             "image_size": str(ds.SIZE), "latent": "16x64x64 raw pixel_unshuffle(4) (EmptySD3LatentImage 512x512)",
             "objective": "rectified flow: x_t=(1-t)x0+t*eps, timestep=t, v=eps-x0; guidance input 1.0; "
                          "raw latent (no process_latent_in)"}

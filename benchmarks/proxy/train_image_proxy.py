@@ -261,7 +261,7 @@ def export(args, out: Path, fwd, model, class_tokens, cfg, state, device, amp):
     sd = file_names({k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()})
     cfg_json = json.dumps(cfg)
     meta = {"config": cfg_json, "elastic_tokens_test_config": cfg_json, "data_recipe": DATA_RECIPE,
-            "steps": str(state["step"]), "loss": f"{state['loss']:.6f}", "version": VERSION,
+            "steps": str(steps_done(state)), "loss": f"{state['loss']:.6f}", "version": VERSION,
             "objective": "rectified flow: x_t=(1-t)x0+t*eps, timestep=t, v=eps-x0; guidance input 1.0; "
                          "raw latent (no process_latent_in)"}
     save_sharded(sd, out, "image_proxy", meta, args.shard_mib, Path(__file__).name)
@@ -359,8 +359,46 @@ def training_state(args, model, class_tokens, cfg, device, argv):
         torch.set_rng_state(ck["torch_rng"])
         state = ck["state"]
         print(f"[resume] {args.resume} at step {state['step']}", flush=True)
+    elif getattr(args, "init", None):
+        state["init"] = init_from_export(Path(args.init), model, class_tokens, ema, params)
     state["commands"].append(" ".join([sys.executable] + sys.argv if argv is None else ["main"] + list(argv)))
     return params, n_params, opt, ema, gen, state
+
+
+def init_from_export(weights: Path, model, class_tokens, ema, params) -> dict:
+    """Start from an exported model file (``--init``) and its ``*_text`` file beside it: how a run
+    continues in a later device session, where the resumable checkpoint (optimiser, EMA and RNG
+    state, several times the fp16 file) did not come back. Optimiser moments, the generator and
+    warm-up start afresh, so it is a warm start, not an exact resume; the EMA starts at the
+    weights. Returns what was loaded (its step count is added to the exported ``steps``)."""
+    from safetensors import safe_open
+    text = weights.with_name(weights.stem + "_text" + weights.suffix)
+    for f in (weights, text):
+        if not f.is_file():
+            raise SystemExit(f"--init: {f} not found (an export writes both files)")
+    with safe_open(str(weights), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    with safe_open(str(text), framework="pt", device="cpu") as f:
+        tokens = f.get_tensor("class_tokens")
+    own = model.state_dict()
+    sd = model_names(sd, model)
+    if set(sd) != set(own) or any(sd[k].shape != own[k].shape for k in own) or tokens.shape != class_tokens.shape:
+        raise SystemExit(f"--init: {weights.name} holds another architecture than the model of these "
+                         f"arguments (its config: {meta.get('config')})")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
+    with torch.no_grad():
+        class_tokens.copy_(tokens.to(class_tokens.dtype))
+        for e, p in zip(ema, params):
+            e.copy_(p)
+    steps = int(meta.get("steps", "0") or 0)
+    print(f"[init] {weights} ({steps} steps): warm start, fresh optimiser", flush=True)
+    return {"file": weights.name, "steps": steps}
+
+
+def steps_done(state: dict) -> int:
+    """Training steps behind the weights: this run's plus those of an ``--init`` file."""
+    return state["step"] + state.get("init", {}).get("steps", 0)
 
 
 def train_loop(args, *, model, params, ema, opt, gen, class_tokens, cfg, state, device, t_start,
@@ -447,6 +485,8 @@ def add_run_args(a, *, batch: int, reserve_s: float, sample_steps: int) -> None:
     a("--minutes", type=float, default=None); a("--reserve-s", type=float, default=reserve_s)
     a("--max-steps", type=int, default=None)
     a("--ckpt", default=None); a("--ckpt-every", type=float, default=120.0); a("--resume", default=None)
+    a("--init", default=None, metavar="WEIGHTS", help="start from an exported model file (and its *_text file): "
+      "a warm start in a later session, when the checkpoint is gone")
     a("--export", default=None); a("--log-every", type=int, default=100)
     a("--sample-steps", type=int, default=sample_steps)
     a("--compile", action="store_true"); a("--fixed-batch", action="store_true",

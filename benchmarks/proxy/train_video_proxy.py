@@ -299,7 +299,7 @@ def export(args, out: Path, fwd, model, class_tokens, cfg, state, device, amp, d
     meta = {"config": json.dumps(cfg), "sampling_shift": str(args.sample_shift),
             "sampling": f"euler/simple, {SAMPLE_STEPS} steps, cfg {SAMPLE_CFG}, ModelSamplingSD3 shift "
                         f"{args.sample_shift} (stock Wan 2.1 shift 8.0 is for ~32k-token videos)",
-            "data_recipe": DATA_RECIPE, "steps": str(state["step"]), "loss": f"{state['loss']:.6f}",
+            "data_recipe": DATA_RECIPE, "steps": str(image_trainer().steps_done(state)), "loss": f"{state['loss']:.6f}",
             "version": VERSION, "latent": "(16, 9, 16, 16) raw pixel_unshuffle(4) per 64x64 frame, no temporal "
                                           "compression (EmptyHunyuanLatentVideo 128x128, length 33)",
             "objective": "rectified flow: x_s=(1-s)x0+s*eps, timestep=1000*s, v=eps-x0; s=shift(logit-normal(0,1)) "
