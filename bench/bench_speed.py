@@ -39,7 +39,7 @@ Variants (``--variants``, comma-separated, run in order):
              the runtime's token path (bench-only planner EvenKeep; keep=1.0: the path's overhead)
   router=B[/scorer=S][/fill=F][/start=P][/end=P][/refresh=K][/attend=1]
              the Elastic Token Router node at budget B (its defaults otherwise: scorer ras, fill
-             cache, start 0.2, end 1.0, refresh 5, attend_skipped off), e.g. router=0.5/start=0/refresh=0 routes every
+             cache, start 0.2, end 1.0, refresh 5, attend_skipped on), e.g. router=0.5/start=0/refresh=0 routes every
              step after the first (dense: nothing to score yet); router=1.0: the node's overhead
              (an idle router is the plain model)
   router=B@SCHED  the router stacked with a forced patch schedule SCHED (2x80, 4x80, 2x, s=...):
