@@ -30,10 +30,8 @@ decisions) and runs, in order:
    reuse_threshold T (its default window 0.15-0.95), its skipped model calls counted as saved
    token-FLOPs (``ModelCallFlops``), so it sits on the same axis and gets the same competitor.
    ``router=B[/scorer=S][/fill=F][/start=P][/end=P][/refresh=K][/attend=1]`` is the Elastic Token Router at
-   budget B (the same syntax as bench/bench_speed.py; ``@N`` as above). Its kept tokens are
-   chosen once per step for the whole batch (scores averaged over the batch's samples), so a
-   router row depends on ``--batch``: use ``--batch 1`` for rows that compare seed by seed with
-   a batch-independent baseline (the images of other settings do not depend on it).
+   budget B (the same syntax as bench/bench_speed.py; ``@N`` as above). Each sample gets
+   its own kept tokens, so a router row does not depend on ``--batch`` (beyond float rounding).
    ``merge=R[:ORDER[:MODE[:noprop][:copy]]]`` is the Token Merge node at ratio R on every step
    (window 0..1; ORDER spread|border_first, MODE within_frames|across_frames|both; ``:noprop``
    without proportional attention, ``:renoise`` / ``:residual`` / ``:copy`` another unmerge than

@@ -109,12 +109,14 @@ def starved(scores: torch.Tensor, skipped: torch.Tensor, rate: float = 0.1) -> t
 
 
 def rank(scores: torch.Tensor) -> torch.Tensor:
-    """Token indices of a 1-d ``scores``, highest score first; equal scores by index (a NaN
-    counts as the highest: such a token is computed rather than guessed)."""
-    if scores.ndim != 1:
-        raise ValueError(f"rank expects one score per token (1-d), got shape {tuple(scores.shape)}")
+    """Token indices of ``scores`` (one score per token on the last dim, 1-d or one row per
+    sample), highest score first; equal scores by index (a NaN counts as the highest: such a
+    token is computed rather than guessed)."""
+    if scores.ndim not in (1, 2):
+        raise ValueError(f"rank expects one score per token (1-d, or 2-d with a row per sample), "
+                         f"got shape {tuple(scores.shape)}")
     s = torch.nan_to_num(scores.float(), nan=math.inf)
-    return torch.sort(-s, stable=True).indices
+    return torch.sort(-s, dim=-1, stable=True).indices
 
 
 def budget_tokens(budget: float, tokens: int) -> int:
@@ -126,17 +128,19 @@ def select(scores: torch.Tensor, count: int, order: torch.Tensor | None = None) 
     """The ``count`` highest-scoring tokens, as ascending indices. Lower counts give subsets of
     higher counts' selections from the same scores (pass ``order = rank(scores)`` to reuse it)."""
     order = rank(scores) if order is None else order
-    return torch.sort(order[:count]).values
+    return torch.sort(order[..., :count], dim=-1).values
 
 
 def nearest_source(keep: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
     """For every token of a ``(frames, rows, cols)`` grid, the index of the nearest kept token
-    (itself where kept), ``(N,)`` long on the CPU.
+    (itself where kept), ``(N,)`` long on the CPU; for a per-sample ``(B, K)`` keep, ``(B, N)``.
 
     Nearest in grid steps (4-neighbourhood within a frame, spreading one step per round, ties to
     the first neighbour in up/down/left/right order); a frame with no kept token copies from the
     nearest frame that has one.
     """
+    if keep.ndim == 2:
+        return torch.stack([nearest_source(row, grid) for row in keep])
     t, h, w = grid
     n = t * h * w
     keep = keep.detach().to("cpu", torch.long)

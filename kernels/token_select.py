@@ -5,6 +5,10 @@ blocks (an ordered subset: token dropping) and how they are grouped (a merge pat
 are the tensor operations behind it, on any ``(..., N, ...)`` layout with the tokens on ``dim``.
 Positions travel with their tokens through the same calls.
 
+An index is either 1-d (one selection for every sample of the batch) or 2-d ``(rows, K)``: a
+selection per sample (row ``r`` of a batch uses ``index[r % rows]``, see :func:`rows_for`, as
+ComfyUI stacks the cond and uncond chunks of the same samples into one batch).
+
 Merging uses an assignment vector ``groups`` (token ``i`` belongs to group ``groups[i]`` in
 ``0..K-1``): a group's token is the mean of its members, and unmerging copies it back to every
 member. Both run as ``index_add`` / ``index_select``: no dense ``N x K`` matrix.
@@ -19,23 +23,56 @@ def _long(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return index.to(device=like.device, dtype=torch.long)
 
 
+def rows_for(index: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """``index`` for a batch of ``batch`` rows: a 1-d index as is; a per-sample ``(rows, K)`` index
+    repeated over the batch's chunks (None when ``batch`` is not a multiple of ``rows``)."""
+    if index.ndim == 1 or index.shape[0] == batch:
+        return index
+    if batch % index.shape[0]:
+        return None
+    return index.repeat(batch // index.shape[0], 1)
+
+
+def _row_index(index: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """A ``(B, K)`` index shaped for ``torch.gather`` / ``scatter`` along ``dim`` of ``like``."""
+    view = [index.shape[0]] + [1] * (like.ndim - 1)
+    view[dim] = index.shape[1]
+    shape = list(like.shape)
+    shape[0], shape[dim] = index.shape[0], index.shape[1]
+    return _long(index, like).view(view).expand(shape)
+
+
 def gather(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Tokens ``index`` (1-d, in that order) of ``x`` along ``dim``."""
-    return x.index_select(dim, _long(index, x))
+    """Tokens ``index`` (in that order) of ``x`` along ``dim``: 1-d for every sample alike, or
+    ``(B, K)`` per sample (``x`` with batch 1, e.g. shared positions, is expanded to B)."""
+    if index.ndim == 1:
+        return x.index_select(dim, _long(index, x))
+    if x.shape[0] != index.shape[0]:
+        x = x.expand(index.shape[0], *x.shape[1:])
+    return torch.gather(x, dim, _row_index(index, x, dim))
 
 
 def scatter(full: torch.Tensor, index: torch.Tensor, part: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """A copy of ``full`` whose tokens ``index`` along ``dim`` are replaced by ``part``'s, in order."""
-    return full.index_copy(dim, _long(index, full), part.to(full.dtype))
+    """A copy of ``full`` whose tokens ``index`` (1-d, or ``(B, K)`` per sample) along ``dim`` are
+    replaced by ``part``'s, in order."""
+    part = part.to(full.dtype)
+    if index.ndim == 1:
+        return full.index_copy(dim, _long(index, full), part)
+    return full.scatter(dim, _row_index(index, part, dim), part)
 
 
 def with_extra(index: torch.Tensor, start: int, stop: int, extra_stop: int) -> torch.Tensor:
-    """Stream positions of ``index`` (grid tokens counted from ``start``), with everything else
-    of the stream (``[0, start)`` and ``[stop, extra_stop)``: text, reference tokens) kept."""
+    """Stream positions of ``index`` (grid tokens counted from ``start``; 1-d or ``(B, K)``), with
+    everything else of the stream (``[0, start)`` and ``[stop, extra_stop)``: text, reference
+    tokens) kept."""
     index = index.to(torch.long)
-    parts = [torch.arange(0, start, device=index.device), index + start,
-             torch.arange(stop, extra_stop, device=index.device)]
-    return torch.cat([p for p in parts if p.numel()])
+    head = torch.arange(0, start, device=index.device)
+    tail = torch.arange(stop, extra_stop, device=index.device)
+    if index.ndim == 2:
+        rows = index.shape[0]
+        head, tail = head.expand(rows, -1), tail.expand(rows, -1)
+    parts = [head, index + start, tail]
+    return torch.cat([p for p in parts if p.shape[-1]], dim=-1)
 
 
 def group_sizes(groups: torch.Tensor, count: int) -> torch.Tensor:

@@ -71,7 +71,7 @@ def admit(plan: TokenPlan, bound: inspect.BoundArguments, run) -> TokenPlan:
     if reason is None and plan.selects_tokens:
         reason = token_blocker(bound)
     if reason is None and plan.merge is not None:
-        entering = (int(plan.keep.numel()) if plan.keep is not None
+        entering = (plan.keep.shape[-1] if plan.keep is not None
                     else run.binding.grid_tokens(bound.arguments["x"].shape, plan.factor))
         if plan.merge.groups.numel() != entering:
             reason = "merge pattern of another grid"
@@ -97,7 +97,7 @@ def call_with_plan(executor, bound: inspect.BoundArguments, plan: TokenPlan, run
             fill = lambda grid, keep: plan.fill(grid, keep, call_options)  # noqa: E731
         pairs.append(TokenPath(binding, plan.keep, grid, run.fallback, fill).block_patches())
     if plan.merge is not None:  # groups the tokens that enter the blocks (the kept ones, in order)
-        entering = grid if plan.keep is None else int(plan.keep.numel())
+        entering = grid if plan.keep is None else plan.keep.shape[-1]
         unmerge = plan.merge.unmerge
         if unmerge in VELOCITY_UNMERGE and (plan.keep is not None or plan.factor != 1):
             unmerge = "residual"  # the velocity correction is made for the native full grid only

@@ -3,8 +3,9 @@
 Installed for one model call as chained block hooks (runtime/block_hooks.py), on every block:
 
 * first block, before: the image stream (its grid tokens, whatever text or reference tokens sit
-  around them are always kept) is gathered to the plan's ``keep`` tokens, in that order, and the
-  full stream is kept to fill back what was skipped;
+  around them are always kept) is gathered to the plan's ``keep`` tokens, in that order (one
+  selection for the whole batch, or one per sample: kernels/token_select.py), and the full
+  stream is kept to fill back what was skipped;
 * every block, before: the positions (``pe``) are gathered the same way, once per call (the
   model hands every block the full ``pe`` it computed), and so is a per-token ``vec`` (Wan 2.2's
   per-token timesteps);
@@ -22,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..families import FamilyBinding
-from ..kernels.token_select import gather, with_extra
+from ..kernels.token_select import gather, rows_for, scatter, with_extra
 from .block_hooks import stream_patches
 
 
@@ -80,9 +81,13 @@ class TokenPath:
         if reason is not None:
             self.on_fallback(reason)
             return args
+        keep = rows_for(self.keep, img.shape[0])
+        if keep is None:  # a per-sample selection for a batch that is not made of its samples
+            self.on_fallback("batch layout")
+            return args
         self.active = True
         self._full, self._start, self._text = img, start, text
-        self.keep = self.keep.to(img.device, torch.long)  # once per call, for every block
+        self.keep = keep.to(img.device, torch.long)  # once per call, for every block
         index = with_extra(self.keep, start, start + self.grid_tokens, img.shape[1])
         self._index = index
         return self._before({**args, "img": gather(img, index, 1)})
@@ -115,10 +120,10 @@ class TokenPath:
         b = self.binding
         img = out["img"]
         start = b.image_start(b.last_block, self._text)
-        kept = int(self.keep.numel())
+        kept = self.keep.shape[-1]
         grid = self._full[:, self._start:self._start + self.grid_tokens].to(img.dtype)
+        grid = scatter(grid, self.keep, img[:, start:start + kept], 1)
         restored = torch.cat([img[:, :start], grid, img[:, start + kept:]], dim=1)
-        restored = restored.index_copy(1, self.keep + start, img[:, start:start + kept])
         if self.fill is not None:
             stop = start + self.grid_tokens
             filled = self.fill(restored[:, start:stop], self.keep)

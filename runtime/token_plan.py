@@ -41,7 +41,8 @@ class TokenPlan:
     """What one model call computes (per sample; cond and uncond share it)."""
 
     factor: int = 1                        # latent read at factor x the native patch (1 = native)
-    keep: torch.Tensor | None = None       # ordered grid-token indices (at ``factor``) through the blocks
+    keep: torch.Tensor | None = None       # ordered grid-token indices (at ``factor``) through the blocks:
+                                           # (K,) for every sample, or (samples, K) one row per sample
     merge: MergePattern | None = None      # how the kept tokens are grouped
     coarse_adapter: object | None = None   # learned parts for a coarse call (ideas/patch/adapter_attach.py)
     coarse_embed: str = "area"             # how a coarse patch is embedded (kernels/resize.py)
@@ -65,7 +66,7 @@ class TokenPlan:
         """Image tokens through the blocks, of a grid of ``grid_tokens`` at this plan's factor."""
         if self.merge is not None:
             return self.merge.count
-        return grid_tokens if self.keep is None else int(self.keep.numel())
+        return grid_tokens if self.keep is None else self.keep.shape[-1]
 
     def cost(self, binding: FamilyBinding, latent_shape, text_tokens: int) -> tuple[int, float, float]:
         """``(image tokens, native FLOPs, planned FLOPs)`` of one sample's forward."""

@@ -293,8 +293,34 @@ def test_batch_of_two_with_cfg_on_wan(pack, tiny_wan, one_thread):
     assert out.shape == base.shape and torch.isfinite(out).all()
     assert rep.step_tokens == [n] + [n // 2] * (STEPS - 1)
     assert not any("no cached output" in note for note in rep.notes)  # both branches found their cache
-    # one kept set per step for the whole batch (the scores are averaged over it)
-    assert all(k.numel() == n // 2 for k in runs[0].kept.values())
+    # one kept set per sample and step, from the sample's own scores
+    kept = runs[0].kept
+    assert all(k.shape == (2, n // 2) for k in kept.values())
+    assert any(not torch.equal(k[0], k[1]) for k in kept.values())
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+@pytest.mark.parametrize("fill,attend", [("cache", True), ("cache", False), ("nearest", False)])
+def test_each_sample_of_a_batch_is_routed_as_if_alone(cases, family, fill, attend):
+    """Per-sample kept sets: a sample's image in a batch of two (with CFG) is its image sampled
+    alone, and so are its kept sets, for every fill-back and with the K/V cache. A shared kept set
+    (scores averaged over the batch) fails this: the second sample's scores would move the first
+    one's tokens. (``nearest`` copies whole tokens, so a float-rounding difference between batch
+    sizes can flip a near tie of the next step's ranking: it is compared over its first 3 steps.)"""
+    model, (pos, neg), _, _ = cases[family]
+    latent = (tiny_models.wan_latent(48, 64, 5, batch=2) if family == "wan"
+              else tiny_models.flux_latent(64, 64, batch=2))
+    settings = dict(budget=0.5, start_percent=0.0, refresh_every=0, fill=fill, attend_skipped=attend)
+    steps = 3 if fill == "nearest" else STEPS
+    runs, runs_alone = [], []
+    both = ksample(recording_router(model, runs, **settings), pos, neg, latent, steps=steps, cfg=4.0)
+    alone = ksample(recording_router(model, runs_alone, **settings), pos, neg,
+                    {"samples": latent["samples"][:1]}, steps=steps, cfg=4.0)
+    kept, kept_alone = runs[0].kept, runs_alone[0].kept
+    assert kept.keys() == kept_alone.keys() and len(kept) == steps - 1
+    assert all(torch.equal(kept[s][0], kept_alone[s]) for s in kept)
+    assert any(not torch.equal(k[0], k[1]) for k in kept.values())  # the two samples differ
+    assert torch.allclose(both[:1], alone, atol=1e-4, rtol=1e-4), (both[:1] - alone).abs().max()
 
 
 # ----------------------------------------------------------------------------- errors, node

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from ...families import FamilyBinding
+from ...kernels.token_select import gather, rows_for, scatter
 from ...runtime.block_hooks import chain_block_patches
 from .fill import chunk_keys
 
@@ -51,10 +52,14 @@ class AttendSkipped:
         self._skipped = None
 
     def skipped(self, device) -> torch.Tensor:
+        """The grid tokens not in ``keep``, ascending: ``(N - K,)``, or a row per sample."""
         if self._skipped is None or self._skipped.device != device:
-            mask = torch.ones(self.grid_tokens, dtype=torch.bool, device=device)
-            mask[self.keep.to(device)] = False
-            self._skipped = mask.nonzero().flatten()
+            keep = self.keep.to(device, torch.long)
+            rows = keep.shape[0] if keep.ndim == 2 else 1
+            mask = torch.ones(rows, self.grid_tokens, dtype=torch.bool, device=device)
+            mask.scatter_(1, keep.view(rows, -1), False)
+            skipped = mask.nonzero()[:, 1].view(rows, -1)
+            self._skipped = skipped[0] if keep.ndim == 1 else skipped
         return self._skipped
 
     def __call__(self, options: dict) -> dict:
@@ -98,7 +103,7 @@ class _CallAttention:
         q, k, v = args[:3]
         dim = 2 if kwargs.get("skip_reshape") else 1
         step = self.step
-        kept = step.grid_tokens if step.dense else int(step.keep.numel())
+        kept = step.grid_tokens if step.dense else step.keep.shape[-1]
         start = self.text if step.binding.joint_text else 0
         if q.shape[dim] != k.shape[dim] or k.shape[dim] < start + kept or kwargs.get("mask") is not None:
             step.state.unexpected += 1
@@ -111,6 +116,13 @@ class _CallAttention:
         keys = chunk_keys(self.options, k.shape[0])
         per = k.shape[0] // len(keys)
         extra_k, extra_v = [], []
+        keep_all = skipped_all = None
+        if not step.dense:
+            keep_all = rows_for(step.keep.to(k.device), k.shape[0])
+            skipped_all = rows_for(step.skipped(k.device), k.shape[0])
+            if keep_all is None or skipped_all is None:
+                step.state.unexpected += 1
+                return k, v
         for i, key in enumerate(keys):
             rows = slice(i * per, (i + 1) * per)
             k_img = k[rows].narrow(dim, start, kept)
@@ -124,13 +136,13 @@ class _CallAttention:
                     or cached[0].device != k.device:
                 step.state.missing += 1
                 return k, v
-            keep = step.keep.to(k.device)
-            ck = cached[0].to(k.dtype).index_copy(dim, keep, k_img)
-            cv = cached[1].to(v.dtype).index_copy(dim, keep, v_img)
+            keep = keep_all if keep_all.ndim == 1 else keep_all[rows]
+            skipped = skipped_all if skipped_all.ndim == 1 else skipped_all[rows]
+            ck = scatter(cached[0].to(k.dtype), keep, k_img, dim)
+            cv = scatter(cached[1].to(v.dtype), keep, v_img, dim)
             step.state.cache[cache_key] = (ck, cv)
-            skipped = step.skipped(k.device)
-            extra_k.append(ck.index_select(dim, skipped))
-            extra_v.append(cv.index_select(dim, skipped))
+            extra_k.append(gather(ck, skipped, dim))
+            extra_v.append(gather(cv, skipped, dim))
         if step.dense or not extra_k:
             return k, v
         extra_k = extra_k[0] if len(extra_k) == 1 else torch.cat(extra_k, dim=0)

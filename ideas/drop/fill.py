@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ...kernels.token_select import gather, rows_for, scatter
+
 
 def chunk_keys(options: dict, batch: int) -> list:
     """One key per batch chunk of a call: the conditioning uuids ComfyUI put in the options
@@ -47,13 +49,14 @@ class CacheFill:
         parts = []
         for i, key in enumerate(keys):
             part = grid[i * per:(i + 1) * per]
+            rows = keep if keep.ndim == 1 else keep[i * per:(i + 1) * per]
             cached = self.state.cache.get(key)
             if self.dense or cached is None or cached.shape != part.shape or cached.device != part.device:
                 if not self.dense:
                     self.state.missing += 1
                 new = part.contiguous()
             else:
-                new = cached.to(part.dtype).index_copy(1, keep, part.index_select(1, keep))
+                new = scatter(cached.to(part.dtype), rows, gather(part, rows, 1), 1)
             self.state.cache[key] = new
             parts.append(new)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
@@ -61,9 +64,9 @@ class CacheFill:
 
 class NearestFill:
     def __init__(self, source: torch.Tensor):
-        self.source = source  # (grid tokens,) long: the computed token each token copies
+        self.source = source  # (grid tokens,) or (samples, grid tokens) long: the token each copies
 
     def __call__(self, grid: torch.Tensor, keep: torch.Tensor, options: dict) -> torch.Tensor:
         if self.source.device != grid.device:
             self.source = self.source.to(grid.device)
-        return grid.index_select(1, self.source)
+        return gather(grid, rows_for(self.source, grid.shape[0]), 1)

@@ -6,7 +6,8 @@ image token of the native grid is scored from the sampler's own trajectory (kern
 ``budget`` share runs through the blocks (the runtime's token path: positions travel with their
 tokens, text tokens always run); the rest are filled back (ideas/drop/fill.py). Ties in the
 ordering go to the lower index, so at one step a lower budget's kept set is a subset of a
-higher one's (elastic).
+higher one's (elastic). Each sample of a batch gets its own kept set from its own scores (all
+of its CFG branches share it); the count is the same for every sample.
 
 Dense steps (every token computed, the cache renewed): the first step of the window (and the
 first after any step the router did not see whole: outside the window, a coarse step of a patch
@@ -93,7 +94,7 @@ class RouterRun:
             self._skipped = torch.zeros_like(scores)
         keep = ks.select(ks.starved(scores, self._skipped, cfg.starvation), k)
         self._skipped += 1
-        self._skipped[keep] = 0
+        self._skipped.scatter_(-1, keep, 0)
         self._since_dense += 1
         self.kept[step.step] = keep
         step.scores.update(router_kept=k, router_tokens=n)
@@ -159,7 +160,8 @@ class RouterRun:
             scores = ks.change_scores([z for _, z in hist], [s for s, _ in hist], p, tp)
         else:  # ras, and change until it has three latents
             scores = ks.update_scores(z_prev, z_cur, p, tp)
-        return scores.mean(dim=0)
+        # one selection per sample; a batch of one keeps the 1-d form (every row alike)
+        return scores[0] if scores.shape[0] == 1 else scores
 
     # -- end of run --------------------------------------------------------------------------
     def finish(self, report) -> None:
