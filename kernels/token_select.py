@@ -61,6 +61,14 @@ def scatter(full: torch.Tensor, index: torch.Tensor, part: torch.Tensor, dim: in
     return full.scatter(dim, _row_index(index, part, dim), part)
 
 
+def scatter_(full: torch.Tensor, index: torch.Tensor, part: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """:func:`scatter` in place (``full`` may be a view, e.g. the grid part of a longer buffer)."""
+    part = part.to(full.dtype)
+    if index.ndim == 1:
+        return full.index_copy_(dim, _long(index, full), part)
+    return full.scatter_(dim, _row_index(index, part, dim), part)
+
+
 def with_extra(index: torch.Tensor, start: int, stop: int, extra_stop: int) -> torch.Tensor:
     """Stream positions of ``index`` (grid tokens counted from ``start``; 1-d or ``(B, K)``), with
     everything else of the stream (``[0, start)`` and ``[stop, extra_stop)``: text, reference

@@ -204,3 +204,30 @@ def test_rescale_leaves_conditioning_channels_alone():
     out = flow.rescale_to_flow(x, torch.tensor([0.5, 0.5]), 0.5, channels=16)
     assert torch.allclose(out[:, :16], torch.full_like(out[:, :16], 1 / 0.75))
     assert torch.equal(out[:, 16:], x[:, 16:])
+
+
+def test_per_sample_selection_equals_one_selection_per_row():
+    """A (B, K) index gathers, scatters (copy and in place) and extends each row as its own 1-d
+    index would; a batch-1 tensor (shared positions) is expanded; a 2-row index serves a 4-row
+    batch (cond + uncond of the same samples) and refuses a 3-row one."""
+    from elastic_tokens.kernels.token_select import gather, rows_for, scatter, scatter_, with_extra
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 10, 4, generator=gen)  # (B, heads, tokens, dim): tokens on dim 2
+    index = torch.tensor([[1, 4, 7], [0, 2, 9]])
+    got = gather(x, index, 2)
+    assert torch.equal(got, torch.stack([x[i].index_select(1, index[i]) for i in range(2)]))
+    shared = x[:1]
+    assert torch.equal(gather(shared, index, 2)[1], shared[0].index_select(1, index[1]))
+    part = torch.randn(2, 3, 3, 4, generator=gen)
+    want = torch.stack([x[i].index_copy(1, index[i], part[i]) for i in range(2)])
+    assert torch.equal(scatter(x, index, part, 2), want)
+    buf = torch.zeros(2, 3, 12, 4)
+    buf[:, :, 1:11] = x
+    scatter_(buf.narrow(2, 1, 10), index, part, 2)
+    assert torch.equal(buf[:, :, 1:11], want) and not buf[:, :, 0].any()
+    ext = with_extra(index, 2, 12, 14)
+    assert ext.tolist() == [[0, 1, 3, 6, 9, 12, 13], [0, 1, 2, 4, 11, 12, 13]]
+    assert torch.equal(with_extra(index[0], 2, 12, 14), ext[0])
+    assert torch.equal(rows_for(index, 4), torch.cat([index, index])) and rows_for(index, 3) is None
+    assert torch.equal(rows_for(index[0], 3), index[0])

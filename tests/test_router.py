@@ -436,7 +436,8 @@ def test_attending_to_cached_keys_values_gives_the_full_attention_rows_of_the_ke
     every = torch.arange(n)
     dense = AttendSkipped(state, binding, every, n, dense=True)
     assert torch.equal(attend(dense(options), q, k, v), full)
-    assert len(state.cache) == 2  # one entry per branch for this block
+    assert len(state.cache) == 1  # one entry per batch layout (cond, uncond) and block
+    k_before = k.clone()
     keep = torch.tensor([1, 4, 5, 8])
     rows = torch.cat([torch.arange(text), keep + text])
     routed = AttendSkipped(state, binding, keep, n, dense=False)
@@ -445,6 +446,17 @@ def test_attending_to_cached_keys_values_gives_the_full_attention_rows_of_the_ke
     without = optimized_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], heads, skip_reshape=True)
     assert not torch.allclose(without, full[:, rows], atol=1e-3)  # the skipped keys mattered
     assert state.missing == 0 and state.unexpected == 0
+    assert torch.equal(k, k_before)  # the cache is a copy: renewing it in place leaves the call's keys
+    # a selection per row of the batch: each row's own kept tokens (text first, as the stream has it)
+    keep2 = torch.tensor([[1, 4, 5, 8], [0, 2, 3, 9]])
+    rows2 = torch.cat([torch.arange(text).expand(b, -1), keep2 + text], dim=1)
+    pick = lambda t: torch.stack([t[i][:, rows2[i]] for i in range(b)])  # noqa: E731
+    routed2 = AttendSkipped(state, binding, keep2, n, dense=False)
+    out2 = attend(routed2(options), pick(q), pick(k), pick(v))
+    assert torch.allclose(out2, torch.stack([full[i, rows2[i]] for i in range(b)]), atol=1e-5)
+    # the branches batched in the other order: no cache for that layout, runs without and is counted
+    attend(routed({"uuids": ["uncond", "cond"]}), q[:, :, rows], k[:, :, rows], v[:, :, rows])
+    assert state.missing == 1
 
 
 @pytest.mark.parametrize("family", ["flux", "wan"])

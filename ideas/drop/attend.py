@@ -4,7 +4,9 @@ On a routed step only the kept image tokens run through the blocks, so by defaul
 only to each other (and the text). With ``attend_skipped`` the self-attention of every block also
 gets the keys and values (after RoPE: each keeps its own position) of the skipped image tokens,
 from the last step that computed them; dense steps fill this cache, routed steps renew the kept
-tokens' entries. Kept per batch chunk (the conditioning's uuid, as the output cache) and block.
+tokens' entries in place. Kept per block and batch layout (the conditionings' uuids in the
+order ComfyUI batched them, as the output cache tells its branches apart); a call whose layout
+has no cache yet runs without it and is counted.
 
 It goes in through ComfyUI's chainable attention slot, ``transformer_options[
 "optimized_attention_override"]`` (``wrap_attn`` hands every attention call to it), on the call's
@@ -23,13 +25,14 @@ from __future__ import annotations
 import torch
 
 from ...families import FamilyBinding
-from ...kernels.token_select import gather, rows_for, scatter
+from ...kernels.token_select import rows_for, scatter_
 from ...runtime.block_hooks import chain_block_patches
 from .fill import chunk_keys
 
 
 class KVState:
-    """One sampling run's key/value cache: ``(chunk key, block key) -> (k, v)`` of every grid token."""
+    """One sampling run's key/value cache: ``(batch layout, block key) -> (k, v)`` of the whole
+    stream (every grid token)."""
 
     def __init__(self):
         self.cache: dict = {}
@@ -49,18 +52,6 @@ class AttendSkipped:
         self.keep = keep
         self.grid_tokens = grid_tokens
         self.dense = dense
-        self._skipped = None
-
-    def skipped(self, device) -> torch.Tensor:
-        """The grid tokens not in ``keep``, ascending: ``(N - K,)``, or a row per sample."""
-        if self._skipped is None or self._skipped.device != device:
-            keep = self.keep.to(device, torch.long)
-            rows = keep.shape[0] if keep.ndim == 2 else 1
-            mask = torch.ones(rows, self.grid_tokens, dtype=torch.bool, device=device)
-            mask.scatter_(1, keep.view(rows, -1), False)
-            skipped = mask.nonzero()[:, 1].view(rows, -1)
-            self._skipped = skipped[0] if keep.ndim == 1 else skipped
-        return self._skipped
 
     def __call__(self, options: dict) -> dict:
         call = _CallAttention(self, options)
@@ -112,39 +103,33 @@ class _CallAttention:
         return self._next(func, (q, k, v) + tuple(args[3:]), kwargs)
 
     def _extend(self, k, v, dim, start, kept):
+        """The call's keys/values with every grid token: a buffer per block and batch layout
+        holding the whole stream (text, grid, tokens after it) from the last dense step, into
+        which this call writes its text, its kept tokens and what follows the grid, in place; the
+        attention then reads the buffer (key order does not matter to attention)."""
         step = self.step
-        keys = chunk_keys(self.options, k.shape[0])
-        per = k.shape[0] // len(keys)
-        extra_k, extra_v = [], []
-        keep_all = skipped_all = None
-        if not step.dense:
-            keep_all = rows_for(step.keep.to(k.device), k.shape[0])
-            skipped_all = rows_for(step.skipped(k.device), k.shape[0])
-            if keep_all is None or skipped_all is None:
-                step.state.unexpected += 1
-                return k, v
-        for i, key in enumerate(keys):
-            rows = slice(i * per, (i + 1) * per)
-            k_img = k[rows].narrow(dim, start, kept)
-            v_img = v[rows].narrow(dim, start, kept)
-            cache_key = (key, self.block)
-            if step.dense:
-                step.state.cache[cache_key] = (k_img.contiguous(), v_img.contiguous())
-                continue
-            cached = step.state.cache.get(cache_key)
-            if cached is None or cached[0].shape[dim] != step.grid_tokens or cached[0].shape[0] != per \
-                    or cached[0].device != k.device:
-                step.state.missing += 1
-                return k, v
-            keep = keep_all if keep_all.ndim == 1 else keep_all[rows]
-            skipped = skipped_all if skipped_all.ndim == 1 else skipped_all[rows]
-            ck = scatter(cached[0].to(k.dtype), keep, k_img, dim)
-            cv = scatter(cached[1].to(v.dtype), keep, v_img, dim)
-            step.state.cache[cache_key] = (ck, cv)
-            extra_k.append(gather(ck, skipped, dim))
-            extra_v.append(gather(cv, skipped, dim))
-        if step.dense or not extra_k:
+        n = step.grid_tokens
+        tail = k.shape[dim] - start - kept
+        cache_key = (tuple(chunk_keys(self.options, k.shape[0])), self.block)
+        if step.dense:
+            step.state.cache[cache_key] = (k.clone(), v.clone())
             return k, v
-        extra_k = extra_k[0] if len(extra_k) == 1 else torch.cat(extra_k, dim=0)
-        extra_v = extra_v[0] if len(extra_v) == 1 else torch.cat(extra_v, dim=0)
-        return torch.cat([k, extra_k], dim=dim), torch.cat([v, extra_v], dim=dim)
+        cached = step.state.cache.get(cache_key)
+        full_shape = list(k.shape)
+        full_shape[dim] = start + n + tail
+        if cached is None or list(cached[0].shape) != full_shape or cached[0].device != k.device:
+            step.state.missing += 1
+            return k, v
+        keep = rows_for(step.keep.to(k.device), k.shape[0])
+        if keep is None:
+            step.state.unexpected += 1
+            return k, v
+        if cached[0].dtype != k.dtype:
+            cached = step.state.cache[cache_key] = (cached[0].to(k.dtype), cached[1].to(v.dtype))
+        for buf, new in zip(cached, (k, v)):
+            if start:
+                buf.narrow(dim, 0, start).copy_(new.narrow(dim, 0, start))
+            if tail:
+                buf.narrow(dim, start + n, tail).copy_(new.narrow(dim, start + kept, tail))
+            scatter_(buf.narrow(dim, start, n), keep, new.narrow(dim, start, kept), dim)
+        return cached
