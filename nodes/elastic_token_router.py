@@ -59,13 +59,21 @@ class ElasticTokenRouter(io.ComfyNode):
                                          "from their last computed step (RAS). Closer to the full step; "
                                          "costs memory (FLUX 1024²: ~3 GB per CFG branch, Wan 1.3B 480p "
                                          "81 frames: ~6 GB) and part of the speed-up."),
+                io.Float.Input("uncond_budget", default=1.0, min=0.1, max=1.0, step=0.05, display_mode=slider,
+                               optional=True,
+                               tooltip="Share of the image tokens the negative-prompt (uncond) branch of CFG "
+                                       "computes on a routed step, where lower than budget (DC-DiT's "
+                                       "Lite-CFG: the uncond prediction only steers, so it can afford "
+                                       "fewer tokens; it keeps a subset of the cond branch's). 1.0 = the "
+                                       "same as budget. Has no effect at CFG 1 (no uncond branch)."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the token router.")],
         )
 
     @classmethod
     def execute(cls, model, budget, scorer, fill, start_percent, end_percent, refresh_every,
-                attend_skipped=True) -> io.NodeOutput:
+                attend_skipped=True, uncond_budget=1.0) -> io.NodeOutput:
         config = RouterConfig(budget=budget, scorer=scorer, fill=fill, start_percent=start_percent,
-                              end_percent=end_percent, refresh_every=refresh_every, attend_skipped=attend_skipped)
+                              end_percent=end_percent, refresh_every=refresh_every, attend_skipped=attend_skipped,
+                              uncond_budget=uncond_budget)
         return io.NodeOutput(apply_router(model, config))

@@ -26,11 +26,12 @@ import torch
 
 from ..families import FamilyBinding, binding_for
 from ..families.call_args import bind_call
+from .branch_split import call_by_branch
 from .execute import admit, call_with_plan
 from .graph_replay import drop_if_stale
 from .report import STACK_KEY, RunReport
 from .run import SamplingRun
-from .token_plan import NATIVE
+from .token_plan import NATIVE, TokenPlan
 
 WRAPPER_KEY = "elastic_tokens.runtime"
 RUN_KEY = "elastic_tokens_run"
@@ -159,7 +160,18 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     step = run.step_index(sigma0)
     channels = run.binding.latent_channels
     plan = run.plan_for(step, sigma0, x.shape, options, lambda: _first_chunk(source, options, channels))
-    plan = admit(plan, bound, run)
-    run.account(step, x.shape, text_tokens, plan)
-    return call_with_plan(executor, bound, plan, run)
+
+    def call(plan: TokenPlan, bound) -> torch.Tensor:
+        plan = admit(plan, bound, run)
+        run.account(step, bound.arguments["x"].shape, text_tokens, plan)
+        return call_with_plan(executor, bound, plan, run)
+
+    if plan.uncond is not None:  # the uncond branch runs its own tokens: one call per branch
+        cond_plan = plan.replace(uncond=None)
+        out = call_by_branch(bound, lambda b: call(cond_plan, b), lambda b: call(plan.uncond, b))
+        if out is not None:
+            return out
+        run.fallback("branches not split")
+        plan = cond_plan
+    return call(plan, bound)
 

@@ -50,6 +50,9 @@ class TokenPlan:
     fill: object | None = None             # TokenFill: skipped tokens' hidden state after the blocks
     attention: object | None = None        # keep plans: attention(options) -> the call's options (an
                                            # attention override, e.g. ideas/drop/attend.py)
+    uncond: "TokenPlan | None" = None      # the unconditional CFG branch's own plan where it differs
+                                           # (fewer tokens); calls batching both branches are split
+                                           # (runtime/branch_split.py)
 
     @property
     def is_native(self) -> bool:

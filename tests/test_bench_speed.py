@@ -51,6 +51,10 @@ def test_router_variants_parse_with_their_settings_and_schedules(pack):
                                                                                       "attend_skipped": True}
     with pytest.raises(ValueError, match="attend=1"):
         bench_speed.build_variants("router=0.5/attend=yes", "both", 8)
+    assert bench_speed.build_variants("router=0.5/uncond=0.2", "both", 8)[0].router == {"budget": 0.5,
+                                                                                        "uncond_budget": 0.2}
+    with pytest.raises(ValueError, match="uncond_budget must be a share"):
+        bench_speed.build_variants("router=0.5/uncond=0", "both", 8)
     # the node's own validation speaks for bad settings, before any model is built
     with pytest.raises(ValueError, match="budget must be a share"):
         bench_speed.build_variants("router=0.05", "both", 8)

@@ -323,6 +323,75 @@ def test_each_sample_of_a_batch_is_routed_as_if_alone(cases, family, fill, atten
     assert torch.allclose(both[:1], alone, atol=1e-4, rtol=1e-4), (both[:1] - alone).abs().max()
 
 
+def count_branch_tokens(model, key):
+    """A clone whose block ``key`` records (batch, image-stream length) of every call."""
+    seen = []
+    patched = model.clone()
+
+    def patch(args, extra):
+        seen.append(tuple(args["img"].shape[:2]))
+        return extra["original_block"](args)
+    patched.set_model_patch_replace(patch, "dit", key[0], key[1])
+    return patched, seen
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_a_lower_uncond_budget_runs_the_uncond_branch_on_fewer_tokens(cases, family):
+    """Lite-CFG: with uncond_budget below budget the two CFG branches run as separate calls on
+    routed (and the window's dense) steps, the uncond one on its own share, a subset of the cond
+    branch's tokens; the token-FLOPs fall accordingly. uncond_budget 1.0 changes nothing (bit for
+    bit the budget-only router), and without CFG (cfg 1) there is no uncond branch to split."""
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.kernels.token_scores import budget_tokens
+
+    model, (pos, neg), latent, cfg = cases[family]
+    cfg = 4.0
+    binding = binding_for(model)
+    n = binding.grid_tokens(latent["samples"].shape)
+    settings = dict(budget=0.5, start_percent=0.0, refresh_every=0)
+    plain = ksample(router(model, **settings), pos, neg, latent, cfg=cfg)
+    assert torch.equal(ksample(router(model, uncond_budget=1.0, **settings), pos, neg, latent, cfg=cfg), plain)
+    assert torch.equal(ksample(router(model, uncond_budget=0.8, **settings), pos, neg, latent, cfg=cfg), plain)
+
+    counted, seen = count_branch_tokens(model, binding.first_block)
+    runs = []
+    lite = recording_router(counted, runs, uncond_budget=0.2, **settings)
+    out = ksample(lite, pos, neg, latent, cfg=cfg)
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)
+    run = runs[0]
+    k, k_u = budget_tokens(0.5, n), budget_tokens(0.2, n)
+    assert sorted(run.kept_uncond) == sorted(run.kept) and len(run.kept) == STEPS - 1
+    for step, keep_u in run.kept_uncond.items():
+        assert keep_u.shape[-1] == k_u and set(keep_u.tolist()) <= set(run.kept[step].tolist())
+    lengths = [length for _, length in seen]  # the first block's image stream (Flux: txt apart)
+    assert all(b == 1 for b, _ in seen)  # one call per branch (latent batch 1)
+    assert lengths[:2] == [n, n]  # the first (dense) step: both branches, every token
+    assert lengths[2:] == [k, k_u] * (STEPS - 1)
+    rep = report(lite)
+    plain_run = router(model, **settings)
+    ksample(plain_run, pos, neg, latent, cfg=cfg)
+    assert report(lite).estimated_speedup > report(plain_run).estimated_speedup
+    assert any("uncond branch at budget 0.2" in note for note in rep.notes)
+    # cfg 1: no uncond branch, nothing to split: the budget-only router's image
+    one = ksample(router(model, uncond_budget=0.2, **settings), pos, neg, latent, cfg=1.0)
+    assert torch.equal(one, ksample(router(model, **settings), pos, neg, latent, cfg=1.0))
+
+
+def test_the_uncond_budget_alone_routes_only_the_uncond_branch(cases):
+    """budget 1.0 with a lower uncond_budget: the cond branch runs every token, only the uncond
+    one is routed (the node is not a no-op)."""
+    from elastic_tokens.families import binding_for
+
+    model, (pos, neg), latent, _ = cases["flux"]
+    binding = binding_for(model)
+    n = binding.grid_tokens(latent["samples"].shape)
+    counted, seen = count_branch_tokens(model, binding.first_block)
+    out = ksample(router(counted, budget=1.0, uncond_budget=0.5, start_percent=0.0, refresh_every=0),
+                  pos, neg, latent, cfg=4.0)
+    lengths = [length for _, length in seen]
+    assert lengths[2:] == [n, n // 2] * (STEPS - 1) and torch.isfinite(out).all()
+
+
 # ----------------------------------------------------------------------------- errors, node
 
 @pytest.mark.parametrize("budget", [0.05, 0.0, 1.5, -1.0, math.nan, True, "0.5"])
@@ -369,9 +438,10 @@ def test_the_node_has_tooltips_and_runs_through_its_schema(cases):
     assert schema.display_name == "Elastic Token Router"
     inputs = {i.id: i for i in schema.inputs}
     assert list(inputs) == ["model", "budget", "scorer", "fill", "start_percent", "end_percent", "refresh_every",
-                            "attend_skipped"]
+                            "attend_skipped", "uncond_budget"]
     assert all(i.tooltip for i in inputs.values())
     assert (inputs["budget"].min, inputs["budget"].max) == (0.1, 1.0)
+    assert (inputs["uncond_budget"].min, inputs["uncond_budget"].max, inputs["uncond_budget"].default) == (0.1, 1.0, 1.0)
     model, (pos, neg), latent, cfg = cases["flux"]
     out = ElasticTokenRouter.execute(model, 0.5, "context", "nearest", 0.0, 1.0, 0).result[0]
     ksample(out, pos, neg, latent, cfg=cfg)

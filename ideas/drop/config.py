@@ -28,7 +28,10 @@ class RouterConfig:
     * ``refresh_every``: every k-th step of the window computes every token (and renews the
       cache); 0 = only the first step of the window;
     * ``attend_skipped``: computed tokens also attend to the skipped tokens' cached keys/values
-      (RAS; ideas/drop/attend.py): closer to the full step, more memory, less speed-up.
+      (RAS; ideas/drop/attend.py): closer to the full step, more memory, less speed-up;
+    * ``uncond_budget``: the unconditional CFG branch's share where it is lower than ``budget``
+      (DC-DiT's "Lite-CFG": the negative prompt's prediction only steers, so it can afford
+      fewer tokens); its kept set is a subset of the cond branch's. 1.0 = as ``budget``.
     """
 
     budget: float = 0.5
@@ -39,6 +42,7 @@ class RouterConfig:
     refresh_every: int = 5
     starvation: float = 0.1
     attend_skipped: bool = True
+    uncond_budget: float = 1.0
 
     def __post_init__(self):
         b = self.budget
@@ -46,6 +50,11 @@ class RouterConfig:
                 or not MIN_BUDGET <= b <= 1.0:
             raise ValueError(f"Elastic Token Router: budget must be a share of image tokens between "
                              f"{MIN_BUDGET} and 1.0 (1.0 = every token, the plain model), got {b!r}")
+        u = self.uncond_budget
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not math.isfinite(u) \
+                or not MIN_BUDGET <= u <= 1.0:
+            raise ValueError(f"Elastic Token Router: uncond_budget must be a share of image tokens between "
+                             f"{MIN_BUDGET} and 1.0 (1.0 = the same as budget), got {u!r}")
         if self.scorer not in SCORERS:
             raise ValueError(f"Elastic Token Router: scorer must be one of {', '.join(SCORERS)}, "
                              f"got {self.scorer!r}")
@@ -65,6 +74,11 @@ class RouterConfig:
             raise ValueError(f"Elastic Token Router: starvation rate must be in [0, 10], got {self.starvation}")
 
     @property
+    def uncond_share(self) -> float:
+        """The uncond branch's share of image tokens: the lower of the two budgets."""
+        return min(self.budget, self.uncond_budget)
+
+    @property
     def never_routes(self) -> bool:
-        """True when no step can skip a token (budget 1.0 or an empty window): the node is a no-op."""
-        return self.budget >= 1.0 or self.start_percent >= self.end_percent
+        """True when no step can skip a token (both budgets 1.0, or an empty window): a no-op."""
+        return self.uncond_share >= 1.0 or self.start_percent >= self.end_percent

@@ -60,6 +60,7 @@ class RouterRun:
         self.state = FillState()
         self.kv = KVState()
         self.kept: dict[int, torch.Tensor] = {}   # step -> kept indices of routed steps (on the device)
+        self.kept_uncond: dict[int, torch.Tensor] = {}  # the same for the uncond branch, where lower
         self.dense_steps: list[int] = []
         self._history: deque = deque(maxlen=3)     # (sigma, float32 latent), oldest first
         self._skipped: torch.Tensor | None = None  # times each token was skipped in a row
@@ -83,21 +84,36 @@ class RouterRun:
             return plan
         n = self.binding.grid_tokens(step.latent_shape)
         k = ks.budget_tokens(cfg.budget, n)
-        if k >= n:
+        k_uncond = ks.budget_tokens(cfg.uncond_share, n)
+        if k_uncond >= n:  # (k >= k_uncond)
             return plan
         scores = self._scores(step)
         refresh = cfg.refresh_every > 0 and self._since_dense >= cfg.refresh_every - 1
         caches = cfg.fill == "cache" or cfg.attend_skipped
         if scores is None or refresh or (caches and not self._fresh):
-            return self._dense(step, plan, n)
+            dense = self._dense(step, plan, n)
+            # a lower uncond budget splits the branches' calls on every step of the window, dense
+            # ones included, so each branch's K/V cache has the batch layout it is read with
+            return dense.replace(uncond=dense) if k_uncond < k and dense is not plan else dense
         if self._skipped is None or self._skipped.shape != scores.shape or self._skipped.device != scores.device:
             self._skipped = torch.zeros_like(scores)
-        keep = ks.select(ks.starved(scores, self._skipped, cfg.starvation), k)
+        order = ks.rank(ks.starved(scores, self._skipped, cfg.starvation))
+        keep = ks.select(scores, k, order) if k < n else None
+        keep_uncond = ks.select(scores, k_uncond, order)  # the same ranking: a subset of keep
         self._skipped += 1
-        self._skipped.scatter_(-1, keep, 0)
+        self._skipped.scatter_(-1, keep if keep is not None else keep_uncond, 0)
         self._since_dense += 1
-        self.kept[step.step] = keep
+        self.kept[step.step] = keep if keep is not None else torch.arange(n, device=keep_uncond.device)
         step.scores.update(router_kept=k, router_tokens=n)
+        routed = self._routed(step, plan, keep, n) if keep is not None else plan
+        if k_uncond < k:
+            self.kept_uncond[step.step] = keep_uncond
+            step.scores.update(router_uncond_kept=k_uncond)
+            routed = routed.replace(uncond=self._routed(step, plan, keep_uncond, n))
+        return routed
+
+    def _routed(self, step: StepInput, plan: TokenPlan, keep: torch.Tensor, n: int) -> TokenPlan:
+        cfg = self.config
         if cfg.fill == "cache":
             fill = CacheFill(self.state, dense=False)
         else:
@@ -170,7 +186,9 @@ class RouterRun:
         skipped = 1.0 - tokens / grid if grid else 0.0
         text = (f"Elastic Token Router: {100 * skipped:.0f}% of image tokens skipped, "
                 f"~{report.estimated_speedup:.1f}x (budget {cfg.budget:g}, {len(self.kept)} routed and "
-                f"{len(self.dense_steps)} dense steps, scorer {cfg.scorer}, fill {cfg.fill})")
+                f"{len(self.dense_steps)} dense steps, scorer {cfg.scorer}, fill {cfg.fill}"
+                + (f", uncond branch at budget {cfg.uncond_share:g}" if cfg.uncond_share < cfg.budget else "")
+                + ")")
         if self.state.missing:
             text += (f", {self.state.missing} routed calls had no cached output for their branch "
                      f"(skipped tokens kept their input)")
