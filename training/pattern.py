@@ -1,0 +1,322 @@
+"""Learn a merge pattern (LGM) for a frozen model: ``--mode pattern`` of the training command.
+
+No backpropagation through the transformer: the frozen model is sampled densely (ComfyUI's own
+sampler, the provider's prompts, steps and CFG) and a DIFFUSION_MODEL wrapper reads every call's
+output. Per call and token it forms a feature (the clean estimate ``x - sigma * v`` by default, or
+the velocity ``v``), scaled so each call counts alike, and adds up, for every pair of tokens of a
+local block (kernels/merge_cluster.py: the blocks the pattern is clustered in), the squared feature
+distance. Those block pair sums are all training and validation need:
+
+* merging a group costs its members' deviation from the group mean; with the default ``velocity``
+  unmerge each member keeps its own noise and gets the group's clean estimate, so the cost is the
+  within-group variance of the clean estimate, ``sum_{i,j in S} ||f_i - f_j||^2 / 2|S|``;
+* the embedding ``E`` (``--pattern-dim`` numbers per position) is trained so that ``cos(E_i, E_j)``
+  ranks the pairs of a block as the data does: a hinge on triplets, ``relu(margin - (cos_ij -
+  cos_ik))`` for ``d_ij < d_ik``, weighted by the gap (LGM's margin 0.25); and (``--pattern-proto``)
+  LGM's straight-through softmax to prototypes (temperature 0.1): ``E`` is clustered at a ratio
+  drawn from [0.25, 0.75], each group's mean direction is a prototype, tokens are assigned to
+  their block's prototypes by a hard assignment whose gradient is the softmax's, and the loss is the
+  merge cost of that assignment;
+* validation: on rollouts of held-out seeds, the merge cost (mean per token and call) of the
+  learned pattern against the training-free ``spread`` and ``border_first`` at equal ratios, for
+  the velocity and for the clean estimate; printed and stored in the file's metadata.
+
+The pattern is written as ideas/merge/learned_pattern.py's safetensors file, with the base-model
+fingerprint; it holds one token grid (the provider's latent size).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..families import binding_for
+from ..families.call_args import bind_call
+from ..ideas.merge.learned_pattern import LearnedPattern, PatternSpec, save_pattern
+from ..kernels.merge_cluster import Dendrograms, block_cells, block_shape, within_group_sum
+from ..kernels.merge_pattern import ORDERS, VIDEO_MODES, merge_pattern
+from ..kernels.patchify import patchify
+
+FEATURES = ("denoised", "velocity")
+VAL_RATIOS = (0.25, 0.5, 0.75)
+
+
+@dataclass
+class PatternConfig:
+    dim: int = 16                     # embedding numbers per position
+    block: int = 4                    # spatial block side (tokens)
+    video_mode: str = "within_frames"
+    feature: str = "denoised"         # what merged tokens should agree on (training target)
+    max_group: int = 0                # largest group at sampling (0 = a whole block)
+    samples: int = 32                 # training rollouts
+    val_samples: int = 8              # held-out rollouts (validation)
+    gen_batch: int = 8
+    steps: int = 400                  # optimisation steps of E (cheap: no model calls)
+    lr: float = 0.05
+    margin: float = 0.25              # LGM's hinge margin
+    proto: float = 1.0                # weight of the straight-through prototype loss (0 = hinge only)
+    temperature: float = 0.1          # LGM's softmax temperature
+    seed: int = 0
+    log_every: int = 100
+
+    def __post_init__(self):
+        if self.video_mode not in VIDEO_MODES:
+            raise ValueError(f"video mode must be one of {VIDEO_MODES}, got {self.video_mode!r}")
+        if self.feature not in FEATURES:
+            raise ValueError(f"--pattern-feature must be one of {FEATURES}, got {self.feature!r}")
+        if self.dim < 2 or self.block < 2 or self.samples < 1 or self.val_samples < 1 or self.steps < 0:
+            raise ValueError("pattern training: dim >= 2, block >= 2, samples >= 1, val samples >= 1, steps >= 0")
+        if self.max_group < 0:
+            raise ValueError(f"max group must be >= 0 (0 = a whole block), got {self.max_group}")
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+class PairStats:
+    """Block pair sums of squared feature distances, for the clean estimate and the velocity."""
+
+    def __init__(self, cells: torch.Tensor):
+        self.cells = cells
+        c = cells.shape[1]
+        self.sums = {f: torch.zeros(cells.shape[0], c, c, dtype=torch.float64) for f in FEATURES}
+        self.calls = 0        # feature rows added (sample x call)
+
+    def add(self, feature: str, f: torch.Tensor) -> None:
+        """``f``: (rows, N, F) features of one call; each row scaled to a mean square of 1 per token."""
+        f = f.double()
+        f = f / f.pow(2).sum(-1).mean(1, keepdim=True).clamp_min(1e-24).sqrt().unsqueeze(-1)
+        ok = (self.cells >= 0).double()
+        g = f[:, self.cells.clamp_min(0)] * ok.unsqueeze(-1)          # (rows, B, C, F)
+        sq = g.pow(2).sum(-1)
+        gram = g @ g.transpose(-1, -2)
+        d = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * gram).clamp_min(0)
+        d = d * ok.unsqueeze(-1) * ok.unsqueeze(-2)
+        self.sums[feature] += d.sum(0)
+
+    def mean(self, feature: str) -> torch.Tensor:
+        return self.sums[feature] / max(self.calls, 1)
+
+
+class FeatureRecorder:
+    """DIFFUSION_MODEL wrapper: every call's per-token clean estimate and velocity into PairStats."""
+
+    def __init__(self, binding, stats: PairStats):
+        self.binding = binding
+        self.stats = stats
+
+    def __call__(self, executor, *args, **kwargs):
+        out = executor(*args, **kwargs)
+        bound = bind_call(executor, args, kwargs)
+        x = bound.arguments["x"]
+        opts = bound.arguments.get("transformer_options") or {}
+        sigma = opts.get("sigmas")
+        if not isinstance(sigma, torch.Tensor):
+            raise RuntimeError("pattern training: the sampler passed no sigmas in transformer_options")
+        b = self.binding
+        c = b.latent_channels
+        x = x[:, :c].detach().float().cpu()
+        v = out[:, :c].detach().float().cpu()
+        s = sigma.detach().float().cpu().reshape(-1)
+        s = (s if s.numel() == x.shape[0] else s[:1].expand(x.shape[0])).view(-1, *([1] * (x.ndim - 1)))
+        patch = b.native_patch if x.ndim == 4 else (b.temporal_patch, b.native_patch, b.native_patch)
+        for name, f in (("denoised", x - s * v), ("velocity", v)):
+            self.stats.add(name, patchify(_pad(f, patch), patch)[0])
+        self.stats.calls += x.shape[0]
+        return out
+
+
+def _pad(x: torch.Tensor, patch) -> torch.Tensor:
+    """Zero-pad the latent up to the patch, as the models pad."""
+    ps = (patch,) * 2 if isinstance(patch, int) else patch
+    dims = x.shape[-len(ps):]
+    pads = []
+    for size, p in zip(reversed(dims), reversed(ps)):
+        pads += [0, (-size) % p]
+    return torch.nn.functional.pad(x, pads) if any(pads) else x
+
+
+def roll_out(provider, model, binding, seeds: list[int], stats: PairStats, gen_batch: int, log) -> None:
+    """Sample ``seeds`` with the frozen model (the provider's settings), recording pair sums."""
+    import comfy.patcher_extension as pe
+    import comfy.sample
+
+    mp = model.clone()
+    mp.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "elastic_tokens.pattern_recorder",
+                            FeatureRecorder(binding, stats))
+    for start in range(0, len(seeds), gen_batch):
+        batch = seeds[start:start + gen_batch]
+        positive, negative = provider.conditioning(batch)
+        empty = provider.empty_latent(len(batch))
+        noise = torch.cat([comfy.sample.prepare_noise(empty[:1], s) for s in batch])
+        with torch.inference_mode():
+            comfy.sample.sample(mp, noise, provider.steps, provider.cfg, provider.sampler, provider.scheduler,
+                                positive, negative, empty, seed=batch[0], disable_pbar=True)
+        log(f"rolled out {min(start + gen_batch, len(seeds))}/{len(seeds)} samples")
+
+
+# ----------------------------------------------------------------------------- the embedding
+
+def _normalised(d: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """Pair distances in units of each block's mean distance between distinct present cells."""
+    pair = ok.unsqueeze(2) & ok.unsqueeze(1) & ~torch.eye(ok.shape[1], dtype=torch.bool)
+    mean = (d * pair).sum((1, 2)) / pair.sum((1, 2)).clamp_min(1)
+    return torch.where(pair, d / mean.clamp_min(1e-12).view(-1, 1, 1), torch.zeros_like(d))
+
+
+def triplet_weights(d: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``w[b, i, j, k] = clamp(d_ik - d_ij, 0, 1)`` over distinct present cells (distances per
+    block mean): how much closer ``j`` is to ``i`` than ``k`` is."""
+    dn = _normalised(d, ok)
+    c = ok.shape[1]
+    distinct = ~torch.eye(c, dtype=torch.bool)
+    valid = (ok.view(-1, c, 1, 1) & ok.view(-1, 1, c, 1) & ok.view(-1, 1, 1, c)
+             & distinct.view(1, c, c, 1) & distinct.view(1, c, 1, c) & distinct.view(1, 1, c, c))
+    w = (dn.unsqueeze(2) - dn.unsqueeze(3)).clamp(0, 1)        # [b, i, j, k] = d_ik - d_ij
+    return (w * valid).float()
+
+
+def hinge_loss(e: torch.Tensor, cells: torch.Tensor, weights: torch.Tensor, margin: float) -> torch.Tensor:
+    g = torch.nn.functional.normalize(e, dim=-1)[cells.clamp_min(0)]
+    cos = g @ g.transpose(1, 2)                                 # (B, C, C)
+    diff = cos.unsqueeze(3) - cos.unsqueeze(2)                  # [b, i, j, k] = cos_ij - cos_ik
+    return (weights * torch.relu(margin - diff)).sum() / weights.sum().clamp_min(1e-12)
+
+
+def prototype_loss(e: torch.Tensor, grid, cells: torch.Tensor, d: torch.Tensor, ratio: float, cfg: PatternConfig,
+                   total: float) -> torch.Tensor:
+    """LGM's straight-through assignment to prototypes: the merge cost (pair sums ``d``) of ``E``'s
+    clustering at ``ratio``, whose gradient flows through a softmax over the block's prototypes."""
+    groups, _ = Dendrograms.from_embedding(e.detach(), grid, cfg.video_mode, cfg.block,
+                                           cfg.max_group or None).pattern(ratio)
+    ok = cells >= 0
+    en = torch.nn.functional.normalize(e, dim=-1)
+    count = int(groups.max()) + 1
+    proto = torch.nn.functional.normalize(torch.zeros(count, e.shape[1]).index_add(0, groups, en), dim=-1)
+    g = torch.where(ok, groups[cells.clamp_min(0)], torch.full_like(cells, -1))   # (B, C)
+    c = cells.shape[1]
+    # slot j of a block holds the prototype of the group whose first cell in the block is j
+    same = (g.unsqueeze(2) == g.unsqueeze(1)) & ok.unsqueeze(2) & ok.unsqueeze(1)   # [b, i, j]
+    first = torch.argmax(same.int(), dim=2)                                           # first cell of i's group
+    rep = (first == torch.arange(c).view(1, -1)) & ok                                 # slot j is a representative
+    slots = proto[g.clamp_min(0)]                                                     # (B, C, dim)
+    logits = (en[cells.clamp_min(0)] @ slots.transpose(1, 2)) / cfg.temperature      # [b, i, slot]
+    logits = logits.masked_fill(~rep.unsqueeze(1), float("-inf"))
+    soft = torch.softmax(logits, -1)
+    hard = torch.nn.functional.one_hot(first, c).float() * ok.unsqueeze(2)
+    a = hard + soft - soft.detach()
+    a = a * ok.unsqueeze(2)
+    size = a.sum(1)                                                                   # (B, slots)
+    cost = torch.einsum("bis,bjs,bij->bs", a, a, d.float()) / (2 * size.detach().clamp_min(1.0))
+    return cost.sum() / total
+
+
+def train_embedding(grid, cells, d: torch.Tensor, cfg: PatternConfig, log) -> torch.Tensor:
+    """The embedding ``(N, dim)`` whose cosine ranks each block's pairs as ``d`` does."""
+    n = grid[0] * grid[1] * grid[2]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    e = torch.nn.Parameter(torch.randn(n, cfg.dim, generator=gen))
+    ok = cells >= 0
+    weights = triplet_weights(d, ok)
+    total = float(d.sum()) / max(n, 1)  # scale of the merge cost (mean pair sum per token)
+    optim = torch.optim.Adam([e], lr=cfg.lr)
+    rng = torch.Generator().manual_seed(cfg.seed + 1)
+    for step in range(cfg.steps):
+        loss = hinge_loss(e, cells, weights, cfg.margin)
+        proto = None
+        if cfg.proto > 0:
+            ratio = 0.25 + 0.5 * float(torch.rand((), generator=rng))
+            proto = prototype_loss(e, grid, cells, d, round(ratio, 2), cfg, total)
+            loss = loss + cfg.proto * proto
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+            log(f"step {step}: loss {float(loss.detach()):.4f}"
+                + ("" if proto is None else f" (prototypes {float(proto.detach()):.4f})"))
+    return e.detach()
+
+
+# ----------------------------------------------------------------------------- validation
+
+def merge_costs(stats: PairStats, grid, learned: LearnedPattern, cfg: PatternConfig, ratios=VAL_RATIOS) -> dict:
+    """Mean within-group squared deviation per token and call, per feature, ratio and pattern."""
+    n = grid[0] * grid[1] * grid[2]
+    out: dict = {}
+    for feature in FEATURES:
+        d = stats.mean(feature)
+        rows = {}
+        for ratio in ratios:
+            row = {}
+            for order in ORDERS:
+                groups, _ = merge_pattern(grid, ratio, order, cfg.video_mode)
+                row[order] = within_group_sum(d, stats.cells, groups) / n
+            groups, _ = learned.pattern(grid, ratio, cfg.video_mode)
+            row["learned"] = within_group_sum(d, stats.cells, groups) / n
+            rows[f"{ratio:g}"] = row
+        out[feature] = rows
+    return out
+
+
+def oracle_costs(train: PairStats, val: PairStats, grid, cfg: PatternConfig, ratios=VAL_RATIOS) -> dict:
+    """The merge cost on held-out rollouts of clustering the training pair distances themselves
+    (no embedding): how much the embedding's low rank leaves on the table."""
+    n = grid[0] * grid[1] * grid[2]
+    ok = train.cells >= 0
+    dist = train.mean(cfg.feature).masked_fill(~(ok.unsqueeze(2) & ok.unsqueeze(1)), float("inf"))
+    den = Dendrograms(grid, dist, train.cells, cfg.max_group or None)
+    return {f"{r:g}": within_group_sum(val.mean(cfg.feature), val.cells, den.pattern(r)[0]) / n for r in ratios}
+
+
+def format_costs(costs: dict, oracle: dict | None = None) -> str:
+    lines = []
+    for feature, rows in costs.items():
+        lines.append(f"held-out merge cost ({feature}; within-group variance per token, lower is better):")
+        lines.append("  ratio  " + "  ".join(f"{k:>12}" for k in next(iter(rows.values()))) + "  learned/best")
+        for ratio, row in rows.items():
+            best = min(v for k, v in row.items() if k != "learned")
+            extra = f"   (direct clustering {oracle[ratio]:.4f})" if oracle and feature in ("denoised",) and ratio in oracle else ""
+            lines.append(f"  {ratio:>5}  " + "  ".join(f"{v:12.4f}" for v in row.values())
+                         + f"  {row['learned'] / best if best > 0 else float('nan'):12.3f}" + extra)
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the command
+
+def train_pattern(provider, cfg: PatternConfig, out: str, device: str = "cpu", log=print) -> dict:
+    """Roll the model out, learn the embedding, validate, write the pattern file; returns a summary."""
+    t0 = time.time()
+    model = provider.load()
+    binding = binding_for(model)
+    latent = provider.empty_latent(1)
+    grid = binding.grid(tuple(latent.shape))
+    cells = block_cells(grid, block_shape(grid[0], cfg.video_mode, cfg.block))
+    log(f"pattern for a {binding.family} model, token grid {grid}, blocks {block_shape(grid[0], cfg.video_mode, cfg.block)} "
+        f"({cells.shape[0]} blocks), feature {cfg.feature}")
+    train, val = PairStats(cells), PairStats(cells)
+    seeds = list(range(cfg.seed * 1_000_003, cfg.seed * 1_000_003 + cfg.samples))
+    val_seeds = [1_000_000 + s for s in range(cfg.val_samples)]  # never training seeds
+    roll_out(provider, model, binding, seeds, train, cfg.gen_batch, log)
+    roll_out(provider, model, binding, val_seeds, val, cfg.gen_batch, log)
+    t_roll = time.time() - t0
+    d = train.mean(cfg.feature)
+    d = (d / d[d > 0].mean().clamp_min(1e-12)).float()  # one scale for all blocks: blocks compare in the cut
+    e = train_embedding(grid, cells, d, cfg, log)
+    training = {"mode": "pattern", "samples": cfg.samples, "val_samples": cfg.val_samples,
+                "sampling": {"steps": provider.steps, "cfg": provider.cfg, "sampler": provider.sampler,
+                             "scheduler": provider.scheduler},
+                "config": asdict(cfg), "provider": getattr(provider, "name", type(provider).__name__),
+                "rollout_s": round(t_roll, 1)}
+    spec = PatternSpec.for_model(model, binding, grid, cfg.dim, cfg.block, cfg.video_mode, cfg.max_group, training)
+    learned = LearnedPattern(spec, e.reshape(*grid, cfg.dim), "pattern")
+    costs = merge_costs(val, grid, learned, cfg)
+    oracle = oracle_costs(train, val, grid, cfg)
+    log(format_costs(costs, oracle))
+    training["validation"] = {"costs": costs, "direct_clustering": oracle}
+    training["seconds"] = round(time.time() - t0, 1)
+    learned = LearnedPattern(PatternSpec(**{**asdict(spec), "grid": tuple(spec.grid), "training": training}),
+                             learned.embedding, "pattern")
+    path = save_pattern(learned, out)
+    log(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB) in {training['seconds']:.0f} s")
+    return {"out": str(path), "grid": list(grid), "family": binding.family, **training}
