@@ -329,3 +329,26 @@ def test_the_loader_node_attaches_a_pattern_from_the_models_folder(flux_pattern,
     with pytest.raises(PatternError, match="no pattern selected.*--mode pattern") as err:
         LoadMergePattern.execute(tiny_flux, "")
     assert str(folder) in str(err.value)
+
+
+def test_bench_quality_measures_a_learned_pattern(flux_pattern, tiny_flux):
+    """``merge=R:learned`` with ``--pattern-file``: the Token Merge node with the pattern attached
+    (as Load Merge Pattern does), its token count the ratio's."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_quality
+
+    (setting,) = bench_quality.parse_settings("merge=0.5:learned", 8, 0.4, False)
+    assert setting.merge["order"] == "learned" and setting.schedule == "Token Merge ratio=0.5 learned/within_frames"
+    provider = bench_quality.TinyFluxProvider(argparse.Namespace(size=128))
+    provider._model = tiny_flux
+    with pytest.raises(SystemExit, match="needs --pattern-file"):
+        bench_quality.run_setting(provider, tiny_flux, setting, [5], argparse.Namespace(batch=1, warmup=0), None)
+    args = argparse.Namespace(batch=2, warmup=0, pattern_file=str(flux_pattern[0]))
+    res = bench_quality.run_setting(provider, tiny_flux, setting, [5, 6], args, None)
+    (rep,) = res["reports"]
+    assert not rep["fallbacks"] and res["images"].shape == (2, 128, 128, 3)
+    assert rep["flops_used"] < 0.7 * rep["flops_native"]
