@@ -352,3 +352,15 @@ def test_bench_quality_measures_a_learned_pattern(flux_pattern, tiny_flux):
     (rep,) = res["reports"]
     assert not rep["fallbacks"] and res["images"].shape == (2, 128, 128, 3)
     assert rep["flops_used"] < 0.7 * rep["flops_native"]
+
+
+def test_the_server_lists_the_loader_and_the_learned_order(comfy_server):
+    """A real ComfyUI server loads the pack: Load Merge Pattern (a MODEL and a file of the
+    elastic_tokens folder in, MODEL out) and Token Merge's order 'learned'."""
+    info = comfy_server.object_info("ElasticTokensLoadMergePattern")["ElasticTokensLoadMergePattern"]
+    assert info["display_name"] == "Load Merge Pattern" and info["output"] == ["MODEL"]
+    assert set(info["input"]["required"]) == {"model", "pattern_name"}
+    merge = comfy_server.object_info("ElasticTokensTokenMerge")["ElasticTokensTokenMerge"]
+    order = merge["input"]["required"]["order"]
+    options = order[1]["options"] if isinstance(order[0], str) else order[0]
+    assert "learned" in options and "spread" in options
