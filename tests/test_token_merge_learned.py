@@ -364,3 +364,18 @@ def test_the_server_lists_the_loader_and_the_learned_order(comfy_server):
     order = merge["input"]["required"]["order"]
     options = order[1]["options"] if isinstance(order[0], str) else order[0]
     assert "learned" in options and "spread" in options
+
+
+def test_resume_reuses_the_rollouts(cli, tmp_path, capsys):
+    """``--ckpt`` keeps the rollouts' pair sums; ``--resume`` trains from them without sampling
+    again and reaches the same pattern."""
+    from elastic_tokens.ideas.merge.learned_pattern import load_pattern
+
+    args = FLUX_ARGS + ["--ckpt", str(tmp_path / "ckpt")]
+    first = cli.main(args + ["--out", str(tmp_path / "a.safetensors")])
+    assert "rolled out" in capsys.readouterr().out
+    second = cli.main(args + ["--resume", "--out", str(tmp_path / "b.safetensors")])
+    log = capsys.readouterr().out
+    assert "rollout statistics from" in log and "rolled out" not in log
+    assert second["validation"] == first["validation"]
+    assert torch.equal(load_pattern(tmp_path / "a.safetensors").embedding, load_pattern(tmp_path / "b.safetensors").embedding)

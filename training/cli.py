@@ -246,7 +246,8 @@ def _main_pattern(args, provider, device) -> dict:
                         val_samples=args.val_n, gen_batch=args.gen_batch, steps=args.steps, lr=args.pattern_lr,
                         margin=args.pattern_margin, proto=args.pattern_proto, seed=args.seed,
                         log_every=args.log_every)
-    summary = train_pattern(provider, cfg, args.out, device=device, log=lambda m: print(m, flush=True))
+    summary = train_pattern(provider, cfg, args.out, device=device, log=lambda m: print(m, flush=True),
+                            ckpt=args.ckpt, resume=args.resume)
     summary["command"] = " ".join(sys.argv)
     Path(args.out).with_suffix(".json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -284,8 +284,44 @@ def format_costs(costs: dict, oracle: dict | None = None) -> str:
 
 # ----------------------------------------------------------------------------- the command
 
-def train_pattern(provider, cfg: PatternConfig, out: str, device: str = "cpu", log=print) -> dict:
-    """Roll the model out, learn the embedding, validate, write the pattern file; returns a summary."""
+def _stats_file(ckpt, cfg: PatternConfig, grid):
+    from pathlib import Path
+
+    name = f"pattern_stats_{'x'.join(map(str, grid))}_{cfg.video_mode}_b{cfg.block}_n{cfg.samples}_v{cfg.val_samples}_s{cfg.seed}.safetensors"
+    return Path(ckpt) / name
+
+
+def save_stats(path, train: PairStats, val: PairStats) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{which}.{f}": st.sums[f].contiguous() for which, st in (("train", train), ("val", val))
+               for f in FEATURES}
+    tensors["cells"] = train.cells.contiguous()
+    save_file(tensors, str(path), metadata={"train_calls": str(train.calls), "val_calls": str(val.calls)})
+
+
+def load_stats(path, cells: torch.Tensor):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        if not torch.equal(f.get_tensor("cells"), cells):
+            return None
+        out = []
+        for which in ("train", "val"):
+            st = PairStats(cells)
+            st.sums = {feat: f.get_tensor(f"{which}.{feat}") for feat in FEATURES}
+            st.calls = int(meta[f"{which}_calls"])
+            out.append(st)
+    return out
+
+
+def train_pattern(provider, cfg: PatternConfig, out: str, device: str = "cpu", log=print, ckpt: str | None = None,
+                  resume: bool = False) -> dict:
+    """Roll the model out, learn the embedding, validate, write the pattern file; returns a summary.
+    With ``ckpt`` the rollouts' pair sums are kept there; ``resume`` reuses them (same grid, blocks,
+    sample counts and seed) instead of sampling again."""
     t0 = time.time()
     model = provider.load()
     binding = binding_for(model)
@@ -294,11 +330,19 @@ def train_pattern(provider, cfg: PatternConfig, out: str, device: str = "cpu", l
     cells = block_cells(grid, block_shape(grid[0], cfg.video_mode, cfg.block))
     log(f"pattern for a {binding.family} model, token grid {grid}, blocks {block_shape(grid[0], cfg.video_mode, cfg.block)} "
         f"({cells.shape[0]} blocks), feature {cfg.feature}")
-    train, val = PairStats(cells), PairStats(cells)
-    seeds = list(range(cfg.seed * 1_000_003, cfg.seed * 1_000_003 + cfg.samples))
-    val_seeds = [1_000_000 + s for s in range(cfg.val_samples)]  # never training seeds
-    roll_out(provider, model, binding, seeds, train, cfg.gen_batch, log)
-    roll_out(provider, model, binding, val_seeds, val, cfg.gen_batch, log)
+    stats_path = _stats_file(ckpt, cfg, grid) if ckpt else None
+    loaded = load_stats(stats_path, cells) if resume and stats_path is not None and stats_path.is_file() else None
+    if loaded is not None:
+        train, val = loaded
+        log(f"rollout statistics from {stats_path}")
+    else:
+        train, val = PairStats(cells), PairStats(cells)
+        seeds = [cfg.seed * 10_000_000 + i for i in range(cfg.samples)]
+        val_seeds = [1_000_000_000 + i for i in range(cfg.val_samples)]  # never training seeds
+        roll_out(provider, model, binding, seeds, train, cfg.gen_batch, log)
+        roll_out(provider, model, binding, val_seeds, val, cfg.gen_batch, log)
+        if stats_path is not None:
+            save_stats(stats_path, train, val)
     t_roll = time.time() - t0
     d = train.mean(cfg.feature)
     d = (d / d[d > 0].mean().clamp_min(1e-12)).float()  # one scale for all blocks: blocks compare in the cut
