@@ -41,6 +41,8 @@ from ..kernels.patchify import patchify
 
 FEATURES = ("denoised", "velocity")
 VAL_RATIOS = (0.25, 0.5, 0.75)
+TRAIN_SEEDS = 500_000_000  # rollouts of seeds TRAIN_SEEDS + 10^7 * seed + i (never the benchmarks' 0..n-1)
+VAL_SEEDS = 1_000_000_000  # held-out rollouts
 
 
 @dataclass
@@ -337,8 +339,9 @@ def train_pattern(provider, cfg: PatternConfig, out: str, device: str = "cpu", l
         log(f"rollout statistics from {stats_path}")
     else:
         train, val = PairStats(cells), PairStats(cells)
-        seeds = [cfg.seed * 10_000_000 + i for i in range(cfg.samples)]
-        val_seeds = [1_000_000_000 + i for i in range(cfg.val_samples)]  # never training seeds
+        # seeds far from 0.. (the benchmarks' seeds) and from each other
+        seeds = [TRAIN_SEEDS + cfg.seed * 10_000_000 + i for i in range(cfg.samples)]
+        val_seeds = [VAL_SEEDS + i for i in range(cfg.val_samples)]
         roll_out(provider, model, binding, seeds, train, cfg.gen_batch, log)
         roll_out(provider, model, binding, val_seeds, val, cfg.gen_batch, log)
         if stats_path is not None:
