@@ -162,46 +162,61 @@ def roll_out(provider, model, binding, seeds: list[int], stats: PairStats, gen_b
 
 def _normalised(d: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """Pair distances in units of each block's mean distance between distinct present cells."""
-    pair = ok.unsqueeze(2) & ok.unsqueeze(1) & ~torch.eye(ok.shape[1], dtype=torch.bool)
+    pair = ok.unsqueeze(2) & ok.unsqueeze(1) & ~torch.eye(ok.shape[1], dtype=torch.bool, device=ok.device)
     mean = (d * pair).sum((1, 2)) / pair.sum((1, 2)).clamp_min(1)
     return torch.where(pair, d / mean.clamp_min(1e-12).view(-1, 1, 1), torch.zeros_like(d))
 
 
-def triplet_weights(d: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """``w[b, i, j, k] = clamp(d_ik - d_ij, 0, 1)`` over distinct present cells (distances per
-    block mean): how much closer ``j`` is to ``i`` than ``k`` is."""
-    dn = _normalised(d, ok)
+def triplet_weights(dn: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``w[b, i, j, k] = clamp(d_ik - d_ij, 0, 1)`` over distinct present cells (``dn``: distances
+    per block mean, :func:`_normalised`): how much closer ``j`` is to ``i`` than ``k`` is."""
     c = ok.shape[1]
-    distinct = ~torch.eye(c, dtype=torch.bool)
+    distinct = ~torch.eye(c, dtype=torch.bool, device=ok.device)
     valid = (ok.view(-1, c, 1, 1) & ok.view(-1, 1, c, 1) & ok.view(-1, 1, 1, c)
              & distinct.view(1, c, c, 1) & distinct.view(1, c, 1, c) & distinct.view(1, 1, c, c))
     w = (dn.unsqueeze(2) - dn.unsqueeze(3)).clamp(0, 1)        # [b, i, j, k] = d_ik - d_ij
     return (w * valid).float()
 
 
-def hinge_loss(e: torch.Tensor, cells: torch.Tensor, weights: torch.Tensor, margin: float) -> torch.Tensor:
+def hinge_chunks(cells: torch.Tensor, d: torch.Tensor, budget: int = 1 << 22):
+    """Blocks in chunks of at most ``budget`` triplets, with each chunk's normalised distances, and
+    the total triplet weight (the hinge's normaliser): the ``(B, C, C, C)`` weights of a large
+    video grid are never held at once."""
+    ok = cells >= 0
+    dn = _normalised(d.double(), ok).float()
+    c = cells.shape[1]
+    step = max(1, budget // (c ** 3))
+    chunks = [(slice(i, i + step)) for i in range(0, cells.shape[0], step)]
+    total = sum(float(triplet_weights(dn[sl], ok[sl]).sum()) for sl in chunks)
+    return [(cells[sl], dn[sl], ok[sl]) for sl in chunks], total
+
+
+def hinge_loss(e: torch.Tensor, cells: torch.Tensor, dn: torch.Tensor, ok: torch.Tensor, margin: float,
+               total: float) -> torch.Tensor:
+    """LGM's hinge on the triplets of some blocks, divided by the total weight of all blocks'."""
     g = torch.nn.functional.normalize(e, dim=-1)[cells.clamp_min(0)]
     cos = g @ g.transpose(1, 2)                                 # (B, C, C)
     diff = cos.unsqueeze(3) - cos.unsqueeze(2)                  # [b, i, j, k] = cos_ij - cos_ik
-    return (weights * torch.relu(margin - diff)).sum() / weights.sum().clamp_min(1e-12)
+    return (triplet_weights(dn, ok) * torch.relu(margin - diff)).sum() / max(total, 1e-12)
 
 
 def prototype_loss(e: torch.Tensor, grid, cells: torch.Tensor, d: torch.Tensor, ratio: float, cfg: PatternConfig,
                    total: float) -> torch.Tensor:
     """LGM's straight-through assignment to prototypes: the merge cost (pair sums ``d``) of ``E``'s
     clustering at ``ratio``, whose gradient flows through a softmax over the block's prototypes."""
-    groups, _ = Dendrograms.from_embedding(e.detach(), grid, cfg.video_mode, cfg.block,
+    groups, _ = Dendrograms.from_embedding(e.detach().cpu(), grid, cfg.video_mode, cfg.block,
                                            cfg.max_group or None).pattern(ratio)
+    groups = groups.to(e.device)
     ok = cells >= 0
     en = torch.nn.functional.normalize(e, dim=-1)
     count = int(groups.max()) + 1
-    proto = torch.nn.functional.normalize(torch.zeros(count, e.shape[1]).index_add(0, groups, en), dim=-1)
+    proto = torch.nn.functional.normalize(e.new_zeros(count, e.shape[1]).index_add(0, groups, en), dim=-1)
     g = torch.where(ok, groups[cells.clamp_min(0)], torch.full_like(cells, -1))   # (B, C)
     c = cells.shape[1]
     # slot j of a block holds the prototype of the group whose first cell in the block is j
     same = (g.unsqueeze(2) == g.unsqueeze(1)) & ok.unsqueeze(2) & ok.unsqueeze(1)   # [b, i, j]
     first = torch.argmax(same.int(), dim=2)                                           # first cell of i's group
-    rep = (first == torch.arange(c).view(1, -1)) & ok                                 # slot j is a representative
+    rep = (first == torch.arange(c, device=e.device).view(1, -1)) & ok     # slot j is a representative
     slots = proto[g.clamp_min(0)]                                                     # (B, C, dim)
     logits = (en[cells.clamp_min(0)] @ slots.transpose(1, 2)) / cfg.temperature      # [b, i, slot]
     logits = logits.masked_fill(~rep.unsqueeze(1), float("-inf"))
@@ -214,30 +229,34 @@ def prototype_loss(e: torch.Tensor, grid, cells: torch.Tensor, d: torch.Tensor, 
     return cost.sum() / total
 
 
-def train_embedding(grid, cells, d: torch.Tensor, cfg: PatternConfig, log) -> torch.Tensor:
-    """The embedding ``(N, dim)`` whose cosine ranks each block's pairs as ``d`` does."""
+def train_embedding(grid, cells, d: torch.Tensor, cfg: PatternConfig, log, device="cpu") -> torch.Tensor:
+    """The embedding ``(N, dim)`` whose cosine ranks each block's pairs as ``d`` does (fitted on
+    ``device``; returned on the CPU)."""
     n = grid[0] * grid[1] * grid[2]
     gen = torch.Generator().manual_seed(cfg.seed)
-    e = torch.nn.Parameter(torch.randn(n, cfg.dim, generator=gen))
-    ok = cells >= 0
-    weights = triplet_weights(d, ok)
+    e = torch.nn.Parameter(torch.randn(n, cfg.dim, generator=gen).to(device))
+    cells, d = cells.to(device), d.to(device)
+    chunks, wsum = hinge_chunks(cells, d)
     total = float(d.sum()) / max(n, 1)  # scale of the merge cost (mean pair sum per token)
     optim = torch.optim.Adam([e], lr=cfg.lr)
     rng = torch.Generator().manual_seed(cfg.seed + 1)
     for step in range(cfg.steps):
-        loss = hinge_loss(e, cells, weights, cfg.margin)
+        optim.zero_grad(set_to_none=True)
+        loss = 0.0
+        for part in chunks:  # backward per chunk: one chunk's triplets in memory at a time
+            hinge = hinge_loss(e, *part, cfg.margin, wsum)
+            hinge.backward()
+            loss += float(hinge.detach())
         proto = None
         if cfg.proto > 0:
             ratio = 0.25 + 0.5 * float(torch.rand((), generator=rng))
             proto = prototype_loss(e, grid, cells, d, round(ratio, 2), cfg, total)
-            loss = loss + cfg.proto * proto
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
+            (cfg.proto * proto).backward()
+            loss += cfg.proto * float(proto.detach())
         optim.step()
         if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps - 1):
-            log(f"step {step}: loss {float(loss.detach()):.4f}"
-                + ("" if proto is None else f" (prototypes {float(proto.detach()):.4f})"))
-    return e.detach()
+            log(f"step {step}: loss {loss:.4f}" + ("" if proto is None else f" (prototypes {float(proto.detach()):.4f})"))
+    return e.detach().cpu()
 
 
 # ----------------------------------------------------------------------------- validation
@@ -349,7 +368,7 @@ def train_pattern(provider, cfg: PatternConfig, out: str, device: str = "cpu", l
     t_roll = time.time() - t0
     d = train.mean(cfg.feature)
     d = (d / d[d > 0].mean().clamp_min(1e-12)).float()  # one scale for all blocks: blocks compare in the cut
-    e = train_embedding(grid, cells, d, cfg, log)
+    e = train_embedding(grid, cells, d, cfg, log, device)
     training = {"mode": "pattern", "samples": cfg.samples, "val_samples": cfg.val_samples,
                 "sampling": {"steps": provider.steps, "cfg": provider.cfg, "sampler": provider.sampler,
                              "scheduler": provider.scheduler},
