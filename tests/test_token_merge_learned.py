@@ -99,6 +99,16 @@ def test_homogeneous_blocks_merge_more():
     assert groups[left].unique().numel() == 1
 
 
+def test_max_group_caps_the_group_size():
+    e = torch.randn(256, 8, generator=torch.Generator().manual_seed(6))
+    e[:] = e[0]  # all alike: unbounded, every block merges into one group of 13 (3 merges of 15 left)
+    free = mc.Dendrograms.from_embedding(e, (16, 16), "within_frames", 4)
+    assert int(free.pattern(0.75)[1].max()) == 13
+    capped = mc.Dendrograms.from_embedding(e, (16, 16), "within_frames", 4, max_size=4)
+    groups, sizes = capped.pattern(0.75)
+    assert sizes.numel() == 64 and int(sizes.max()) == 4
+
+
 def test_within_group_sum_is_the_groups_squared_deviation():
     grid = (1, 4, 4)
     f = torch.randn(3, 16, 5, generator=torch.Generator().manual_seed(4)).double()
