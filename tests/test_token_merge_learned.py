@@ -389,3 +389,19 @@ def test_resume_reuses_the_rollouts(cli, tmp_path, capsys):
     assert "rollout statistics from" in log and "rolled out" not in log
     assert second["validation"] == first["validation"]
     assert torch.equal(load_pattern(tmp_path / "a.safetensors").embedding, load_pattern(tmp_path / "b.safetensors").embedding)
+
+
+def test_the_committed_image_proxy_pattern_beats_the_training_free_ones_on_held_out_rollouts():
+    """The image proxy's pattern (benchmarks/proxy/adapters/) is for its 16x16 token grid, and its
+    held-out merge cost (stored at training) is below spread's and border_first's at every ratio."""
+    from pathlib import Path
+
+    from elastic_tokens.ideas.merge.learned_pattern import load_pattern
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/proxy/adapters/image_proxy_merge_pattern.safetensors"
+    assert path.stat().st_size < 300 * 1024
+    pattern = load_pattern(path)
+    assert pattern.spec.family == "flux" and pattern.spec.grid == (1, 16, 16) and pattern.spec.fingerprint
+    costs = pattern.spec.training["validation"]["costs"]["denoised"]
+    for ratio, row in costs.items():
+        assert row["learned"] < min(row["spread"], row["border_first"]), ratio
