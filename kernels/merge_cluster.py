@@ -4,7 +4,8 @@ A learned pattern (LGM) starts from an embedding ``E`` of every token position o
 on a model's own outputs, ideas/merge/learned_pattern.py). Tokens whose embeddings point the same
 way (cosine) are merged first. As in LGM the clustering is agglomerative, **average linkage** on
 the **cosine distance**, and it stays **within local blocks** (so a group never spans the image and
-its merged position stays a local one):
+its merged position stays a local one; ``ward`` linkage is the option that joins what adds
+the least within-group variance):
 
 * within frames (and images): ``size x size`` squares of one frame;
 * across frames: the same position in 4 consecutive frames;
@@ -74,15 +75,29 @@ def cosine_distances(embedding: torch.Tensor, cells: torch.Tensor) -> torch.Tens
     return d.masked_fill(missing.unsqueeze(1) | missing.unsqueeze(2), float("inf"))
 
 
+LINKAGES = ("average", "ward")
+
+
 def average_linkage(dist: torch.Tensor, max_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average-linkage dendrograms of many small blocks at once.
+    """Average-linkage dendrograms of many small blocks at once (:func:`agglomerate`)."""
+    return agglomerate(dist, "average", max_size)
+
+
+def agglomerate(dist: torch.Tensor, linkage: str = "average", max_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Agglomerative dendrograms of many small blocks at once.
 
     ``dist``: ``(B, C, C)`` symmetric dissimilarities (``inf`` rows/columns: missing cells).
     Returns ``pairs (B, C-1, 2)`` (cluster ``b`` joins cluster ``a < b``, clusters named by their
     representative cell; ``-1`` where a block has no merge left) and ``heights (B, C-1)`` (float64,
-    ``inf`` where no merge). Lance-Williams: the joined cluster's distance to any other is the
-    size-weighted mean of the two, so every entry stays the mean pairwise member distance.
+    ``inf`` where no merge). Lance-Williams updates: with ``linkage="average"`` the joined
+    cluster's distance to any other is the size-weighted mean of the two, so every entry stays the
+    mean pairwise member distance; with ``"ward"``, ``dist`` is read as squared Euclidean distances
+    (``1 - cos`` of unit vectors is half of one) and a join's height is twice the within-cluster sum
+    of squares it adds, the quantity a merge loses. ``max_size``: clusters that would grow past it
+    are never joined. Deterministic (the first minimum in row-major order).
     """
+    if linkage not in LINKAGES:
+        raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
     d = dist.detach().double().clone()
     n_blocks, c, _ = d.shape
     present = torch.isfinite(d).any(2) | torch.isfinite(d.diagonal(dim1=1, dim2=2))
@@ -102,8 +117,14 @@ def average_linkage(dist: torch.Tensor, max_size: int | None = None) -> tuple[to
         pairs[r, step, 0], pairs[r, step, 1] = a, b
         sa, sb = size[r, a].unsqueeze(1), size[r, b].unsqueeze(1)
         da, db = d[r, a], d[r, b]
-        joined = (sa * da + sb * db) / (sa + sb)
-        # inf stays inf (missing or gone clusters); 0 * inf cannot occur: both sizes are >= 1
+        if linkage == "average":
+            joined = (sa * da + sb * db) / (sa + sb)
+            # inf stays inf (missing or gone clusters); 0 * inf cannot occur: both sizes are >= 1
+        else:  # Lance-Williams for Ward
+            sk = size[r]
+            live = torch.isfinite(da) & torch.isfinite(db)
+            num = (sa + sk) * da.masked_fill(~live, 0) + (sb + sk) * db.masked_fill(~live, 0) - sk * h[ok].unsqueeze(1)
+            joined = torch.where(live, num / (sa + sb + sk), torch.full_like(da, float("inf")))
         d[r, a, :] = joined
         d[r, :, a] = joined
         d[r, a, a] = float("inf")
@@ -122,7 +143,8 @@ def average_linkage(dist: torch.Tensor, max_size: int | None = None) -> tuple[to
 class Dendrograms:
     """The block dendrograms of one grid; :meth:`pattern` cuts them for any ratio (cached)."""
 
-    def __init__(self, grid, dist: torch.Tensor, cells: torch.Tensor, max_size: int | None = None):
+    def __init__(self, grid, dist: torch.Tensor, cells: torch.Tensor, max_size: int | None = None,
+                 linkage: str = "average"):
         self.grid = tuple(int(v) for v in grid)
         self.tokens = self.grid[0] * self.grid[1] * self.grid[2]
         self.cells = cells
@@ -131,14 +153,14 @@ class Dendrograms:
             if max_size < 2:
                 d[:] = float("inf")
             dist = d
-        self.pairs, heights = average_linkage(dist, max_size)
+        self.pairs, heights = agglomerate(dist, linkage, max_size)
         self.heights = torch.cummax(heights, 1).values if heights.numel() else heights  # monotone per block
         self.max_merges = int(torch.isfinite(self.heights).sum())
         self._cache: dict = {}
 
     @classmethod
     def from_embedding(cls, embedding: torch.Tensor, grid, mode: str = "within_frames", size: int = 4,
-                       max_size: int | None = None):
+                       max_size: int | None = None, linkage: str = "average"):
         """Dendrograms of an embedding ``(frames, rows, cols, d)`` or ``(N, d)`` on ``grid`` (groups of
         at most ``max_size`` tokens; default: a whole block)."""
         grid = _grid(grid)
@@ -146,7 +168,7 @@ class Dendrograms:
         if e.shape[0] != grid[0] * grid[1] * grid[2]:
             raise ValueError(f"embedding has {e.shape[0]} positions, grid {grid} has {grid[0] * grid[1] * grid[2]}")
         cells = block_cells(grid, block_shape(grid[0], mode, size))
-        return cls(grid, cosine_distances(e, cells), cells, max_size)
+        return cls(grid, cosine_distances(e, cells), cells, max_size, linkage)
 
     def merges_per_block(self, target: int) -> torch.Tensor:
         """How many of its merges each block makes so that all blocks make ``target``."""
@@ -210,10 +232,10 @@ def _grid(grid) -> tuple[int, int, int]:
 
 
 def cluster_pattern(embedding: torch.Tensor, grid, ratio: float, mode: str = "within_frames",
-                    size: int = 4, max_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    size: int = 4, max_size: int | None = None, linkage: str = "average") -> tuple[torch.Tensor, torch.Tensor]:
     """``(groups, sizes)`` of the learned pattern of ``embedding`` on ``grid`` at ``ratio`` (one-off;
     hold a :class:`Dendrograms` to cut one grid at several ratios)."""
-    return Dendrograms.from_embedding(embedding, grid, mode, size, max_size).pattern(ratio)
+    return Dendrograms.from_embedding(embedding, grid, mode, size, max_size, linkage).pattern(ratio)
 
 
 def within_group_sum(pair_sums: torch.Tensor, cells: torch.Tensor, groups: torch.Tensor) -> float:

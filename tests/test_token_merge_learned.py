@@ -46,6 +46,20 @@ def test_average_linkage_heights_are_scipys():
     assert (pairs[0, :, 0] < pairs[0, :, 1]).all()
 
 
+def test_ward_linkage_heights_are_scipys():
+    """Ward: on squared distances, each join's height is scipy's Ward distance squared (twice the
+    within-cluster sum of squares the join adds)."""
+    hierarchy = pytest.importorskip("scipy.cluster.hierarchy")
+    distance = pytest.importorskip("scipy.spatial.distance")
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(7)).double()
+    squared = torch.tensor(distance.squareform(distance.pdist(x.numpy(), "sqeuclidean")))
+    _, heights = mc.agglomerate(squared.unsqueeze(0), "ward")
+    expected = torch.tensor(hierarchy.linkage(x.numpy(), "ward")[:, 2]) ** 2
+    assert torch.allclose(heights[0], expected, rtol=1e-9)
+    with pytest.raises(ValueError, match="linkage must be one of"):
+        mc.agglomerate(squared.unsqueeze(0), "single")
+
+
 @pytest.mark.parametrize("grid,mode", [((1, 16, 16), "within_frames"), ((1, 6, 10), "within_frames"),
                                        ((9, 8, 8), "within_frames"), ((9, 8, 8), "across_frames"),
                                        ((5, 6, 6), "both")])

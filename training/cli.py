@@ -160,6 +160,8 @@ def parse_args(argv=None):
     a("--pattern-lr", type=float, default=0.05); a("--pattern-margin", type=float, default=0.25)
     a("--pattern-proto", type=float, default=1.0, help="pattern: weight of the straight-through prototype loss")
     a("--pattern-max-group", type=int, default=0, help="pattern: largest group (0 = a whole block)")
+    a("--pattern-linkage", default="average", choices=["average", "ward"],
+      help="pattern: agglomerative linkage (average: LGM's; ward: joins what adds the least within-group variance)")
     a("--factors", default="2", help="coarse factors to train, e.g. 2 or 2,4")
     a("--rank", type=int, default=32); a("--alpha", type=float, default=None, help="LoRA alpha (default = rank)")
     a("--steps", type=int, default=1000); a("--minutes", type=float, default=None)
@@ -242,7 +244,8 @@ def _main_pattern(args, provider, device) -> dict:
 
     torch.manual_seed(args.seed)
     cfg = PatternConfig(dim=args.pattern_dim, block=args.pattern_block, video_mode=args.pattern_video_mode,
-                        feature=args.pattern_feature, max_group=args.pattern_max_group, samples=args.pool,
+                        feature=args.pattern_feature, max_group=args.pattern_max_group, linkage=args.pattern_linkage,
+                        samples=args.pool,
                         val_samples=args.val_n, gen_batch=args.gen_batch, steps=args.steps, lr=args.pattern_lr,
                         margin=args.pattern_margin, proto=args.pattern_proto, seed=args.seed,
                         log_every=args.log_every)

@@ -35,7 +35,7 @@ import torch
 from ..families import binding_for
 from ..families.call_args import bind_call
 from ..ideas.merge.learned_pattern import LearnedPattern, PatternSpec, save_pattern
-from ..kernels.merge_cluster import Dendrograms, block_cells, block_shape, within_group_sum
+from ..kernels.merge_cluster import LINKAGES, Dendrograms, block_cells, block_shape, within_group_sum
 from ..kernels.merge_pattern import ORDERS, VIDEO_MODES, merge_pattern
 from ..kernels.patchify import patchify
 
@@ -52,6 +52,7 @@ class PatternConfig:
     video_mode: str = "within_frames"
     feature: str = "denoised"         # what merged tokens should agree on (training target)
     max_group: int = 0                # largest group at sampling (0 = a whole block)
+    linkage: str = "average"          # agglomerative linkage at sampling (kernels/merge_cluster.py)
     samples: int = 32                 # training rollouts
     val_samples: int = 8              # held-out rollouts (validation)
     gen_batch: int = 8
@@ -70,6 +71,8 @@ class PatternConfig:
             raise ValueError(f"--pattern-feature must be one of {FEATURES}, got {self.feature!r}")
         if self.dim < 2 or self.block < 2 or self.samples < 1 or self.val_samples < 1 or self.steps < 0:
             raise ValueError("pattern training: dim >= 2, block >= 2, samples >= 1, val samples >= 1, steps >= 0")
+        if self.linkage not in LINKAGES:
+            raise ValueError(f"linkage must be one of {LINKAGES}, got {self.linkage!r}")
         if self.max_group < 0:
             raise ValueError(f"max group must be >= 0 (0 = a whole block), got {self.max_group}")
 
@@ -205,7 +208,7 @@ def prototype_loss(e: torch.Tensor, grid, cells: torch.Tensor, d: torch.Tensor, 
     """LGM's straight-through assignment to prototypes: the merge cost (pair sums ``d``) of ``E``'s
     clustering at ``ratio``, whose gradient flows through a softmax over the block's prototypes."""
     groups, _ = Dendrograms.from_embedding(e.detach().cpu(), grid, cfg.video_mode, cfg.block,
-                                           cfg.max_group or None).pattern(ratio)
+                                           cfg.max_group or None, cfg.linkage).pattern(ratio)
     groups = groups.to(e.device)
     ok = cells >= 0
     en = torch.nn.functional.normalize(e, dim=-1)
@@ -286,7 +289,7 @@ def oracle_costs(train: PairStats, val: PairStats, grid, cfg: PatternConfig, rat
     n = grid[0] * grid[1] * grid[2]
     ok = train.cells >= 0
     dist = train.mean(cfg.feature).masked_fill(~(ok.unsqueeze(2) & ok.unsqueeze(1)), float("inf"))
-    den = Dendrograms(grid, dist, train.cells, cfg.max_group or None)
+    den = Dendrograms(grid, dist, train.cells, cfg.max_group or None, cfg.linkage)
     return {f"{r:g}": within_group_sum(val.mean(cfg.feature), val.cells, den.pattern(r)[0]) / n for r in ratios}
 
 
@@ -374,7 +377,8 @@ def train_pattern(provider, cfg: PatternConfig, out: str, device: str = "cpu", l
                              "scheduler": provider.scheduler},
                 "config": asdict(cfg), "provider": getattr(provider, "name", type(provider).__name__),
                 "rollout_s": round(t_roll, 1)}
-    spec = PatternSpec.for_model(model, binding, grid, cfg.dim, cfg.block, cfg.video_mode, cfg.max_group, training)
+    spec = PatternSpec.for_model(model, binding, grid, cfg.dim, cfg.block, cfg.video_mode, cfg.max_group, training,
+                                 cfg.linkage)
     learned = LearnedPattern(spec, e.reshape(*grid, cfg.dim), "pattern")
     costs = merge_costs(val, grid, learned, cfg)
     oracle = oracle_costs(train, val, grid, cfg)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ...kernels.merge_cluster import Dendrograms
+from ...kernels.merge_cluster import LINKAGES, Dendrograms
 from ...kernels.merge_pattern import VIDEO_MODES
 
 FORMAT = "elastic_tokens.merge_pattern"
@@ -55,17 +55,18 @@ class PatternSpec:
     block: int = 4                       # spatial block side of the clustering
     video_mode: str = "within_frames"    # the blocks training compared tokens in
     max_group: int = 0                   # largest group (0 = a whole block)
+    linkage: str = "average"             # agglomerative linkage (kernels/merge_cluster.py LINKAGES)
     fingerprint: dict = field(default_factory=dict, compare=False)
     training: dict = field(default_factory=dict, compare=False)
 
     @classmethod
     def for_model(cls, model_patcher, binding, grid, dim: int, block: int = 4, video_mode: str = "within_frames",
-                  max_group: int = 0, training: dict | None = None) -> "PatternSpec":
+                  max_group: int = 0, training: dict | None = None, linkage: str = "average") -> "PatternSpec":
         from ..patch.adapter_file import base_fingerprint
 
         return cls(binding.family, tuple(int(v) for v in grid), binding.native_patch, binding.temporal_patch,
                    binding.latent_channels, binding.hidden_size, int(dim), int(block), video_mode, int(max_group),
-                   base_fingerprint(model_patcher, binding), dict(training or {}))
+                   linkage, base_fingerprint(model_patcher, binding), dict(training or {}))
 
     def to_metadata(self) -> dict[str, str]:
         meta = {"format": FORMAT, "version": str(FORMAT_VERSION)}
@@ -92,9 +93,10 @@ class PatternSpec:
         except (KeyError, TypeError, ValueError) as e:
             raise PatternError(f"{source}: damaged merge-pattern metadata ({e})") from e
         if len(spec.grid) != 3 or min(spec.grid) < 1 or spec.dim < 1 or spec.block < 1 \
-                or spec.video_mode not in VIDEO_MODES or spec.max_group < 0:
+                or spec.video_mode not in VIDEO_MODES or spec.max_group < 0 or spec.linkage not in LINKAGES:
             raise PatternError(f"{source}: damaged merge-pattern metadata (grid {spec.grid}, dim {spec.dim}, "
-                               f"block {spec.block}, video mode {spec.video_mode!r}, max group {spec.max_group})")
+                               f"block {spec.block}, video mode {spec.video_mode!r}, max group {spec.max_group}, "
+                               f"linkage {spec.linkage!r})")
         return spec
 
 
@@ -131,7 +133,7 @@ class LearnedPattern:
     def dendrograms(self, mode: str) -> Dendrograms:
         if mode not in self._dendrograms:
             self._dendrograms[mode] = Dendrograms.from_embedding(
-                self.embedding, self.spec.grid, mode, self.spec.block, self.spec.max_group or None)
+                self.embedding, self.spec.grid, mode, self.spec.block, self.spec.max_group or None, self.spec.linkage)
         return self._dendrograms[mode]
 
     def pattern(self, grid, ratio: float, mode: str = "within_frames") -> tuple[torch.Tensor, torch.Tensor]:
