@@ -419,3 +419,40 @@ def test_the_committed_image_proxy_pattern_beats_the_training_free_ones_on_held_
     costs = pattern.spec.training["validation"]["costs"]["denoised"]
     for ratio, row in costs.items():
         assert row["learned"] < min(row["spread"], row["border_first"]), ratio
+
+
+def test_rollouts_record_the_samplers_own_clean_estimates(tiny_flux):
+    """The recorder's clean estimates (``x - sigma v`` of every call) are the sampler's own: pair
+    sums from them equal pair sums of the denoised latents ComfyUI hands its step callback."""
+    import comfy.sample
+
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.kernels.patchify import patchify
+    from elastic_tokens.training.pattern import PairStats, roll_out
+
+    class Provider:
+        steps, cfg, sampler, scheduler = 4, 1.0, "euler", "simple"
+
+        def conditioning(self, seeds):
+            return tiny_models.flux_conditioning(batch=len(seeds))
+
+        def empty_latent(self, batch):
+            return tiny_models.flux_latent(64, 64, batch)["samples"]
+
+    binding = binding_for(tiny_flux)
+    cells = mc.block_cells((1, 4, 4), (1, 4, 4))
+    recorded = PairStats(cells)
+    roll_out(Provider(), tiny_flux, binding, [11], recorded, 1, log=lambda m: None)
+    assert recorded.calls == 4
+    expected = PairStats(cells)
+    empty = Provider().empty_latent(1)
+    pos, neg = Provider().conditioning([11])
+
+    def callback(step, x0, x, total):
+        expected.add("denoised", patchify(x0.float(), 2)[0])
+        expected.calls += 1
+    comfy.sample.sample(tiny_flux, comfy.sample.prepare_noise(empty, 11), 4, 1.0, "euler", "simple", pos, neg,
+                        empty, seed=11, disable_pbar=True, callback=callback)
+    assert expected.calls == 4
+    assert torch.allclose(recorded.mean("denoised"), expected.mean("denoised"), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(recorded.mean("velocity"), recorded.mean("denoised"))

@@ -87,18 +87,24 @@ class PairStats:
         c = cells.shape[1]
         self.sums = {f: torch.zeros(cells.shape[0], c, c, dtype=torch.float64) for f in FEATURES}
         self.calls = 0        # feature rows added (sample x call)
+        self._cells_on: dict = {}
 
     def add(self, feature: str, f: torch.Tensor) -> None:
-        """``f``: (rows, N, F) features of one call; each row scaled to a mean square of 1 per token."""
+        """``f``: (rows, N, F) features of one call; each row scaled to a mean square of 1 per token.
+        Computed where ``f`` is (the sampling device), summed on the CPU."""
         f = f.double()
         f = f / f.pow(2).sum(-1).mean(1, keepdim=True).clamp_min(1e-24).sqrt().unsqueeze(-1)
-        ok = (self.cells >= 0).double()
-        g = f[:, self.cells.clamp_min(0)] * ok.unsqueeze(-1)          # (rows, B, C, F)
+        key = str(f.device)
+        if key not in self._cells_on:
+            self._cells_on[key] = self.cells.to(f.device)
+        cells = self._cells_on[key]
+        ok = (cells >= 0).double()
+        g = f[:, cells.clamp_min(0)] * ok.unsqueeze(-1)               # (rows, B, C, F)
         sq = g.pow(2).sum(-1)
         gram = g @ g.transpose(-1, -2)
         d = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * gram).clamp_min(0)
         d = d * ok.unsqueeze(-1) * ok.unsqueeze(-2)
-        self.sums[feature] += d.sum(0)
+        self.sums[feature] += d.sum(0).cpu()
 
     def mean(self, feature: str) -> torch.Tensor:
         return self.sums[feature] / max(self.calls, 1)
@@ -121,9 +127,9 @@ class FeatureRecorder:
             raise RuntimeError("pattern training: the sampler passed no sigmas in transformer_options")
         b = self.binding
         c = b.latent_channels
-        x = x[:, :c].detach().float().cpu()
-        v = out[:, :c].detach().float().cpu()
-        s = sigma.detach().float().cpu().reshape(-1)
+        x = x[:, :c].detach().float()
+        v = out[:, :c].detach().float()
+        s = sigma.detach().float().to(x.device).reshape(-1)
         s = (s if s.numel() == x.shape[0] else s[:1].expand(x.shape[0])).view(-1, *([1] * (x.ndim - 1)))
         patch = b.native_patch if x.ndim == 4 else (b.temporal_patch, b.native_patch, b.native_patch)
         for name, f in (("denoised", x - s * v), ("velocity", v)):
