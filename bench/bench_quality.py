@@ -36,7 +36,8 @@ decisions) and runs, in order:
    (window 0..1; ORDER spread|border_first, MODE within_frames|across_frames|both; ``:noprop``
    without proportional attention, ``:renoise`` / ``:residual`` / ``:copy`` another unmerge than
    the default velocity one (runtime/merge_path.py), ``:end=0.8`` / ``:start=X``
-   the node's window in sampling percent), as bench_speed's variant.
+   the node's window in sampling percent), as bench_speed's variant. ORDER ``learned`` uses the
+   merge pattern of ``--pattern-file`` (training --mode pattern), as the Load Merge Pattern node.
 4. the plain competitor of each node setting S: the baseline with ``round(N / est(S))`` steps,
    where ``est(S)`` is the node's own token-FLOP estimate (``last_run_report(model).estimated_speedup``), so
    both cost the same transformer FLOPs; plus any ``--extra-steps``. Each distinct step count
@@ -168,6 +169,18 @@ def attach_adapter(model, path: str, strength: float = 1.0):
     if path not in _ADAPTERS:
         _ADAPTERS[path] = load_adapter(path)
     return attach_patch_adapter(model, _ADAPTERS[path], strength, Path(path).name)
+
+
+def attach_pattern(model, path: str | None, setting: str = "merge"):
+    """``model`` with the merge pattern at ``path`` attached, as the Load Merge Pattern node does."""
+    from elastic_tokens.ideas.merge.learned_pattern import attach_merge_pattern, load_pattern
+
+    if not path:
+        raise SystemExit(f"setting {setting} needs --pattern-file PATH (a merge pattern from "
+                         f"scripts/train_patch_adapter.py --mode pattern)")
+    if path not in _ADAPTERS:
+        _ADAPTERS[path] = load_pattern(path)
+    return attach_merge_pattern(model, _ADAPTERS[path])
 
 
 def _sync():
@@ -525,11 +538,15 @@ def parse_settings(spec: str, steps: int, rho: float, cuda_graphs: bool) -> list
                 if key not in window:
                     raise SystemExit(f"setting {name}: unknown flag {flag!r} (start=X, end=X, noprop, copy)")
                 window[key] = float(value)
+            learned = len(parts) > 1 and parts[1] == "learned"  # the --pattern-file pattern
+            if learned:
+                parts[1] = "spread"  # (the settings check of the training-free kernel)
             tok = ":".join(parts[:3] + [p for p in parts[3:] if "=" not in p])
             try:
                 ratio, order, mode, prop, unmerge = parse_merge(name, tok, run_steps).merge
             except ValueError as e:
                 raise SystemExit(str(e)) from None
+            order = "learned" if learned else order
             out.append(Setting(name, "node", run_steps, merge=dict(
                 ratio=ratio, order=order, video_mode=mode, proportional_attention=prop, unmerge=unmerge,
                 start_percent=window["start"], end_percent=window["end"])))
@@ -654,6 +671,8 @@ def run_setting(provider, model, setting: Setting, seeds: list[int], args, node_
         from elastic_tokens.ideas.merge import apply_token_merge
         from elastic_tokens.ideas.merge.config import TokenMergeConfig
 
+        if setting.merge["order"] == "learned":
+            mp = attach_pattern(mp, getattr(args, "pattern_file", None), setting.name)
         mp = apply_token_merge(mp, TokenMergeConfig(**setting.merge))
     calls = None
     if setting.easycache is not None:
@@ -986,6 +1005,8 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graphs", action="store_true", help="node setting cuda_graphs=True")
     p.add_argument("--adapter", default=None,
                    help="patch adapter (.safetensors) for settings ending in +A, e.g. 2x+A,tau=0.6+A")
+    p.add_argument("--pattern-file", default=None,
+                   help="merge pattern (.safetensors, training --mode pattern) for merge=R:learned settings")
     p.add_argument("--extra-steps", default="", help="more plain step counts for the competitor line, e.g. 6,10")
     p.add_argument("--perturb", type=float, default=2.0 ** -8,
                    help="eps of the perturbed-baseline row (default 2^-8, one bf16 rounding step; 0 = skip)")

@@ -36,7 +36,9 @@ class TokenMerge(io.ComfyNode):
                 io.Combo.Input("order", options=list(ORDERS), default="spread",
                                tooltip="Which regions merge first below the full pattern: 'spread' spreads the "
                                        "merges evenly over the image (a checkerboard-like dither); "
-                                       "'border_first' merges the border fully first and the centre last."),
+                                       "'border_first' merges the border fully first and the centre last; "
+                                       "'learned' uses the pattern of a Load Merge Pattern node (learned "
+                                       "on this model: tokens whose outputs are alike merge first)."),
                 io.Combo.Input("video_mode", options=list(VIDEO_MODES), default="within_frames",
                                tooltip="Video only (images always merge within the frame): 'within_frames' "
                                        "groups neighbours in each frame; 'across_frames' groups the same place "

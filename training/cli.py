@@ -33,6 +33,13 @@ For one forced schedule (the node's ``forced_schedule``)::
 trains only that schedule's coarse steps and, every 250 steps, samples held-out noise through it
 and writes the adapter whose samples landed closest to the native model's (the distillation loss
 alone did not predict sample quality: BENCHMARKS.md §5).
+
+``--mode pattern`` learns a merge pattern for Token Merge instead (training/pattern.py; no
+backpropagation through the model: it samples ``--pool`` rollouts and ``--val-n`` held-out ones,
+then fits a per-position embedding for ``--steps`` steps; load the file with "Load Merge Pattern")::
+
+    python scripts/train_patch_adapter.py --mode pattern --model benchmarks/proxy/image_provider.py:make_provider \
+        --out models/elastic_tokens/image_proxy_pattern.safetensors --pool 32 --val-n 8 --steps 400
 """
 
 from __future__ import annotations
@@ -142,6 +149,19 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model", required=True); a("--out", required=True)
+    a("--mode", default="adapter", choices=["adapter", "pattern"],
+      help="adapter: a patch adapter (default); pattern: a learned merge pattern for Token Merge")
+    a("--pattern-dim", type=int, default=16, help="pattern: embedding numbers per token position")
+    a("--pattern-block", type=int, default=4, help="pattern: side of the local blocks groups stay in (tokens)")
+    a("--pattern-video-mode", default="within_frames", choices=["within_frames", "across_frames", "both"],
+      help="pattern: the blocks for video (as Token Merge's video_mode)")
+    a("--pattern-feature", default="denoised", choices=["denoised", "velocity"],
+      help="pattern: what merged tokens should agree on (default: the clean estimate)")
+    a("--pattern-lr", type=float, default=0.05); a("--pattern-margin", type=float, default=0.25)
+    a("--pattern-proto", type=float, default=1.0, help="pattern: weight of the straight-through prototype loss")
+    a("--pattern-max-group", type=int, default=0, help="pattern: largest group (0 = a whole block)")
+    a("--pattern-linkage", default="average", choices=["average", "ward"],
+      help="pattern: agglomerative linkage (average: LGM's; ward: joins what adds the least within-group variance)")
     a("--factors", default="2", help="coarse factors to train, e.g. 2 or 2,4")
     a("--rank", type=int, default=32); a("--alpha", type=float, default=None, help="LoRA alpha (default = rank)")
     a("--steps", type=int, default=1000); a("--minutes", type=float, default=None)
@@ -196,6 +216,8 @@ def main(argv=None) -> dict:
     if args.cfg is not None:
         provider.cfg = args.cfg
     provider.setup(device)
+    if args.mode == "pattern":
+        return _main_pattern(args, provider, device)
     cfg = TrainConfig(factors=tuple(int(k) for k in args.factors.split(",")), rank=args.rank,
                       alpha=float(args.alpha if args.alpha is not None else args.rank), steps=args.steps,
                       minutes=args.minutes, batch=args.batch, lr=args.lr, lora_lr=args.lora_lr,
@@ -212,6 +234,25 @@ def main(argv=None) -> dict:
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.out).with_suffix(".json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary, indent=2), flush=True)
+    return summary
+
+
+def _main_pattern(args, provider, device) -> dict:
+    from .pattern import PatternConfig, train_pattern
+
+    import torch
+
+    torch.manual_seed(args.seed)
+    cfg = PatternConfig(dim=args.pattern_dim, block=args.pattern_block, video_mode=args.pattern_video_mode,
+                        feature=args.pattern_feature, max_group=args.pattern_max_group, linkage=args.pattern_linkage,
+                        samples=args.pool,
+                        val_samples=args.val_n, gen_batch=args.gen_batch, steps=args.steps, lr=args.pattern_lr,
+                        margin=args.pattern_margin, proto=args.pattern_proto, seed=args.seed,
+                        log_every=args.log_every)
+    summary = train_pattern(provider, cfg, args.out, device=device, log=lambda m: print(m, flush=True),
+                            ckpt=args.ckpt, resume=args.resume)
+    summary["command"] = " ".join(sys.argv)
+    Path(args.out).with_suffix(".json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ...kernels.merge_pattern import MAX_RATIO, ORDERS, VIDEO_MODES, check_settings
+from ...kernels.merge_pattern import MAX_RATIO, VIDEO_MODES, check_settings
+from ...kernels.merge_pattern import ORDERS as TRAINING_FREE_ORDERS
+
+ORDERS = TRAINING_FREE_ORDERS + ("learned",)  # learned: the pattern of a Load Merge Pattern node (learned_pattern.py)
 
 UNMERGE_MODES = ("velocity", "renoise", "sigma", "residual", "copy")  # as runtime/merge_path.py (ideas import no runtime at config level)
 
@@ -20,7 +23,7 @@ class TokenMergeConfig:
     """Everything the node's inputs set; see the node's tooltips for meaning."""
 
     ratio: float = 0.5                  # share of image tokens merged away, 0..0.75
-    order: str = "spread"               # which regions merge first (kernels/merge_pattern.py)
+    order: str = "spread"               # which regions merge first (kernels/merge_pattern.py), or "learned"
     video_mode: str = "within_frames"   # within_frames | across_frames | both
     start_percent: float = 0.0          # sampling percent (ComfyUI's percent_to_sigma) where merging starts
     end_percent: float = 0.8            # ... and ends (the last steps add the fine detail)
@@ -30,7 +33,9 @@ class TokenMergeConfig:
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
             raise ValueError(f"Token Merge: ratio must be a number in [0, {MAX_RATIO}], got {self.ratio!r}")
-        check_settings(float(self.ratio), self.order, self.video_mode)
+        if self.order not in ORDERS:
+            raise ValueError(f"Token Merge: order must be one of {ORDERS}, got {self.order!r}")
+        check_settings(float(self.ratio), "spread" if self.order == "learned" else self.order, self.video_mode)
         if self.unmerge not in UNMERGE_MODES:
             raise ValueError(f"Token Merge: unmerge must be one of {UNMERGE_MODES}, got {self.unmerge!r}")
         for name in ("start_percent", "end_percent"):

@@ -1,6 +1,7 @@
 """Token Merge as a planner: a global merge pattern on the native full-grid steps of a window.
 
-The pattern (kernels/merge_pattern.py) depends on the step's token grid and the settings only,
+The pattern (kernels/merge_pattern.py, or with order ``learned`` the attached
+learned pattern of learned_pattern.py) depends on the step's token grid and the settings only,
 so every step and sample of a run merge alike; it is made once per grid and run. A step is merged
 when its sigma lies in the node's window (``start_percent`` / ``end_percent`` through the model's
 ``percent_to_sigma``, as ComfyUI's own start/end settings) and the plan so far runs the native
@@ -14,6 +15,7 @@ from ...families import FamilyBinding
 from ...kernels.merge_pattern import merge_pattern
 from ...runtime.token_plan import MergePattern, StepInput, TokenPlan
 from .config import TokenMergeConfig
+from .learned_pattern import PatternError, attached_pattern
 
 
 class TokenMergePlanner:
@@ -33,14 +35,22 @@ class TokenMergePlanner:
                    sampling.percent_to_sigma(config.end_percent))
 
     def start(self, binding: FamilyBinding, options: dict, total_steps: int) -> "TokenMergeRun":
-        return TokenMergeRun(self, binding)
+        learned = None
+        if self.config.order == "learned" and not self.config.never_merges:
+            learned = attached_pattern(options)
+            if learned is None:
+                raise PatternError("Token Merge: order 'learned' needs a merge pattern: put a 'Load Merge "
+                                   "Pattern' node (a pattern trained on this model) on the MODEL path, or "
+                                   "pick a training-free order (spread, border_first).")
+        return TokenMergeRun(self, binding, learned)
 
 
 class TokenMergeRun:
     needs_latent = False
 
-    def __init__(self, planner: TokenMergePlanner, binding: FamilyBinding):
+    def __init__(self, planner: TokenMergePlanner, binding: FamilyBinding, learned=None):
         self.planner = planner
+        self.learned = learned  # a LearnedPattern (order "learned")
         self.config = planner.config
         self.binding = binding
         self.idle = self.config.never_merges
@@ -50,8 +60,12 @@ class TokenMergeRun:
         """The pattern of a token grid ``(frames, rows, cols)``, or None where nothing merges."""
         if grid not in self._patterns:
             cfg = self.config
-            groups, sizes = merge_pattern(grid, cfg.ratio, cfg.order, cfg.video_mode)
-            name = f"{cfg.order}/{cfg.video_mode} {cfg.ratio:g}"
+            if self.learned is not None:
+                groups, sizes = self.learned.pattern(grid, cfg.ratio, cfg.video_mode)
+                name = f"learned {self.learned.name}/{cfg.video_mode} {cfg.ratio:g}"
+            else:
+                groups, sizes = merge_pattern(grid, cfg.ratio, cfg.order, cfg.video_mode)
+                name = f"{cfg.order}/{cfg.video_mode} {cfg.ratio:g}"
             self._patterns[grid] = (MergePattern(groups, int(sizes.numel()), name, cfg.proportional_attention,
                                                  cfg.unmerge)
                                     if sizes.numel() < groups.numel() else None)

@@ -1,0 +1,54 @@
+"""The "Load Merge Pattern" node: MODEL in, MODEL out, with a learned merge pattern attached.
+
+Patterns live in ``models/elastic_tokens/`` (``.safetensors`` only, the folder patch adapters use)
+and are made by ``scripts/train_patch_adapter.py --mode pattern``. They change nothing on their own:
+Token Merge uses one when its order is ``learned`` (place this node before or after it).
+"""
+
+from __future__ import annotations
+
+from comfy_api.v0_0_2 import io
+
+from ..families import binding_for
+from ..ideas.merge.learned_pattern import PatternError, attach_merge_pattern, load_pattern
+from .load_patch_adapter import FOLDER, register_folder
+
+
+class LoadMergePattern(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import folder_paths
+
+        register_folder()
+        return io.Schema(
+            node_id="ElasticTokensLoadMergePattern",
+            display_name="Load Merge Pattern",
+            category="model_patches/elastic_tokens",
+            description=(
+                "Attach a merge pattern learned on this model (scripts/train_patch_adapter.py --mode "
+                "pattern): which neighbouring tokens Token Merge joins, chosen from the model's own "
+                "outputs instead of a fixed layout. Token Merge uses it with order 'learned'. A pattern "
+                "is made for one image (or video) size. Files go in models/elastic_tokens/."),
+            inputs=[
+                io.Model.Input("model", tooltip="The Flux or Wan model the pattern was learned on."),
+                io.Combo.Input("pattern_name", options=folder_paths.get_filename_list(FOLDER),
+                               tooltip="A .safetensors merge pattern in models/elastic_tokens/."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with the pattern attached (for Token Merge, "
+                                             "order 'learned').")],
+        )
+
+    @classmethod
+    def execute(cls, model, pattern_name) -> io.NodeOutput:
+        import folder_paths
+
+        binding_for(model)  # an unsupported model gets its own message first
+        if not isinstance(pattern_name, str) or not pattern_name.strip():
+            folders = folder_paths.get_folder_paths(FOLDER) if FOLDER in folder_paths.folder_names_and_paths else []
+            where = " or ".join(folders) or f"models/{FOLDER}/"
+            raise PatternError(
+                f"Load Merge Pattern: no pattern selected (pattern_name is {pattern_name!r}). Put a "
+                f".safetensors merge pattern made by scripts/train_patch_adapter.py --mode pattern in "
+                f"{where}, refresh the node list and pick it; or bypass this node.")
+        path = folder_paths.get_full_path_or_raise(FOLDER, pattern_name)
+        return io.NodeOutput(attach_merge_pattern(model, load_pattern(path)))
