@@ -30,7 +30,8 @@ decisions) and runs, in order:
    reuse_threshold T (its default window 0.15-0.95), its skipped model calls counted as saved
    token-FLOPs (``ModelCallFlops``), so it sits on the same axis and gets the same competitor.
    ``router=B[/scorer=S][/fill=F][/start=P][/end=P][/refresh=K][/attend=1]`` is the Elastic Token Router at
-   budget B (the same syntax as bench/bench_speed.py; ``@N`` as above). Its kept tokens are
+   budget B (the same syntax as bench/bench_speed.py; ``@N`` as above; ``scorer=learned`` ranks by
+   the trained router of ``--router-file``). Its kept tokens are
    chosen once per step for the whole batch (scores averaged over the batch's samples), so a
    router row depends on ``--batch``: use ``--batch 1`` for rows that compare seed by seed with
    a batch-independent baseline (the images of other settings do not depend on it).
@@ -651,6 +652,12 @@ def run_setting(provider, model, setting: Setting, seeds: list[int], args, node_
         from elastic_tokens.ideas.drop import apply_router
         from elastic_tokens.ideas.drop.config import RouterConfig
 
+        if setting.router.get("scorer") == "learned":  # a trained router file (--router-file)
+            if not args.router_file:
+                raise SystemExit(f"setting {setting.name} (scorer=learned) needs --router-file PATH")
+            from elastic_tokens.ideas.drop.router_file import attach_router, load_router
+
+            mp = attach_router(mp, load_router(args.router_file), Path(args.router_file).name)
         mp = apply_router(mp, RouterConfig(**setting.router))
     if setting.merge is not None:
         from elastic_tokens.ideas.merge import apply_token_merge
@@ -988,6 +995,9 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graphs", action="store_true", help="node setting cuda_graphs=True")
     p.add_argument("--adapter", default=None,
                    help="patch adapter (.safetensors) for settings ending in +A, e.g. 2x+A,tau=0.6+A")
+    p.add_argument("--router-file", default=None,
+                   help="token router (.safetensors, scripts/train_patch_adapter.py --mode router) for "
+                        "router=B/scorer=learned settings")
     p.add_argument("--extra-steps", default="", help="more plain step counts for the competitor line, e.g. 6,10")
     p.add_argument("--perturb", type=float, default=2.0 ** -8,
                    help="eps of the perturbed-baseline row (default 2^-8, one bf16 rounding step; 0 = skip)")

@@ -7,9 +7,10 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 from .dynamic_patch_schedule import DynamicPatchSchedule
 from .elastic_token_router import ElasticTokenRouter
 from .load_patch_adapter import LoadPatchAdapter
+from .load_token_router import LoadTokenRouter
 from .token_merge import TokenMerge
 
 
 class ElasticTokensExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [DynamicPatchSchedule, LoadPatchAdapter, ElasticTokenRouter, TokenMerge]
+        return [DynamicPatchSchedule, LoadPatchAdapter, ElasticTokenRouter, TokenMerge, LoadTokenRouter]

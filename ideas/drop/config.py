@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SCORERS = ("ras", "context", "change")
+SCORERS = ("ras", "context", "change", "learned")
 FILLS = ("cache", "nearest")
 MIN_BUDGET = 0.1
 
@@ -20,7 +20,8 @@ class RouterConfig:
     * ``budget``: share of the image tokens computed on a routed step (0.1..1.0; 1.0 = the plain
       model, bit for bit: the router then makes no decision at all);
     * ``scorer``: ``ras`` (last update's std per token), ``context`` (DC-DiT context residual on
-      the x0 estimate) or ``change`` (change of the update);
+      the x0 estimate), ``change`` (change of the update) or ``learned`` (the logits of a
+      trained router attached by the "Load Token Router" node; ideas/drop/router_net.py);
     * ``fill``: skipped tokens get their ``cache``-d output from their last computed step (per
       CFG branch) or copy the ``nearest`` computed token's;
     * ``start_percent`` / ``end_percent``: the sampling window (ComfyUI's percent_to_sigma, as

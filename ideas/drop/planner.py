@@ -2,7 +2,8 @@
 
 Each step inside the window (ComfyUI's percent_to_sigma of start/end, as EasyCache): every
 image token of the native grid is scored from the sampler's own trajectory (kernels/token_scores:
-``ras``, ``context`` or ``change``), scores are multiplied by the starvation term, and the top
+``ras``, ``context`` or ``change``; or ``learned``: a trained router's logits on the same two
+latents, ideas/drop/router_net.py, read from the MODEL the "Load Token Router" node attached it to), scores are multiplied by the starvation term, and the top
 ``budget`` share runs through the blocks (the runtime's token path: positions travel with their
 tokens, text tokens always run); the rest are filled back (ideas/drop/fill.py). Ties in the
 ordering go to the lower index, so at one step a lower budget's kept set is a subset of a
@@ -34,6 +35,14 @@ from ...runtime.token_plan import StepInput, TokenPlan
 from .attend import AttendSkipped, KVState
 from .config import RouterConfig
 from .fill import CacheFill, FillState, NearestFill
+from .router_file import ROUTER_KEY, RouterFileError
+from .router_net import router_features, token_grid
+
+
+def missing_router_message() -> str:
+    return ("Elastic Token Router: scorer 'learned' needs a trained token router on the model: put a "
+            "'Load Token Router' node (a .safetensors router from scripts/train_patch_adapter.py --mode "
+            "router, in models/elastic_tokens/) before this node, or pick another scorer (ras).")
 
 
 class RouterPlanner:
@@ -44,14 +53,20 @@ class RouterPlanner:
         self.config = config
 
     def start(self, binding: FamilyBinding, options: dict, total_steps: int) -> "RouterRun":
-        return RouterRun(self.config, binding, total_steps)
+        router = None
+        if self.config.scorer == "learned" and not self.config.never_routes:
+            router = options.get(ROUTER_KEY)
+            if router is None:
+                raise RouterFileError(missing_router_message())
+        return RouterRun(self.config, binding, total_steps, router)
 
 
 class RouterRun:
     """One sampling run of the router: recent latents, starvation counts, the fill caches."""
 
-    def __init__(self, config: RouterConfig, binding: FamilyBinding, total_steps: int):
+    def __init__(self, config: RouterConfig, binding: FamilyBinding, total_steps: int, router=None):
         self.config = config
+        self.router = router                       # a TokenRouter (router_file.py) for scorer "learned"
         self.binding = binding
         self.total_steps = total_steps
         self.idle = config.never_routes
@@ -155,6 +170,11 @@ class RouterRun:
         scorer = self.config.scorer
         if scorer == "context":
             scores = ks.context_scores(ks.x0_estimate(z_prev, z_cur, s_prev, s_cur), p, tp)
+        elif scorer == "learned":
+            feats = router_features(z_prev, z_cur, s_prev, s_cur, p, tp)
+            logits = self.router.logits(feats, token_grid(z_cur.shape, p, tp))
+            # each sample's softmax (its share of the expected skip error), averaged over the batch
+            return torch.softmax(logits.clamp(-60.0, 60.0), dim=-1).mean(dim=0)
         elif scorer == "change" and len(hist) == 3:
             scores = ks.change_scores([z for _, z in hist], [s for s, _ in hist], p, tp)
         else:  # ras, and change until it has three latents
