@@ -41,7 +41,8 @@ Variants (``--variants``, comma-separated, run in order):
              the Elastic Token Router node at budget B (its defaults otherwise: scorer ras, fill
              cache, start 0.2, end 1.0, refresh 5, attend_skipped off), e.g. router=0.5/start=0/refresh=0 routes every
              step after the first (dense: nothing to score yet); router=1.0: the node's overhead
-             (an idle router is the plain model)
+             (an idle router is the plain model); scorer=learned times an untrained router network
+             of the trained files' size (its cost does not depend on its weights)
   router=B@SCHED  the router stacked with a forced patch schedule SCHED (2x80, 4x80, 2x, s=...):
              coarse steps run every token of their grid, the router routes the native ones
   merge=R[:ORDER[:MODE]]  the Token Merge node at ratio R (0..0.75; ORDER spread|border_first, MODE
@@ -364,6 +365,14 @@ def add_router(patcher, v: Variant, args):
     """``patcher`` with the Elastic Token Router of ``v`` (and its patch schedule, if any)."""
     router = pack_module("ideas.drop")
     config = pack_module("ideas.drop.config").RouterConfig(**v.router)
+    if config.scorer == "learned":  # timing only: an untrained router of the file format's size
+        import torch
+
+        rf = pack_module("ideas.drop.router_file")
+        binding = pack_module("families").binding_for(patcher)
+        net = rf.new_router(rf.RouterSpec.for_model(patcher, binding, training={"bench_speed": "untrained"}))
+        torch.nn.init.normal_(net.net.out.weight, std=0.1)
+        patcher = rf.attach_router(patcher, net, "untrained (bench_speed)")
     mp = router.apply_router(patcher, config)
     cfg = {"router": dataclasses.asdict(config)}
     if v.schedule:

@@ -152,6 +152,8 @@ def parse_args(argv=None):
     a("--router-width", type=int, default=16, help="router mode: channels of the router network (default 16)")
     a("--router-start", type=float, default=0.2, help="router mode: first sampling percent trained on "
                                                        "(the node's start_percent; default 0.2)")
+    a("--router-lags", type=int, default=1, help="router mode: the skip error is the mean over cached velocities "
+                                                  "1..N steps old (default 1: the previous step's)")
     a("--router-budgets", default="0.2,0.8", help="router mode, loss ratio: budget range drawn per batch")
     a("--factors", default="2", help="coarse factors to train, e.g. 2 or 2,4")
     a("--rank", type=int, default=32); a("--alpha", type=float, default=None, help="LoRA alpha (default = rank)")
@@ -239,7 +241,7 @@ def _main_router(args, provider, device) -> dict:
         raise SystemExit(f"--router-budgets: expected LOW,HIGH, got {args.router_budgets!r}") from None
     cfg = RouterTrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.router_lr,
                             pool=args.pool, gen_batch=args.gen_batch, width=args.router_width,
-                            loss=args.router_loss, budgets=budgets, start_percent=args.router_start,
+                            loss=args.router_loss, budgets=budgets, start_percent=args.router_start, lags=args.router_lags,
                             seed=args.seed, log_every=args.log_every)
     summary = train_router(provider, cfg, args.out, device=device, log=lambda m: print(m, flush=True))
     summary["command"] = " ".join(sys.argv)

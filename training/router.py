@@ -67,6 +67,7 @@ class RouterTrainConfig:
     budgets: tuple[float, float] = (0.2, 0.8)
     start_percent: float = 0.2    # steps before this sampling percent are never routed: not trained on
     holdout: float = 0.25
+    lags: int = 1                 # target: mean skip error of a cached velocity 1..lags steps old
     seed: int = 0
     log_every: int = 50
 
@@ -81,6 +82,8 @@ class RouterTrainConfig:
             raise ValueError("router training needs --pool >= 2 and a held-out share in (0, 1)")
         if self.steps < 1 or self.batch < 1 or self.width < 4 or self.width % 4:
             raise ValueError("router training needs --steps >= 1, --batch >= 1 and a width that is a multiple of 4")
+        if self.lags < 1:
+            raise ValueError(f"lags must be >= 1, got {self.lags}")
         if not 0.0 <= self.start_percent < 1.0:
             raise ValueError(f"start_percent must be in [0, 1), got {self.start_percent}")
 
@@ -89,7 +92,7 @@ class RouterTrainConfig:
 
 @torch.no_grad()
 def rollout_records(provider, model_patcher, binding, seeds: list[int], gen_batch: int, start_sigma: float,
-                    log=print) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
+                    log=print, lags: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
     """Sample ``seeds`` densely; return per (sample, routable step): features ``(R, N, F)`` (fp16),
     skip errors ``(R, N)`` (fp32), the sample index ``(R,)``, and the token grid."""
     import comfy.sample
@@ -118,7 +121,9 @@ def rollout_records(provider, model_patcher, binding, seeds: list[int], gen_batc
                 continue
             x_prev, x_cur = states[i - 1][0], states[i][0]
             f = router_features(x_prev, x_cur, float(sigmas[i - 1]), float(sigmas[i]), p, tp)
-            e = ks.token_values((vel[i] - vel[i - 1]).square(), p, tp).sum(dim=-1)
+            # the cached velocity is 1..lags steps old (a dense refresh every lags + 1 steps)
+            back = [k for k in range(1, lags + 1) if i - k in vel]
+            e = sum(ks.token_values((vel[i] - vel[i - k]).square(), p, tp).sum(dim=-1) for k in back) / len(back)
             feats.append(f.half())
             errs.append(e.float())
             owner.append(torch.arange(start, start + len(batch)))
@@ -194,7 +199,8 @@ def train_router(provider, cfg: RouterTrainConfig, out_path: str | Path, *, devi
     seeds = [SEED_OFFSET + cfg.seed * 10_000 + i for i in range(cfg.pool)]
     log(f"router training: rolling out {cfg.pool} seeds densely ({provider.steps} steps, cfg {provider.cfg}, "
         f"{provider.sampler}/{provider.scheduler}); window from {cfg.start_percent:g} (sigma <= {start_sigma:.4g})")
-    feats, errs, owner, grid = rollout_records(provider, model_patcher, binding, seeds, cfg.gen_batch, start_sigma, log)
+    feats, errs, owner, grid = rollout_records(provider, model_patcher, binding, seeds, cfg.gen_batch, start_sigma,
+                                               log, cfg.lags)
     t_rollout = time.time() - t0
     held = owner >= int(round(cfg.pool * (1.0 - cfg.holdout)))
     train_f, train_e = feats[~held], errs[~held]

@@ -173,8 +173,10 @@ class RouterRun:
         elif scorer == "learned":
             feats = router_features(z_prev, z_cur, s_prev, s_cur, p, tp)
             logits = self.router.logits(feats, token_grid(z_cur.shape, p, tp))
-            # each sample's softmax (its share of the expected skip error), averaged over the batch
-            return torch.softmax(logits.clamp(-60.0, 60.0), dim=-1).mean(dim=0)
+            # the router's logit ~ log of the skip error (a squared velocity difference); halved, the
+            # score is an RMS like ras's and context's, so the starvation rate means the same for all.
+            # Each sample's softmax, averaged over the batch.
+            return torch.softmax(logits.clamp(-60.0, 60.0) / 2, dim=-1).mean(dim=0)
         elif scorer == "change" and len(hist) == 3:
             scores = ks.change_scores([z for _, z in hist], [s for s, _ in hist], p, tp)
         else:  # ras, and change until it has three latents
