@@ -2,9 +2,10 @@
 
 Each step inside the window (ComfyUI's percent_to_sigma of start/end, as EasyCache): every
 image token of the native grid is scored from the sampler's own trajectory (kernels/token_scores:
-``ras``, ``context`` or ``change``; or ``learned``: a trained router's logits on the same two
-latents, ideas/drop/router_net.py, read from the MODEL the "Load Token Router" node attached it to), scores are multiplied by the starvation term, and the top
-``budget`` share runs through the blocks (the runtime's token path: positions travel with their
+``ras``, ``context`` or ``change``; or ``learned``: a trained router's predicted per-step drift on
+the same two latents, ideas/drop/router_net.py, from the MODEL the "Load Token Router" node
+attached it to, times the age of the token's cached output), scores are multiplied by the
+starvation term, and the top ``budget`` share runs through the blocks (the runtime's token path: positions travel with their
 tokens, text tokens always run); the rest are filled back (ideas/drop/fill.py). Ties in the
 ordering go to the lower index, so at one step a lower budget's kept set is a subset of a
 higher one's (elastic).
@@ -106,6 +107,12 @@ class RouterRun:
             return self._dense(step, plan, n)
         if self._skipped is None or self._skipped.shape != scores.shape or self._skipped.device != scores.device:
             self._skipped = torch.zeros_like(scores)
+        if cfg.scorer == "learned":
+            # the router predicts a token's velocity drift per step (RMS); its cached output is
+            # skipped + 1 steps old, so the error of skipping it again grows about that much
+            # (without it, regions the router ranks low, e.g. flat background, are refreshed only
+            # by dense steps and the starvation term, and their stale outputs show)
+            scores = scores * (self._skipped + 1)
         keep = ks.select(ks.starved(scores, self._skipped, cfg.starvation), k)
         self._skipped += 1
         self._skipped[keep] = 0
