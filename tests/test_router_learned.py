@@ -270,3 +270,31 @@ def test_load_token_router_node(trained, cases, tmp_path, monkeypatch):
     from elastic_tokens.nodes.extension import ElasticTokensExtension
 
     assert LoadTokenRouter in asyncio.run(ElasticTokensExtension().get_node_list())
+
+
+def test_learned_scores_grow_with_the_age_of_the_cached_output(trained, cases, monkeypatch):
+    """The router predicts a token's drift per step; the planner multiplies it by the age of the
+    token's cached output (skipped k times in a row: k + 1 steps old) before the starvation term."""
+    from elastic_tokens.ideas.drop import planner as planner_module
+
+    model, (pos, neg), latent, cfg = cases["flux"]
+    raw, weighted = [], []
+    original_scores, original_starved = planner_module.RouterRun._scores, planner_module.ks.starved
+
+    def scores(self, step):
+        out = original_scores(self, step)
+        raw.append(None if out is None else out.clone())
+        return out
+
+    def starved(s, skipped, rate=0.1):
+        weighted.append((s.clone(), skipped.clone()))
+        return original_starved(s, skipped, rate)
+    monkeypatch.setattr(planner_module.RouterRun, "_scores", scores)
+    monkeypatch.setattr(planner_module.ks, "starved", starved)
+    routed = router(attached(model, trained["flux"][0]), budget=0.5, scorer="learned", start_percent=0.0,
+                    refresh_every=0, starvation=0.0)
+    ksample(routed, pos, neg, latent, cfg=cfg)
+    assert len(weighted) == 5 and raw[0] is None       # step 0 dense; steps 1..5 routed
+    for (s, skipped), r in zip(weighted, raw[1:]):
+        assert torch.allclose(s, r * (skipped + 1))
+    assert all(bool((skipped > 0).any()) for _, skipped in weighted[1:])  # aged tokens were weighted
