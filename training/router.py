@@ -30,8 +30,15 @@ budget at once; the measure is the share of the step's skip error the kept token
 
 Both are measured on held-out seeds after training (``captured`` at 0.3 and 0.5, beside the
 ``ras`` and ``context`` scorers' orderings of the same steps and the oracle); the summary and the
-file's metadata keep the numbers. On the image proxy ``rank`` captured more at both budgets
-(see the branch's report), hence the default.
+file's metadata keep the numbers. On the image proxy the two ordered about equally well (``ratio``
+a little ahead on one rollout set, ``rank`` on another), both far ahead of ``ras``. ``rank`` is
+the default because only it gives the logits a scale: ``exp(logit / 2)`` estimates the token's
+RMS velocity drift per step, which the planner multiplies by the age of the token's cached output
+(ideas/drop/planner.py); that product, not the order alone, is what made the learned router beat
+``ras`` in sampled images. ``ratio``'s logits only order tokens around each budget's threshold.
+
+``--router-lags N`` averages the target over cached velocities 1..N steps old instead (it ordered
+the held-out steps no better; the planner's age weighting covers older caches).
 """
 
 from __future__ import annotations
