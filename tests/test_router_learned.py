@@ -298,3 +298,26 @@ def test_learned_scores_grow_with_the_age_of_the_cached_output(trained, cases, m
     for (s, skipped), r in zip(weighted, raw[1:]):
         assert torch.allclose(s, r * (skipped + 1))
     assert all(bool((skipped > 0).any()) for _, skipped in weighted[1:])  # aged tokens were weighted
+
+
+def test_bench_quality_runs_the_learned_router_from_a_file(trained, cases):
+    """bench/bench_quality.py's ``router=B/scorer=learned`` attaches ``--router-file`` (and says so
+    when it is missing)."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_quality
+
+    tiny_flux = cases["flux"][0]
+    (setting,) = bench_quality.parse_settings("router=0.5/scorer=learned/start=0/refresh=0@6", 8, 0.4, False)
+    provider = bench_quality.TinyFluxProvider(argparse.Namespace(size=64))
+    provider._model = tiny_flux
+    args = argparse.Namespace(batch=1, warmup=0, router_file=str(trained["flux"][0]))
+    res = bench_quality.run_setting(provider, tiny_flux, setting, [5], args, None)
+    n = res["reports"][0]["step_tokens"][0]
+    assert res["reports"][0]["step_tokens"] == [n] + [n // 2] * 5
+    with pytest.raises(SystemExit, match="needs --router-file"):
+        bench_quality.run_setting(provider, tiny_flux, setting, [5], argparse.Namespace(batch=1, warmup=0,
+                                                                                      router_file=None), None)
