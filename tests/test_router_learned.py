@@ -321,3 +321,22 @@ def test_bench_quality_runs_the_learned_router_from_a_file(trained, cases):
     with pytest.raises(SystemExit, match="needs --router-file"):
         bench_quality.run_setting(provider, tiny_flux, setting, [5], argparse.Namespace(batch=1, warmup=0,
                                                                                       router_file=None), None)
+
+
+def test_age_weighting_is_the_learned_scorers_default_and_an_option_for_the_others(pack):
+    import sys
+    from pathlib import Path
+
+    from elastic_tokens.ideas.drop.config import RouterConfig
+
+    assert RouterConfig(scorer="learned").ages_scores and not RouterConfig(scorer="ras").ages_scores
+    assert RouterConfig(scorer="ras", age_weight=True).ages_scores
+    assert not RouterConfig(scorer="learned", age_weight=False).ages_scores
+    with pytest.raises(ValueError, match="age_weight must be true, false or None"):
+        RouterConfig(age_weight="yes")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_speed
+
+    assert bench_speed.parse_router("router=0.5/age=1")["age_weight"] is True
+    with pytest.raises(ValueError, match="write age=1"):
+        bench_speed.parse_router("router=0.5/age=yes")

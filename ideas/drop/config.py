@@ -29,7 +29,10 @@ class RouterConfig:
     * ``refresh_every``: every k-th step of the window computes every token (and renews the
       cache); 0 = only the first step of the window;
     * ``attend_skipped``: computed tokens also attend to the skipped tokens' cached keys/values
-      (RAS; ideas/drop/attend.py): closer to the full step, more memory, less speed-up.
+      (RAS; ideas/drop/attend.py): closer to the full step, more memory, less speed-up;
+    * ``age_weight``: multiply each token's score by the age of its cached output (skipped k times
+      in a row: k + 1), a stronger refresh pressure than the starvation term. None = the scorer's
+      default: on for ``learned`` (its score is a drift per step), off for the training-free ones.
     """
 
     budget: float = 0.5
@@ -40,6 +43,7 @@ class RouterConfig:
     refresh_every: int = 5
     starvation: float = 0.1
     attend_skipped: bool = True
+    age_weight: bool | None = None
 
     def __post_init__(self):
         b = self.budget
@@ -62,8 +66,15 @@ class RouterConfig:
                              f"(0 = no dense refresh after the first step), got {k!r}")
         if not isinstance(self.attend_skipped, bool):
             raise ValueError(f"Elastic Token Router: attend_skipped must be true or false, got {self.attend_skipped!r}")
+        if self.age_weight is not None and not isinstance(self.age_weight, bool):
+            raise ValueError(f"Elastic Token Router: age_weight must be true, false or None, got {self.age_weight!r}")
         if not 0.0 <= self.starvation <= 10.0:
             raise ValueError(f"Elastic Token Router: starvation rate must be in [0, 10], got {self.starvation}")
+
+    @property
+    def ages_scores(self) -> bool:
+        """Scores are multiplied by the age of each token's cached output (see ``age_weight``)."""
+        return self.scorer == "learned" if self.age_weight is None else self.age_weight
 
     @property
     def never_routes(self) -> bool:

@@ -107,8 +107,8 @@ class RouterRun:
             return self._dense(step, plan, n)
         if self._skipped is None or self._skipped.shape != scores.shape or self._skipped.device != scores.device:
             self._skipped = torch.zeros_like(scores)
-        if cfg.scorer == "learned":
-            # the router predicts a token's velocity drift per step (RMS); its cached output is
+        if cfg.ages_scores:
+            # the learned router predicts a token's velocity drift per step (RMS); its cached output is
             # skipped + 1 steps old, so the error of skipping it again grows about that much
             # (without it, regions the router ranks low, e.g. flat background, are refreshed only
             # by dense steps and the starvation term, and their stale outputs show)
