@@ -29,9 +29,10 @@ decisions) and runs, in order:
    ``easycache=T`` is the peer a ComfyUI user would pick instead: ComfyUI's own EasyCache node at
    reuse_threshold T (its default window 0.15-0.95), its skipped model calls counted as saved
    token-FLOPs (``ModelCallFlops``), so it sits on the same axis and gets the same competitor.
-   ``router=B[/scorer=S][/fill=F][/start=P][/end=P][/refresh=K][/attend=1][/uncond=U]`` is the Elastic Token Router at
-   budget B (the same syntax as bench/bench_speed.py; ``@N`` as above). Each sample gets
-   its own kept tokens, so a router row does not depend on ``--batch`` (beyond float rounding).
+   ``router=B[/scorer=S][/fill=F][/start=P][/end=P][/refresh=K][/attend=1][/age=1][/uncond=U]`` is the Elastic Token Router at
+   budget B (the same syntax as bench/bench_speed.py; ``@N`` as above; ``scorer=learned`` ranks by
+   the trained router of ``--router-file``). Each sample gets its own kept tokens, so a router
+   row does not depend on ``--batch`` (beyond float rounding).
    ``merge=R[:ORDER[:MODE[:noprop][:copy]]]`` is the Token Merge node at ratio R on every step
    (window 0..1; ORDER spread|border_first, MODE within_frames|across_frames|both; ``:noprop``
    without proportional attention, ``:renoise`` / ``:residual`` / ``:copy`` another unmerge than
@@ -666,6 +667,12 @@ def run_setting(provider, model, setting: Setting, seeds: list[int], args, node_
         from elastic_tokens.ideas.drop import apply_router
         from elastic_tokens.ideas.drop.config import RouterConfig
 
+        if setting.router.get("scorer") == "learned":  # a trained router file (--router-file)
+            if not args.router_file:
+                raise SystemExit(f"setting {setting.name} (scorer=learned) needs --router-file PATH")
+            from elastic_tokens.ideas.drop.router_file import attach_router, load_router
+
+            mp = attach_router(mp, load_router(args.router_file), Path(args.router_file).name)
         mp = apply_router(mp, RouterConfig(**setting.router))
     if setting.merge is not None:
         from elastic_tokens.ideas.merge import apply_token_merge
@@ -1007,6 +1014,9 @@ def parse_args(argv=None):
                    help="patch adapter (.safetensors) for settings ending in +A, e.g. 2x+A,tau=0.6+A")
     p.add_argument("--pattern-file", default=None,
                    help="merge pattern (.safetensors, training --mode pattern) for merge=R:learned settings")
+    p.add_argument("--router-file", default=None,
+                   help="token router (.safetensors, scripts/train_patch_adapter.py --mode router) for "
+                        "router=B/scorer=learned settings")
     p.add_argument("--extra-steps", default="", help="more plain step counts for the competitor line, e.g. 6,10")
     p.add_argument("--perturb", type=float, default=2.0 ** -8,
                    help="eps of the perturbed-baseline row (default 2^-8, one bf16 rounding step; 0 = skip)")

@@ -37,11 +37,13 @@ Variants (``--variants``, comma-separated, run in order):
   s=SCHED    a literal forced schedule, '/' instead of ',' (e.g. s=1x4/2x10/4x14)
   keep=F     share F of the image tokens (evenly spread) through the blocks at every step, through
              the runtime's token path (bench-only planner EvenKeep; keep=1.0: the path's overhead)
-  router=B[/scorer=S][/fill=F][/start=P][/end=P][/refresh=K][/attend=1][/uncond=U]
+  router=B[/scorer=S][/fill=F][/start=P][/end=P][/refresh=K][/attend=1][/age=1][/uncond=U]
              the Elastic Token Router node at budget B, uncond=U the uncond branch's (its defaults otherwise: scorer ras, fill
              cache, start 0.2, end 1.0, refresh 5, attend_skipped on), e.g. router=0.5/start=0/refresh=0 routes every
              step after the first (dense: nothing to score yet); router=1.0: the node's overhead
-             (an idle router is the plain model)
+             (an idle router is the plain model); scorer=learned times an untrained router network
+             of the trained files' size (its cost does not depend on its weights); age=1 / age=0
+             multiplies the scores by the age of each token's cached output (default: learned only)
   router=B@SCHED  the router stacked with a forced patch schedule SCHED (2x80, 4x80, 2x, s=...):
              coarse steps run every token of their grid, the router routes the native ones
   merge=R[:ORDER[:MODE]]  the Token Merge node at ratio R (0..0.75; ORDER spread|border_first, MODE
@@ -333,7 +335,8 @@ def build_variants(spec: str, graphs_mode: str, steps: int) -> list[Variant]:
 
 
 ROUTER_KEYS = {"scorer": "scorer", "fill": "fill", "start": "start_percent", "end": "end_percent",
-               "refresh": "refresh_every", "attend": "attend_skipped", "uncond": "uncond_budget"}
+               "refresh": "refresh_every", "attend": "attend_skipped", "age": "age_weight",
+               "uncond": "uncond_budget"}
 
 
 def parse_router(text: str) -> dict:
@@ -349,9 +352,9 @@ def parse_router(text: str) -> dict:
             raise ValueError(f"variant {text}: unknown router option {opt!r} "
                              f"(known: {', '.join(k + '=' for k in ROUTER_KEYS)})")
         name = ROUTER_KEYS[key]
-        if name == "attend_skipped":
+        if name in ("attend_skipped", "age_weight"):
             if value not in ("0", "1"):
-                raise ValueError(f"variant {text}: write attend=1 (or attend=0)")
+                raise ValueError(f"variant {text}: write {key}=1 (or {key}=0)")
             settings[name] = value == "1"
             continue
         settings[name] = (int(value) if name == "refresh_every" else
@@ -364,6 +367,14 @@ def add_router(patcher, v: Variant, args):
     """``patcher`` with the Elastic Token Router of ``v`` (and its patch schedule, if any)."""
     router = pack_module("ideas.drop")
     config = pack_module("ideas.drop.config").RouterConfig(**v.router)
+    if config.scorer == "learned":  # timing only: an untrained router of the file format's size
+        import torch
+
+        rf = pack_module("ideas.drop.router_file")
+        binding = pack_module("families").binding_for(patcher)
+        net = rf.new_router(rf.RouterSpec.for_model(patcher, binding, training={"bench_speed": "untrained"}))
+        torch.nn.init.normal_(net.net.out.weight, std=0.1)
+        patcher = rf.attach_router(patcher, net, "untrained (bench_speed)")
     mp = router.apply_router(patcher, config)
     cfg = {"router": dataclasses.asdict(config)}
     if v.schedule:

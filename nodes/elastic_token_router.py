@@ -6,6 +6,8 @@ from comfy_api.v0_0_2 import io
 
 from ..ideas.drop import apply_router
 from ..ideas.drop.config import FILLS, SCORERS, RouterConfig
+from ..ideas.drop.planner import missing_router_message
+from ..ideas.drop.router_file import RouterFileError, attached_router
 
 
 class ElasticTokenRouter(io.ComfyNode):
@@ -35,7 +37,9 @@ class ElasticTokenRouter(io.ComfyNode):
                                        "in the last step (RAS). context: how badly the token is predicted "
                                        "from its neighbours on the current clean-image estimate (DC-DiT; "
                                        "detail and edges first). change: how much the token's update "
-                                       "itself changed (where the trajectory still turns). A starvation "
+                                       "itself changed (where the trajectory still turns). learned: a "
+                                       "trained router (put a Load Token Router node before this one). "
+                                       "A starvation "
                                        "term makes sure no region is skipped for long."),
                 io.Combo.Input("fill", options=list(FILLS), default="cache",
                                tooltip="What a skipped token outputs. cache: its own output from the "
@@ -76,4 +80,6 @@ class ElasticTokenRouter(io.ComfyNode):
         config = RouterConfig(budget=budget, scorer=scorer, fill=fill, start_percent=start_percent,
                               end_percent=end_percent, refresh_every=refresh_every, attend_skipped=attend_skipped,
                               uncond_budget=uncond_budget)
+        if scorer == "learned" and not config.never_routes and attached_router(model) is None:
+            raise RouterFileError(missing_router_message())
         return io.NodeOutput(apply_router(model, config))

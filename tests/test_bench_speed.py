@@ -69,7 +69,8 @@ def test_router_variants_parse_with_their_settings_and_schedules(pack):
 def test_router_variants_run_and_report_their_tokens_per_step(pack, tmp_path):
     cmd = [sys.executable, str(REPO / "bench" / "bench_speed.py"), "--tiny", "--models", "flux", "--steps", "6",
            "--repeats", "1", "--warmup", "0", "--cuda-graphs", "off", "--variants",
-           "baseline,router=1.0,router=0.5/start=0/refresh=0,router=0.5/start=0/refresh=0@s=1x1/2x2/1x3",
+           "baseline,router=1.0,router=0.5/start=0/refresh=0,router=0.5/start=0/refresh=0@s=1x1/2x2/1x3,"
+           "router=0.5/start=0/refresh=0/scorer=learned",
            "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -79,6 +80,8 @@ def test_router_variants_run_and_report_their_tokens_per_step(pack, tmp_path):
     n = idle["step_tokens"][0]
     assert idle["step_tokens"] == [n] * 6 and idle["config"]["router"]["budget"] == 1.0
     assert routed["step_tokens"] == [n] + [n // 2] * 5 and routed["finite"]
+    learned = rows["router=0.5/start=0/refresh=0/scorer=learned"]  # an untrained router network, timed
+    assert learned["step_tokens"] == routed["step_tokens"] and learned["config"]["router"]["scorer"] == "learned"
     coarse = stacked["step_tokens"][1]
     assert stacked["step_tokens"] == [n, coarse, coarse, n, n // 2, n // 2] and coarse < n
     assert stacked["config"]["schedule"] == "1x1,2x2,1x3"

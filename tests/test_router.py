@@ -613,7 +613,7 @@ def test_the_node_runs_in_a_real_server_and_logs_what_it_skipped(comfy_server):
     required = info["input"]["required"]
     assert required["budget"][1]["min"] == 0.1 and required["budget"][1]["default"] == 0.5
     scorer = required["scorer"]  # a list of options, or "COMBO" with them in its settings
-    assert (scorer[0] if scorer[0] != "COMBO" else scorer[1]["options"]) == ["ras", "context", "change"]
+    assert (scorer[0] if scorer[0] != "COMBO" else scorer[1]["options"]) == ["ras", "context", "change", "learned"]
     prompt = _wan_prompt()
     prompt["10"] = {"class_type": "ElasticTokensTokenRouter",
                     "inputs": {"model": ["1", 0], "budget": 0.5, "scorer": "ras", "fill": "cache",

@@ -1,5 +1,6 @@
 """The training command (``scripts/train_patch_adapter.py``): a patch adapter for a model, by
-self-distillation (training/distill.py).
+self-distillation (training/distill.py); with ``--mode router`` a learned token router for the
+Elastic Token Router instead (training/router.py).
 
 One GPU (or CPU)::
 
@@ -149,8 +150,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model", required=True); a("--out", required=True)
-    a("--mode", default="adapter", choices=["adapter", "pattern"],
-      help="adapter: a patch adapter (default); pattern: a learned merge pattern for Token Merge")
+    a("--mode", default="adapter", choices=["adapter", "pattern", "router"],
+      help="adapter (default): a patch adapter by self-distillation; pattern: a learned merge pattern for "
+           "Token Merge (training/pattern.py); router: a learned token router for the Elastic Token Router's "
+           "'learned' scorer (training/router.py; uses --steps, --minutes, --batch, --pool, --gen-batch, "
+           "--seed, --log-every, --device and the --router-* options)")
     a("--pattern-dim", type=int, default=16, help="pattern: embedding numbers per token position")
     a("--pattern-block", type=int, default=4, help="pattern: side of the local blocks groups stay in (tokens)")
     a("--pattern-video-mode", default="within_frames", choices=["within_frames", "across_frames", "both"],
@@ -162,6 +166,14 @@ def parse_args(argv=None):
     a("--pattern-max-group", type=int, default=0, help="pattern: largest group (0 = a whole block)")
     a("--pattern-linkage", default="average", choices=["average", "ward"],
       help="pattern: agglomerative linkage (average: LGM's; ward: joins what adds the least within-group variance)")
+    a("--router-loss", choices=["rank", "ratio"], default="rank", help="router mode: objective (default rank)")
+    a("--router-lr", type=float, default=3e-3, help="router mode: learning rate (default 3e-3)")
+    a("--router-width", type=int, default=16, help="router mode: channels of the router network (default 16)")
+    a("--router-start", type=float, default=0.2, help="router mode: first sampling percent trained on "
+                                                       "(the node's start_percent; default 0.2)")
+    a("--router-lags", type=int, default=1, help="router mode: the skip error is the mean over cached velocities "
+                                                  "1..N steps old (default 1: the previous step's)")
+    a("--router-budgets", default="0.2,0.8", help="router mode, loss ratio: budget range drawn per batch")
     a("--factors", default="2", help="coarse factors to train, e.g. 2 or 2,4")
     a("--rank", type=int, default=32); a("--alpha", type=float, default=None, help="LoRA alpha (default = rank)")
     a("--steps", type=int, default=1000); a("--minutes", type=float, default=None)
@@ -218,6 +230,8 @@ def main(argv=None) -> dict:
     provider.setup(device)
     if args.mode == "pattern":
         return _main_pattern(args, provider, device)
+    if args.mode == "router":
+        return _main_router(args, provider, device)
     cfg = TrainConfig(factors=tuple(int(k) for k in args.factors.split(",")), rank=args.rank,
                       alpha=float(args.alpha if args.alpha is not None else args.rank), steps=args.steps,
                       minutes=args.minutes, batch=args.batch, lr=args.lr, lora_lr=args.lora_lr,
@@ -253,6 +267,26 @@ def _main_pattern(args, provider, device) -> dict:
                             ckpt=args.ckpt, resume=args.resume)
     summary["command"] = " ".join(sys.argv)
     Path(args.out).with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _main_router(args, provider, device) -> dict:
+    from .router import RouterTrainConfig, train_router
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("--mode router runs in one process (it trains a tiny network): run it without torchrun")
+    try:
+        budgets = tuple(float(b) for b in args.router_budgets.split(","))
+    except ValueError:
+        raise SystemExit(f"--router-budgets: expected LOW,HIGH, got {args.router_budgets!r}") from None
+    cfg = RouterTrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.router_lr,
+                            pool=args.pool, gen_batch=args.gen_batch, width=args.router_width,
+                            loss=args.router_loss, budgets=budgets, start_percent=args.router_start, lags=args.router_lags,
+                            seed=args.seed, log_every=args.log_every)
+    summary = train_router(provider, cfg, args.out, device=device, log=lambda m: print(m, flush=True))
+    summary["command"] = " ".join(sys.argv)
+    Path(args.out).with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2), flush=True)
     return summary
 
 

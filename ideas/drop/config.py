@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SCORERS = ("ras", "context", "change")
+SCORERS = ("ras", "context", "change", "learned")
 FILLS = ("cache", "nearest")
 MIN_BUDGET = 0.1
 
@@ -20,7 +20,8 @@ class RouterConfig:
     * ``budget``: share of the image tokens computed on a routed step (0.1..1.0; 1.0 = the plain
       model, bit for bit: the router then makes no decision at all);
     * ``scorer``: ``ras`` (last update's std per token), ``context`` (DC-DiT context residual on
-      the x0 estimate) or ``change`` (change of the update);
+      the x0 estimate), ``change`` (change of the update) or ``learned`` (the logits of a
+      trained router attached by the "Load Token Router" node; ideas/drop/router_net.py);
     * ``fill``: skipped tokens get their ``cache``-d output from their last computed step (per
       CFG branch) or copy the ``nearest`` computed token's;
     * ``start_percent`` / ``end_percent``: the sampling window (ComfyUI's percent_to_sigma, as
@@ -31,7 +32,10 @@ class RouterConfig:
       (RAS; ideas/drop/attend.py): closer to the full step, more memory, less speed-up;
     * ``uncond_budget``: the unconditional CFG branch's share where it is lower than ``budget``
       (DC-DiT's "Lite-CFG": the negative prompt's prediction only steers, so it can afford
-      fewer tokens); its kept set is a subset of the cond branch's. 1.0 = as ``budget``.
+      fewer tokens); its kept set is a subset of the cond branch's. 1.0 = as ``budget``;
+    * ``age_weight``: multiply each token's score by the age of its cached output (skipped k times
+      in a row: k + 1), a stronger refresh pressure than the starvation term. None = the scorer's
+      default: on for ``learned`` (its score is a drift per step), off for the training-free ones.
     """
 
     budget: float = 0.5
@@ -43,6 +47,7 @@ class RouterConfig:
     starvation: float = 0.1
     attend_skipped: bool = True
     uncond_budget: float = 1.0
+    age_weight: bool | None = None
 
     def __post_init__(self):
         b = self.budget
@@ -70,6 +75,8 @@ class RouterConfig:
                              f"(0 = no dense refresh after the first step), got {k!r}")
         if not isinstance(self.attend_skipped, bool):
             raise ValueError(f"Elastic Token Router: attend_skipped must be true or false, got {self.attend_skipped!r}")
+        if self.age_weight is not None and not isinstance(self.age_weight, bool):
+            raise ValueError(f"Elastic Token Router: age_weight must be true, false or None, got {self.age_weight!r}")
         if not 0.0 <= self.starvation <= 10.0:
             raise ValueError(f"Elastic Token Router: starvation rate must be in [0, 10], got {self.starvation}")
 
@@ -77,6 +84,11 @@ class RouterConfig:
     def uncond_share(self) -> float:
         """The uncond branch's share of image tokens: the lower of the two budgets."""
         return min(self.budget, self.uncond_budget)
+
+    @property
+    def ages_scores(self) -> bool:
+        """Scores are multiplied by the age of each token's cached output (see ``age_weight``)."""
+        return self.scorer == "learned" if self.age_weight is None else self.age_weight
 
     @property
     def never_routes(self) -> bool:

@@ -2,9 +2,11 @@
 
 Each step inside the window (ComfyUI's percent_to_sigma of start/end, as EasyCache): every
 image token of the native grid is scored from the sampler's own trajectory (kernels/token_scores:
-``ras``, ``context`` or ``change``), scores are multiplied by the starvation term, and the top
-``budget`` share runs through the blocks (the runtime's token path: positions travel with their
-tokens, text tokens always run); the rest are filled back (ideas/drop/fill.py). Ties in the
+``ras``, ``context`` or ``change``; or ``learned``: a trained router's predicted per-step drift on
+the same two latents, ideas/drop/router_net.py, from the MODEL the "Load Token Router" node
+attached it to, times the age of the token's cached output), scores are multiplied by the
+starvation term, and the top ``budget`` share runs through the blocks (the runtime's token
+path: positions travel with their tokens, text tokens always run); the rest are filled back (ideas/drop/fill.py). Ties in the
 ordering go to the lower index, so at one step a lower budget's kept set is a subset of a
 higher one's (elastic). Each sample of a batch gets its own kept set from its own scores (all
 of its CFG branches share it); the count is the same for every sample.
@@ -35,6 +37,14 @@ from ...runtime.token_plan import StepInput, TokenPlan
 from .attend import AttendSkipped, KVState
 from .config import RouterConfig
 from .fill import CacheFill, FillState, NearestFill
+from .router_file import ROUTER_KEY, RouterFileError
+from .router_net import router_features, token_grid
+
+
+def missing_router_message() -> str:
+    return ("Elastic Token Router: scorer 'learned' needs a trained token router on the model: put a "
+            "'Load Token Router' node (a .safetensors router from scripts/train_patch_adapter.py --mode "
+            "router, in models/elastic_tokens/) before this node, or pick another scorer (ras).")
 
 
 class RouterPlanner:
@@ -45,14 +55,20 @@ class RouterPlanner:
         self.config = config
 
     def start(self, binding: FamilyBinding, options: dict, total_steps: int) -> "RouterRun":
-        return RouterRun(self.config, binding, total_steps)
+        router = None
+        if self.config.scorer == "learned" and not self.config.never_routes:
+            router = options.get(ROUTER_KEY)
+            if router is None:
+                raise RouterFileError(missing_router_message())
+        return RouterRun(self.config, binding, total_steps, router)
 
 
 class RouterRun:
     """One sampling run of the router: recent latents, starvation counts, the fill caches."""
 
-    def __init__(self, config: RouterConfig, binding: FamilyBinding, total_steps: int):
+    def __init__(self, config: RouterConfig, binding: FamilyBinding, total_steps: int, router=None):
         self.config = config
+        self.router = router                       # a TokenRouter (router_file.py) for scorer "learned"
         self.binding = binding
         self.total_steps = total_steps
         self.idle = config.never_routes
@@ -97,6 +113,12 @@ class RouterRun:
             return dense.replace(uncond=dense) if k_uncond < k and dense is not plan else dense
         if self._skipped is None or self._skipped.shape != scores.shape or self._skipped.device != scores.device:
             self._skipped = torch.zeros_like(scores)
+        if cfg.ages_scores:
+            # the learned router predicts a token's velocity drift per step (RMS); its cached output is
+            # skipped + 1 steps old, so the error of skipping it again grows about that much
+            # (without it, regions the router ranks low, e.g. flat background, are refreshed only
+            # by dense steps and the starvation term, and their stale outputs show)
+            scores = scores * (self._skipped + 1)
         order = ks.rank(ks.starved(scores, self._skipped, cfg.starvation))
         keep = ks.select(scores, k, order) if k < n else None
         keep_uncond = ks.select(scores, k_uncond, order)  # the same ranking: a subset of keep
@@ -172,6 +194,13 @@ class RouterRun:
         scorer = self.config.scorer
         if scorer == "context":
             scores = ks.context_scores(ks.x0_estimate(z_prev, z_cur, s_prev, s_cur), p, tp)
+        elif scorer == "learned":
+            feats = router_features(z_prev, z_cur, s_prev, s_cur, p, tp)
+            logits = self.router.logits(feats, token_grid(z_cur.shape, p, tp))
+            # the router's logit ~ log of the skip error (a squared velocity difference); halved, the
+            # score is an RMS like ras's and context's, so the starvation rate means the same for all
+            # (a softmax per sample).
+            scores = torch.softmax(logits.clamp(-60.0, 60.0) / 2, dim=-1)
         elif scorer == "change" and len(hist) == 3:
             scores = ks.change_scores([z for _, z in hist], [s for s, _ in hist], p, tp)
         else:  # ras, and change until it has three latents
