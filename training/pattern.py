@@ -389,6 +389,12 @@ def train_pattern(provider, cfg: PatternConfig, out: str, device: str = "cpu", l
     costs = merge_costs(val, grid, learned, cfg)
     oracle = oracle_costs(train, val, grid, cfg)
     log(format_costs(costs, oracle))
+    worse = [r for r, row in costs[cfg.feature].items()
+             if row["learned"] >= min(v for k, v in row.items() if k != "learned")]
+    if worse:
+        log(f"note: on held-out rollouts the learned pattern does not beat the best training-free one at ratio "
+            f"{', '.join(worse)}: more rollouts (--pool; a pattern fitted to few samples follows their noise) "
+            f"may help, else use a training-free order there")
     training["validation"] = {"costs": costs, "direct_clustering": oracle}
     training["seconds"] = round(time.time() - t0, 1)
     learned = LearnedPattern(PatternSpec(**{**asdict(spec), "grid": tuple(spec.grid), "training": training}),
