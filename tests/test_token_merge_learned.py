@@ -419,6 +419,30 @@ def test_the_committed_image_proxy_pattern_beats_the_training_free_ones_on_held_
     costs = pattern.spec.training["validation"]["costs"]["denoised"]
     for ratio, row in costs.items():
         assert row["learned"] < min(row["spread"], row["border_first"]), ratio
+    assert pattern.held_out_note(0.5) is None
+
+
+def test_a_pattern_that_lost_on_held_out_rollouts_says_so_when_used(caplog):
+    """The detail proxy's pattern (32 CPU rollouts) merged worse than the training-free orders on
+    its held-out rollouts; sampling with it logs which order did better."""
+    import logging
+    from pathlib import Path
+
+    from elastic_tokens.families import FamilyBinding
+    from elastic_tokens.ideas.merge.config import TokenMergeConfig
+    from elastic_tokens.ideas.merge.learned_pattern import load_pattern
+    from elastic_tokens.ideas.merge.planner import TokenMergePlanner, TokenMergeRun
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/proxy/adapters/detail_proxy_merge_pattern.safetensors"
+    assert path.stat().st_size < 300 * 1024
+    pattern = load_pattern(path)
+    assert pattern.spec.grid == (1, 32, 32)
+    note = pattern.held_out_note(0.45)
+    assert note and "at ratio 0.5" in note and "'spread'" in note  # the cheapest order there
+    run = TokenMergeRun(TokenMergePlanner(TokenMergeConfig(ratio=0.5, order="learned"), 1.0, 0.0), None, pattern)
+    with caplog.at_level(logging.WARNING, logger="elastic_tokens"):
+        merge = run.pattern((1, 32, 32))
+    assert merge.count == 512 and "merged worse than" in caplog.text
 
 
 def test_rollouts_record_the_samplers_own_clean_estimates(tiny_flux):
