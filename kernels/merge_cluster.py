@@ -157,7 +157,7 @@ class Dendrograms:
         self.grid = tuple(int(v) for v in grid)
         self.tokens = self.grid[0] * self.grid[1] * self.grid[2]
         self.cells = cells
-        self.pairs, heights = agglomerate(dist, linkage, max_size)
+        self.pairs, heights = (t.cpu() for t in agglomerate(dist, linkage, max_size))  # cuts run on the CPU
         self.heights = torch.cummax(heights, 1).values if heights.numel() else heights  # monotone per block
         self.max_merges = int(torch.isfinite(self.heights).sum())
         self._cache: dict = {}
