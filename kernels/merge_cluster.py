@@ -83,7 +83,8 @@ def average_linkage(dist: torch.Tensor, max_size: int | None = None) -> tuple[to
     return agglomerate(dist, "average", max_size)
 
 
-def agglomerate(dist: torch.Tensor, linkage: str = "average", max_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def agglomerate(dist: torch.Tensor, linkage: str = "average",
+                max_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Agglomerative dendrograms of many small blocks at once.
 
     ``dist``: ``(B, C, C)`` symmetric dissimilarities (``inf`` rows/columns: missing cells).
@@ -94,20 +95,25 @@ def agglomerate(dist: torch.Tensor, linkage: str = "average", max_size: int | No
     mean pairwise member distance; with ``"ward"``, ``dist`` is read as squared Euclidean distances
     (``1 - cos`` of unit vectors is half of one) and a join's height is twice the within-cluster sum
     of squares it adds, the quantity a merge loses. ``max_size``: clusters that would grow past it
-    are never joined. Deterministic (the first minimum in row-major order).
+    are never joined (their distance stays the true one for later joins). Deterministic (the first
+    minimum in row-major order).
     """
     if linkage not in LINKAGES:
         raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
     d = dist.detach().double().clone()
     n_blocks, c, _ = d.shape
     present = torch.isfinite(d).any(2) | torch.isfinite(d.diagonal(dim1=1, dim2=2))
-    d[:, torch.eye(c, dtype=torch.bool)] = float("inf")
+    eye = torch.eye(c, dtype=torch.bool, device=d.device)
+    d[:, eye] = float("inf")
+    allow = torch.isfinite(d)
+    if max_size is not None and max_size < 2:
+        allow[:] = False
     size = present.double()
-    pairs = torch.full((n_blocks, max(c - 1, 0), 2), -1, dtype=torch.long)
-    heights = torch.full((n_blocks, max(c - 1, 0)), float("inf"), dtype=torch.float64)
-    rows = torch.arange(n_blocks)
+    pairs = torch.full((n_blocks, max(c - 1, 0), 2), -1, dtype=torch.long, device=d.device)
+    heights = torch.full((n_blocks, max(c - 1, 0)), float("inf"), dtype=torch.float64, device=d.device)
+    rows = torch.arange(n_blocks, device=d.device)
     for step in range(c - 1):
-        h, idx = d.view(n_blocks, -1).min(1)       # first minimum: row a < column b
+        h, idx = d.masked_fill(~allow, float("inf")).view(n_blocks, -1).min(1)   # first minimum: a < b
         ok = torch.isfinite(h)
         if not bool(ok.any()):
             break
@@ -132,11 +138,14 @@ def agglomerate(dist: torch.Tensor, linkage: str = "average", max_size: int | No
         d[r, :, b] = float("inf")
         size[r, a] += size[r, b]
         size[r, b] = 0.0
+        joined_allow = (allow[r, a] | allow[r, b]) & torch.isfinite(joined)
         if max_size is not None:
-            full = (size[r, a].unsqueeze(1) + size[r]) > max_size    # (ok blocks, C)
-            row = d[r, a].masked_fill(full, float("inf"))
-            d[r, a, :] = row
-            d[r, :, a] = row
+            joined_allow &= (size[r, a].unsqueeze(1) + size[r]) <= max_size
+        joined_allow[torch.arange(r.numel(), device=d.device), a] = False
+        allow[r, a, :] = joined_allow
+        allow[r, :, a] = joined_allow
+        allow[r, b, :] = False
+        allow[r, :, b] = False
     return pairs, heights
 
 
@@ -148,12 +157,7 @@ class Dendrograms:
         self.grid = tuple(int(v) for v in grid)
         self.tokens = self.grid[0] * self.grid[1] * self.grid[2]
         self.cells = cells
-        if max_size is not None:
-            d = dist.clone()
-            if max_size < 2:
-                d[:] = float("inf")
-            dist = d
-        self.pairs, heights = agglomerate(dist, linkage, max_size)
+        self.pairs, heights = (t.cpu() for t in agglomerate(dist, linkage, max_size))  # cuts run on the CPU
         self.heights = torch.cummax(heights, 1).values if heights.numel() else heights  # monotone per block
         self.max_merges = int(torch.isfinite(self.heights).sum())
         self._cache: dict = {}

@@ -170,10 +170,48 @@ def test_the_embedding_finds_the_regions_a_field_is_constant_on():
     assert learned < 0.05 * spread
 
 
+def test_shrinkage_is_chosen_on_split_halves():
+    """Blocks of different layouts keep their own distances (never the block average alone); a
+    layout shared by all blocks under heavy noise leans on the block average."""
+    from elastic_tokens.training.pattern import PairStats, PatternConfig, choose_shrink
+
+    grid = (1, 8, 8)
+    cells = mc.block_cells(grid, (1, 4, 4))
+    gen = torch.Generator().manual_seed(0)
+
+    def halves(make, n):
+        out = []
+        for _ in range(2):
+            st = PairStats(cells)
+            for _ in range(n):
+                st.add("denoised", make())
+                st.calls += 1
+            out.append(st)
+        return out
+
+    layout = torch.tensor([[0, 0, 0, 1], [0, 2, 1, 1], [2, 2, 3, 1], [2, 3, 3, 3]])
+    region = torch.zeros(8, 8, dtype=torch.long)
+    for by in range(2):
+        for bx in range(2):
+            own = layout if (by + bx) % 2 == 0 else layout.t()
+            region[4 * by:4 * by + 4, 4 * bx:4 * bx + 4] = own + 4 * (2 * by + bx)
+    region = region.flatten()
+    a, b = halves(lambda: torch.randn(1, 16, 6, generator=gen)[:, region] + 0.1 * torch.randn(1, 64, 6, generator=gen), 10)
+    alpha, table = choose_shrink(a, b, grid, PatternConfig())
+    assert alpha < 1 and table["1"] > 5 * table["0"]
+
+    def rows():  # every token of a row alike, under noise as strong as the signal
+        v = torch.randn(1, 8, 1, 6, generator=gen).expand(1, 8, 8, 6).reshape(1, 64, 6)
+        return v + torch.randn(1, 64, 6, generator=gen)
+    a, b = halves(rows, 3)
+    alpha, table = choose_shrink(a, b, grid, PatternConfig())
+    assert alpha >= 0.5 and table[f"{alpha:g}"] < table["0"]
+
+
 # -- the training command and the loader, through the real ComfyUI --------------------------------
 
 FLUX_ARGS = ["--mode", "pattern", "--model", "tiny-flux", "--size", "128", "--pool", "2", "--val-n", "2",
-             "--gen-batch", "2", "--steps", "30", "--log-every", "10", "--seed", "0", "--device", "cpu"]
+             "--gen-batch", "1", "--steps", "30", "--log-every", "10", "--seed", "0", "--device", "cpu"]
 WAN_ARGS = ["--mode", "pattern", "--model", "tiny-wan", "--size", "64", "--pool", "2", "--val-n", "1",
             "--gen-batch", "2", "--steps", "20", "--log-every", "10", "--seed", "0", "--device", "cpu",
             "--pattern-video-mode", "both"]
@@ -243,6 +281,9 @@ def test_training_writes_a_loadable_pattern_with_the_fingerprint(flux_pattern, t
     assert set(costs) == {"denoised", "velocity"} and set(costs["denoised"]["0.5"]) == {"spread", "border_first", "learned"}
     assert all(v >= 0 for rows in costs.values() for row in rows.values() for v in row.values())
     assert summary["samples"] == 2 and path.with_suffix(".json").is_file()
+    # two rollout batches: the shrinkage was chosen on the two halves
+    assert set(spec.training["shrink_split_half"]) == {"0", "0.25", "0.5", "0.75", "1"}
+    assert spec.training["shrink"] in (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def test_learned_merge_reaches_the_ratio_and_ratio_zero_is_the_plain_model(flux_pattern, tiny_flux):
@@ -419,6 +460,30 @@ def test_the_committed_image_proxy_pattern_beats_the_training_free_ones_on_held_
     costs = pattern.spec.training["validation"]["costs"]["denoised"]
     for ratio, row in costs.items():
         assert row["learned"] < min(row["spread"], row["border_first"]), ratio
+    assert pattern.held_out_note(0.5) is None
+
+
+def test_a_pattern_that_lost_on_held_out_rollouts_says_so_when_used(caplog):
+    """The detail proxy's pattern (32 CPU rollouts) merged worse than the training-free orders on
+    its held-out rollouts; sampling with it logs which order did better."""
+    import logging
+    from pathlib import Path
+
+    from elastic_tokens.families import FamilyBinding
+    from elastic_tokens.ideas.merge.config import TokenMergeConfig
+    from elastic_tokens.ideas.merge.learned_pattern import load_pattern
+    from elastic_tokens.ideas.merge.planner import TokenMergePlanner, TokenMergeRun
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/proxy/adapters/detail_proxy_merge_pattern.safetensors"
+    assert path.stat().st_size < 300 * 1024
+    pattern = load_pattern(path)
+    assert pattern.spec.grid == (1, 32, 32)
+    note = pattern.held_out_note(0.45)
+    assert note and "at ratio 0.5" in note and "'spread'" in note  # the cheapest order there
+    run = TokenMergeRun(TokenMergePlanner(TokenMergeConfig(ratio=0.5, order="learned"), 1.0, 0.0), None, pattern)
+    with caplog.at_level(logging.WARNING, logger="elastic_tokens"):
+        merge = run.pattern((1, 32, 32))
+    assert merge.count == 512 and "merged worse than" in caplog.text
 
 
 def test_rollouts_record_the_samplers_own_clean_estimates(tiny_flux):

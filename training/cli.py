@@ -164,6 +164,8 @@ def parse_args(argv=None):
     a("--pattern-lr", type=float, default=0.05); a("--pattern-margin", type=float, default=0.25)
     a("--pattern-proto", type=float, default=1.0, help="pattern: weight of the straight-through prototype loss")
     a("--pattern-max-group", type=int, default=0, help="pattern: largest group (0 = a whole block)")
+    a("--pattern-shrink", default="auto", help="pattern: weight (0..1) of the block-average pair distances "
+      "against each block's own; auto (default): chosen on two halves of the rollouts")
     a("--pattern-linkage", default="average", choices=["average", "ward"],
       help="pattern: agglomerative linkage (average: LGM's; ward: joins what adds the least within-group variance)")
     a("--router-loss", choices=["rank", "ratio"], default="rank", help="router mode: objective (default rank)")
@@ -259,6 +261,7 @@ def _main_pattern(args, provider, device) -> dict:
     torch.manual_seed(args.seed)
     cfg = PatternConfig(dim=args.pattern_dim, block=args.pattern_block, video_mode=args.pattern_video_mode,
                         feature=args.pattern_feature, max_group=args.pattern_max_group, linkage=args.pattern_linkage,
+                        shrink=None if args.pattern_shrink == "auto" else float(args.pattern_shrink),
                         samples=args.pool,
                         val_samples=args.val_n, gen_batch=args.gen_batch, steps=args.steps, lr=args.pattern_lr,
                         margin=args.pattern_margin, proto=args.pattern_proto, seed=args.seed,

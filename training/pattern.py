@@ -53,6 +53,7 @@ class PatternConfig:
     feature: str = "denoised"         # what merged tokens should agree on (training target)
     max_group: int = 0                # largest group at sampling (0 = a whole block)
     linkage: str = "average"          # agglomerative linkage at sampling (kernels/merge_cluster.py)
+    shrink: float | None = None       # weight of the block-average distances (None: chosen by split halves)
     samples: int = 32                 # training rollouts
     val_samples: int = 8              # held-out rollouts (validation)
     gen_batch: int = 8
@@ -73,6 +74,8 @@ class PatternConfig:
             raise ValueError("pattern training: dim >= 2, block >= 2, samples >= 1, val samples >= 1, steps >= 0")
         if self.linkage not in LINKAGES:
             raise ValueError(f"linkage must be one of {LINKAGES}, got {self.linkage!r}")
+        if self.shrink is not None and not 0.0 <= self.shrink <= 1.0:
+            raise ValueError(f"shrink must be in [0, 1] (or None: chosen from the rollouts), got {self.shrink}")
         if self.max_group < 0:
             raise ValueError(f"max group must be >= 0 (0 = a whole block), got {self.max_group}")
 
@@ -148,15 +151,18 @@ def _pad(x: torch.Tensor, patch) -> torch.Tensor:
     return torch.nn.functional.pad(x, pads) if any(pads) else x
 
 
-def roll_out(provider, model, binding, seeds: list[int], stats: PairStats, gen_batch: int, log) -> None:
-    """Sample ``seeds`` with the frozen model (the provider's settings), recording pair sums."""
+def roll_out(provider, model, binding, seeds: list[int], stats, gen_batch: int, log) -> None:
+    """Sample ``seeds`` with the frozen model (the provider's settings), recording pair sums into
+    ``stats`` (a PairStats, or a list: batch ``i`` goes to ``stats[i % len(stats)]``)."""
     import comfy.patcher_extension as pe
     import comfy.sample
 
+    targets = stats if isinstance(stats, (list, tuple)) else [stats]
+    recorder = FeatureRecorder(binding, targets[0])
     mp = model.clone()
-    mp.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "elastic_tokens.pattern_recorder",
-                            FeatureRecorder(binding, stats))
-    for start in range(0, len(seeds), gen_batch):
+    mp.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "elastic_tokens.pattern_recorder", recorder)
+    for i, start in enumerate(range(0, len(seeds), gen_batch)):
+        recorder.stats = targets[i % len(targets)]
         batch = seeds[start:start + gen_batch]
         positive, negative = provider.conditioning(batch)
         empty = provider.empty_latent(len(batch))
@@ -289,12 +295,14 @@ def merge_costs(stats: PairStats, grid, learned: LearnedPattern, cfg: PatternCon
     return out
 
 
-def oracle_costs(train: PairStats, val: PairStats, grid, cfg: PatternConfig, ratios=VAL_RATIOS) -> dict:
+def oracle_costs(train: PairStats, val: PairStats, grid, cfg: PatternConfig, alpha: float = 0.0,
+                 ratios=VAL_RATIOS) -> dict:
     """The merge cost on held-out rollouts of clustering the training pair distances themselves
     (no embedding): how much the embedding's low rank leaves on the table."""
     n = grid[0] * grid[1] * grid[2]
     ok = train.cells >= 0
-    dist = train.mean(cfg.feature).masked_fill(~(ok.unsqueeze(2) & ok.unsqueeze(1)), float("inf"))
+    dist = shrunk(train.mean(cfg.feature), train.cells, alpha).masked_fill(~(ok.unsqueeze(2) & ok.unsqueeze(1)),
+                                                                       float("inf"))
     den = Dendrograms(grid, dist, train.cells, cfg.max_group or None, cfg.linkage)
     return {f"{r:g}": within_group_sum(val.mean(cfg.feature), val.cells, den.pattern(r)[0]) / n for r in ratios}
 
@@ -321,30 +329,85 @@ def _stats_file(ckpt, cfg: PatternConfig, grid):
     return Path(ckpt) / name
 
 
-def save_stats(path, train: PairStats, val: PairStats) -> None:
+STATS_PARTS = ("train_a", "train_b", "val")
+
+
+def save_stats(path, parts) -> None:
+    """The pair sums of ``parts`` (training halves A and B, validation) in one safetensors file."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{which}.{f}": st.sums[f].contiguous() for which, st in (("train", train), ("val", val))
-               for f in FEATURES}
-    tensors["cells"] = train.cells.contiguous()
-    save_file(tensors, str(path), metadata={"train_calls": str(train.calls), "val_calls": str(val.calls)})
+    tensors = {f"{which}.{f}": st.sums[f].contiguous() for which, st in zip(STATS_PARTS, parts) for f in FEATURES}
+    tensors["cells"] = parts[0].cells.contiguous()
+    save_file(tensors, str(path), metadata={f"{which}_calls": str(st.calls) for which, st in zip(STATS_PARTS, parts)})
 
 
 def load_stats(path, cells: torch.Tensor):
+    """``(train A, train B, val)`` from :func:`save_stats`'s file, or None if it is for other blocks."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        if not torch.equal(f.get_tensor("cells"), cells):
+        meta = f.metadata() or {}
+        if not torch.equal(f.get_tensor("cells"), cells) or any(f"{w}_calls" not in meta for w in STATS_PARTS):
             return None
         out = []
-        for which in ("train", "val"):
+        for which in STATS_PARTS:
             st = PairStats(cells)
             st.sums = {feat: f.get_tensor(f"{which}.{feat}") for feat in FEATURES}
             st.calls = int(meta[f"{which}_calls"])
             out.append(st)
     return out
+
+
+def combined(parts) -> PairStats:
+    out = PairStats(parts[0].cells)
+    for st in parts:
+        for f in FEATURES:
+            out.sums[f] = out.sums[f] + st.sums[f]
+        out.calls += st.calls
+    return out
+
+
+# ----------------------------------------------------------------------------- shrinkage
+
+SHRINKS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def block_average(d: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """Each cell pair's distance averaged over all blocks where both cells exist, for every block:
+    what the rollouts say about a block's layout, not about its place in the image."""
+    ok = cells >= 0
+    pair = (ok.unsqueeze(2) & ok.unsqueeze(1)).to(d.dtype)
+    mean = (d * pair).sum(0) / pair.sum(0).clamp_min(1)
+    return mean.unsqueeze(0).expand_as(d) * pair
+
+
+def shrunk(d: torch.Tensor, cells: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``(1 - alpha)`` the blocks' own distances plus ``alpha`` their average over blocks: a
+    pattern fitted to few rollouts otherwise follows their noise."""
+    return d if alpha == 0 else (1 - alpha) * d + alpha * block_average(d, cells)
+
+
+def choose_shrink(a: PairStats, b: PairStats, grid, cfg: PatternConfig, ratios=VAL_RATIOS):
+    """The shrinkage whose direct clustering of one training half merges the other half cheapest
+    (both ways, mean over ``ratios`` of the cost relative to ``spread``'s); ``(alpha, table)``."""
+    n = grid[0] * grid[1] * grid[2]
+    cells = a.cells
+    ok = cells >= 0
+    pair = ok.unsqueeze(2) & ok.unsqueeze(1)
+    table = {}
+    for alpha in SHRINKS:
+        score = 0.0
+        for fit, test in ((a, b), (b, a)):
+            d = shrunk(fit.mean(cfg.feature), cells, alpha).masked_fill(~pair, float("inf"))
+            den = Dendrograms(grid, d, cells, cfg.max_group or None, cfg.linkage)
+            for r in ratios:
+                ref = within_group_sum(test.mean(cfg.feature), cells, merge_pattern(grid, r, "spread", cfg.video_mode)[0])
+                cost = within_group_sum(test.mean(cfg.feature), cells, den.pattern(r)[0])
+                score += cost / max(ref, 1e-30)
+        table[f"{alpha:g}"] = score / (2 * len(ratios))
+    best = min(SHRINKS, key=lambda x: (table[f"{x:g}"], x))
+    return best, table
 
 
 def train_pattern(provider, cfg: PatternConfig, out: str, device: str = "cpu", log=print, ckpt: str | None = None,
@@ -363,32 +426,49 @@ def train_pattern(provider, cfg: PatternConfig, out: str, device: str = "cpu", l
     stats_path = _stats_file(ckpt, cfg, grid) if ckpt else None
     loaded = load_stats(stats_path, cells) if resume and stats_path is not None and stats_path.is_file() else None
     if loaded is not None:
-        train, val = loaded
+        half_a, half_b, val = loaded
         log(f"rollout statistics from {stats_path}")
     else:
-        train, val = PairStats(cells), PairStats(cells)
+        half_a, half_b, val = PairStats(cells), PairStats(cells), PairStats(cells)
         # seeds far from 0.. (the benchmarks' seeds) and from each other
         seeds = [TRAIN_SEEDS + cfg.seed * 10_000_000 + i for i in range(cfg.samples)]
         val_seeds = [VAL_SEEDS + i for i in range(cfg.val_samples)]
-        roll_out(provider, model, binding, seeds, train, cfg.gen_batch, log)
+        roll_out(provider, model, binding, seeds, [half_a, half_b], cfg.gen_batch, log)  # batches alternate
         roll_out(provider, model, binding, val_seeds, val, cfg.gen_batch, log)
         if stats_path is not None:
-            save_stats(stats_path, train, val)
+            save_stats(stats_path, (half_a, half_b, val))
+    train = combined((half_a, half_b))
     t_roll = time.time() - t0
-    d = train.mean(cfg.feature)
+    shrink_table = None
+    alpha = cfg.shrink
+    if alpha is None:
+        if half_b.calls and half_a.calls:
+            alpha, shrink_table = choose_shrink(half_a, half_b, grid, cfg)
+            log("shrinkage toward the block average (split-half cost relative to spread): "
+                + ", ".join(f"{k}: {v:.3f}" for k, v in shrink_table.items()) + f"; using {alpha:g}")
+        else:
+            alpha = 0.0
+            log("one rollout batch: no split halves to choose the shrinkage from; none used")
+    d = shrunk(train.mean(cfg.feature), cells, alpha)
     d = (d / d[d > 0].mean().clamp_min(1e-12)).float()  # one scale for all blocks: blocks compare in the cut
     e = train_embedding(grid, cells, d, cfg, log, device)
     training = {"mode": "pattern", "samples": cfg.samples, "val_samples": cfg.val_samples,
                 "sampling": {"steps": provider.steps, "cfg": provider.cfg, "sampler": provider.sampler,
                              "scheduler": provider.scheduler},
                 "config": asdict(cfg), "provider": getattr(provider, "name", type(provider).__name__),
-                "rollout_s": round(t_roll, 1)}
+                "rollout_s": round(t_roll, 1), "shrink": alpha, "shrink_split_half": shrink_table}
     spec = PatternSpec.for_model(model, binding, grid, cfg.dim, cfg.block, cfg.video_mode, cfg.max_group, training,
                                  cfg.linkage)
     learned = LearnedPattern(spec, e.reshape(*grid, cfg.dim), "pattern")
     costs = merge_costs(val, grid, learned, cfg)
-    oracle = oracle_costs(train, val, grid, cfg)
+    oracle = oracle_costs(train, val, grid, cfg, alpha)
     log(format_costs(costs, oracle))
+    worse = [r for r, row in costs[cfg.feature].items()
+             if row["learned"] >= min(v for k, v in row.items() if k != "learned")]
+    if worse:
+        log(f"note: on held-out rollouts the learned pattern does not beat the best training-free one at ratio "
+            f"{', '.join(worse)}: more rollouts (--pool; a pattern fitted to few samples follows their noise) "
+            f"may help, else use a training-free order there")
     training["validation"] = {"costs": costs, "direct_clustering": oracle}
     training["seconds"] = round(time.time() - t0, 1)
     learned = LearnedPattern(PatternSpec(**{**asdict(spec), "grid": tuple(spec.grid), "training": training}),

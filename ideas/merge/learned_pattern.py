@@ -136,6 +136,22 @@ class LearnedPattern:
                 self.embedding, self.spec.grid, mode, self.spec.block, self.spec.max_group or None, self.spec.linkage)
         return self._dendrograms[mode]
 
+    def held_out_note(self, ratio: float) -> str | None:
+        """A warning if training's held-out validation found a training-free order cheaper at the
+        validated ratio nearest ``ratio`` (None if it did not, or if the file has no validation)."""
+        try:
+            val = self.spec.training["validation"]["costs"][self.spec.training["config"]["feature"]]
+            near = min(val, key=lambda r: abs(float(r) - ratio))
+            row = val[near]
+            best = min((v, k) for k, v in row.items() if k != "learned")
+        except (KeyError, TypeError, ValueError):
+            return None
+        if row["learned"] < best[0]:
+            return None
+        return (f"merge pattern {self.name}: on its training's held-out rollouts it merged worse than "
+                f"'{best[1]}' at ratio {near} (cost {row['learned']:.4g} against {best[0]:.4g}); "
+                f"order '{best[1]}' may do better, or retrain with more rollouts (--pool)")
+
     def pattern(self, grid, ratio: float, mode: str = "within_frames") -> tuple[torch.Tensor, torch.Tensor]:
         """``(groups, sizes)`` for ``grid`` (must be the trained one) at ``ratio``. Shared: do not modify."""
         self.check_grid(grid)

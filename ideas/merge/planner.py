@@ -11,11 +11,15 @@ already chose, is left as it is (one token reduction per step).
 
 from __future__ import annotations
 
+import logging
+
 from ...families import FamilyBinding
 from ...kernels.merge_pattern import merge_pattern
 from ...runtime.token_plan import MergePattern, StepInput, TokenPlan
 from .config import TokenMergeConfig
 from .learned_pattern import PatternError, attached_pattern
+
+log = logging.getLogger("elastic_tokens")
 
 
 class TokenMergePlanner:
@@ -62,6 +66,9 @@ class TokenMergeRun:
             cfg = self.config
             if self.learned is not None:
                 groups, sizes = self.learned.pattern(grid, cfg.ratio, cfg.video_mode)
+                note = self.learned.held_out_note(cfg.ratio)
+                if note:
+                    log.warning(f"Elastic Tokens: {note}")
                 name = f"learned {self.learned.name}/{cfg.video_mode} {cfg.ratio:g}"
             else:
                 groups, sizes = merge_pattern(grid, cfg.ratio, cfg.order, cfg.video_mode)
