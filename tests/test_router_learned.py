@@ -361,3 +361,12 @@ def test_learned_scorer_with_a_batch_and_cfg(trained, cases):
         assert all(k.numel() == budget_tokens(0.5, n) for k in runs[0].kept.values())
         kept.append(set(runs[0].kept[1].tolist()))
     assert kept[0] != kept[1]
+
+
+def test_load_token_router_is_listed_by_a_real_server(comfy_server):
+    info = comfy_server.object_info("ElasticTokensLoadTokenRouter")["ElasticTokensLoadTokenRouter"]
+    assert info["display_name"] == "Load Token Router" and info["output"] == ["MODEL"]
+    assert list(info["input"]["required"]) == ["model", "router_name"]
+    router = comfy_server.object_info("ElasticTokensTokenRouter")["ElasticTokensTokenRouter"]
+    scorer = router["input"]["required"]["scorer"]
+    assert "learned" in (scorer[0] if scorer[0] != "COMBO" else scorer[1]["options"])
