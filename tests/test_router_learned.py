@@ -340,3 +340,33 @@ def test_age_weighting_is_the_learned_scorers_default_and_an_option_for_the_othe
     assert bench_speed.parse_router("router=0.5/age=1")["age_weight"] is True
     with pytest.raises(ValueError, match="write age=1"):
         bench_speed.parse_router("router=0.5/age=yes")
+
+
+def test_learned_scorer_with_a_batch_and_cfg(trained, cases):
+    """Batch 2 with CFG: one kept set per step for the batch (each sample's softmax averaged), the
+    budget's count, finite output; the kept set follows the samples (other noise, other set)."""
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.kernels.token_scores import budget_tokens
+
+    model, (pos, neg), _, _ = cases["flux"]
+    with_router = attached(model, trained["flux"][0])
+    latent = tiny_models.flux_latent(64, 48, batch=2)
+    n = binding_for(model).grid_tokens(latent["samples"].shape)
+    kept = []
+    for seed in (3, 4):
+        runs = []
+        out = ksample(recording_router(with_router, runs, budget=0.5, scorer="learned", start_percent=0.0,
+                                       refresh_every=0, starvation=0.0), pos, neg, latent, cfg=2.0, seed=seed)
+        assert torch.isfinite(out).all() and out.shape[0] == 2
+        assert all(k.numel() == budget_tokens(0.5, n) for k in runs[0].kept.values())
+        kept.append(set(runs[0].kept[1].tolist()))
+    assert kept[0] != kept[1]
+
+
+def test_load_token_router_is_listed_by_a_real_server(comfy_server):
+    info = comfy_server.object_info("ElasticTokensLoadTokenRouter")["ElasticTokensLoadTokenRouter"]
+    assert info["display_name"] == "Load Token Router" and info["output"] == ["MODEL"]
+    assert list(info["input"]["required"]) == ["model", "router_name"]
+    router = comfy_server.object_info("ElasticTokensTokenRouter")["ElasticTokensTokenRouter"]
+    scorer = router["input"]["required"]["scorer"]
+    assert "learned" in (scorer[0] if scorer[0] != "COMBO" else scorer[1]["options"])
