@@ -343,8 +343,8 @@ def test_age_weighting_is_the_learned_scorers_default_and_an_option_for_the_othe
 
 
 def test_learned_scorer_with_a_batch_and_cfg(trained, cases):
-    """Batch 2 with CFG: one kept set per step for the batch (each sample's softmax averaged), the
-    budget's count, finite output; the kept set follows the samples (other noise, other set)."""
+    """Batch 2 with CFG: one kept set per sample and step from its own scores, the budget's count,
+    finite output; the kept sets follow the samples (the two samples, and other noise, differ)."""
     from elastic_tokens.families import binding_for
     from elastic_tokens.kernels.token_scores import budget_tokens
 
@@ -358,8 +358,9 @@ def test_learned_scorer_with_a_batch_and_cfg(trained, cases):
         out = ksample(recording_router(with_router, runs, budget=0.5, scorer="learned", start_percent=0.0,
                                        refresh_every=0, starvation=0.0), pos, neg, latent, cfg=2.0, seed=seed)
         assert torch.isfinite(out).all() and out.shape[0] == 2
-        assert all(k.numel() == budget_tokens(0.5, n) for k in runs[0].kept.values())
-        kept.append(set(runs[0].kept[1].tolist()))
+        assert all(k.shape == (2, budget_tokens(0.5, n)) for k in runs[0].kept.values())
+        assert any(not torch.equal(k[0], k[1]) for k in runs[0].kept.values())
+        kept.append(set(runs[0].kept[1][0].tolist()))
     assert kept[0] != kept[1]
 
 
