@@ -37,8 +37,9 @@ RMS velocity drift per step, which the planner multiplies by the age of the toke
 (ideas/drop/planner.py); that product, not the order alone, is what made the learned router beat
 ``ras`` in sampled images. ``ratio``'s logits only order tokens around each budget's threshold.
 
-``--router-lags N`` averages the target over cached velocities 1..N steps old instead (it ordered
-the held-out steps no better; the planner's age weighting covers older caches).
+``--router-lags N`` averages the target over cached velocities 1..N steps old instead (on the
+detail proxy N = 3 ordered the held-out steps about as well and sampled the same; the planner's age
+weighting already covers older caches).
 """
 
 from __future__ import annotations
