@@ -521,3 +521,23 @@ def test_rollouts_record_the_samplers_own_clean_estimates(tiny_flux):
     assert expected.calls == 4
     assert torch.allclose(recorded.mean("denoised"), expected.mean("denoised"), rtol=1e-4, atol=1e-6)
     assert not torch.allclose(recorded.mean("velocity"), recorded.mean("denoised"))
+
+
+def test_bench_speed_times_a_learned_pattern(pack, tmp_path):
+    """``merge=R:learned`` in bench/bench_speed.py: a learned pattern of random embeddings attached
+    as Load Merge Pattern does (timing only), merged to the ratio's token count."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "bench" / "bench_speed.py"), "--tiny", "--models", "flux", "--steps", "3",
+           "--repeats", "1", "--warmup", "0", "--cuda-graphs", "off", "--variants", "merge=0.5:learned",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "bench_speed.json").read_text())["results"]}
+    row = rows["merge=0.5:learned"]
+    assert row["status"] == "ok" and row["finite"] and row["config"]["order"] == "learned"
+    assert row["last_report"]["report"]["step_merged"] == [32] * 3 and row["tokens"] == {"1": 32 + 512}
