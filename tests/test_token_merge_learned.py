@@ -312,6 +312,29 @@ def test_learned_merge_reaches_the_ratio_and_ratio_zero_is_the_plain_model(flux_
     assert options_snapshot(model) == before and torch.equal(ksample(model, pos, neg, latent), base)
 
 
+def test_learned_merge_stacks_with_the_patch_schedule_and_cfg(flux_pattern, tiny_flux):
+    """Coarse steps of a Dynamic Patch Schedule are not merged (their grid is not the pattern's),
+    native ones are, in either graph order, with CFG on a batch of 2."""
+    from elastic_tokens import last_run_report
+    from elastic_tokens.ideas.merge.learned_pattern import attach_merge_pattern, load_pattern
+    from elastic_tokens.ideas.patch import apply_patch_schedule
+    from elastic_tokens.ideas.patch.config import PatchScheduleConfig
+
+    pos, neg = tiny_models.flux_conditioning(batch=2)
+    latent = tiny_models.flux_latent(128, 128, batch=2)
+    model = attach_merge_pattern(tiny_flux, load_pattern(flux_pattern[0]))
+    sched = PatchScheduleConfig(forced_schedule="2x3")
+    outs = []
+    for build in (lambda m: token_merge(apply_patch_schedule(m, sched), ratio=0.5, order="learned"),
+                  lambda m: apply_patch_schedule(token_merge(m, ratio=0.5, order="learned"), sched)):
+        stacked = build(model)
+        outs.append(ksample(stacked, pos, neg, latent, cfg=2.0))
+        rep = last_run_report(stacked)
+        assert rep.step_factors == [2, 2, 2, 1, 1, 1] and rep.step_merged == [0, 0, 0, 32, 32, 32]
+        assert not rep.fallbacks and torch.isfinite(outs[-1]).all()
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_wan_training_and_learned_merge_within_and_across_frames(wan_pattern, tiny_wan):
     from elastic_tokens import last_run_report
     from elastic_tokens.ideas.merge.learned_pattern import attach_merge_pattern, load_pattern
