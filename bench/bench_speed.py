@@ -52,6 +52,8 @@ Variants (``--variants``, comma-separated, run in order):
              (flags after MODE: ":noprop" turns it off; how outputs go back to the tokens:
              ":velocity" (default), ":renoise", ":residual", ":copy", see runtime/merge_path.py;
              e.g. merge=0.5:::noprop:residual)
+             ORDER learned: a learned pattern (Load Merge Pattern) of random per-position embeddings,
+             clustered as a trained one is: its irregular group sizes, not its quality
   merge=R[:ORDER[:MODE]]@SCHED  the same stacked on a forced patch schedule SCHED (any schedule
              token above: 2x80, s=1x6/2x22, ...): coarse steps run unmerged, native ones merged
 Suffix "+g" forces cuda_graphs=True, "+e" forces it off; a coarse variant without a suffix is
@@ -411,7 +413,7 @@ def parse_merge(raw: str, tok: str, steps: int) -> Variant:
     order = parts[1] if len(parts) > 1 and parts[1] else "spread"
     mode = parts[2] if len(parts) > 2 and parts[2] else "within_frames"
     try:
-        pack_module("kernels.merge_pattern").check_settings(ratio, order, mode)
+        pack_module("kernels.merge_pattern").check_settings(ratio, "spread" if order == "learned" else order, mode)
     except ValueError as e:
         raise ValueError(f"variant {raw}: {e}") from None
     sched = ""
@@ -426,14 +428,39 @@ def parse_merge(raw: str, tok: str, steps: int) -> Variant:
 def merged_tokens(binding, latent, ctx_len: int, merge: tuple) -> int:
     """Tokens of one sample's self-attention on a merged native step (the pack's own pattern)."""
     ratio, order, mode = merge[:3]
-    _, sizes = pack_module("kernels.merge_pattern").merge_pattern(binding.grid(latent), ratio, order, mode)
+    grid = binding.grid(latent)
+    if order == "learned":
+        _, sizes = random_learned_pattern(binding, grid).pattern(grid, ratio, mode)
+    else:
+        _, sizes = pack_module("kernels.merge_pattern").merge_pattern(grid, ratio, order, mode)
     return int(sizes.numel()) + (ctx_len if binding.joint_text else 0)
 
 
-def add_token_merge(patcher, merge: tuple):
+_RANDOM_PATTERNS: dict = {}
+
+
+def random_learned_pattern(binding, grid):
+    """A learned merge pattern of random per-position embeddings (seeded) for ``grid``: timed like a
+    trained one (irregular groups, clustered per run), its quality meaningless."""
+    import torch
+
+    key = (binding.family, tuple(grid))
+    if key not in _RANDOM_PATTERNS:
+        lp = pack_module("ideas.merge.learned_pattern")
+        spec = lp.PatternSpec(binding.family, tuple(grid), binding.native_patch, binding.temporal_patch,
+                              binding.latent_channels, binding.hidden_size, 16)
+        e = torch.randn(*grid, 16, generator=torch.Generator().manual_seed(0))
+        _RANDOM_PATTERNS[key] = lp.LearnedPattern(spec, e, "random (speed only)")
+    return _RANDOM_PATTERNS[key]
+
+
+def add_token_merge(patcher, merge: tuple, binding=None, latent=None):
     ratio, order, mode, proportional, unmerge = merge
     settings = dict(ratio=ratio, order=order, video_mode=mode, start_percent=0.0, end_percent=1.0,
                     proportional_attention=proportional, unmerge=unmerge)
+    if order == "learned":  # as Load Merge Pattern attaches one (no fingerprint: random weights)
+        pattern = random_learned_pattern(binding, binding.grid(latent))
+        patcher = pack_module("ideas.merge.learned_pattern").attach_merge_pattern(patcher, pattern)
     config = pack_module("ideas.merge.config").TokenMergeConfig(**settings)
     return pack_module("ideas.merge").apply_token_merge(patcher, config), settings
 
@@ -800,7 +827,7 @@ def bench_model(model: str, args, pack, record, save):
                 if v.schedule:
                     PatchScheduleConfig, apply_patch_schedule = pack
                     base = apply_patch_schedule(patcher, make_config(PatchScheduleConfig, v, args))
-                mp, cfg = add_token_merge(base, v.merge)
+                mp, cfg = add_token_merge(base, v.merge, binding, lshape)
                 res["config"] = cfg
             elif v.kind != "baseline":
                 if pack is None:

@@ -16,13 +16,15 @@ class TokenMerge(io.ComfyNode):
             display_name="Token Merge",
             category="model_patches/elastic_tokens",
             description=(
-                "Token merging with a global pattern for Flux and Wan 2.x (LGM-style, training-free): "
+                "Token merging with a global pattern for Flux and Wan 2.x (LGM-style; training-free, or learned "
+                "on your model with Load Merge Pattern and order 'learned'): "
                 "before the transformer blocks, groups of neighbouring image tokens (pairs, 2x2 squares, "
                 "or for video the same place in 2 or 4 consecutive frames) become one token, their mean; "
                 "after the blocks every token gets its group's prediction back, keeping its own noise. "
-                "Training-free: on small test models it loses to simply running fewer steps at the same "
-                "cost, so compare on your model. The pattern depends only on "
-                "the image size and the ratio, so every step and sample merge alike. Merged tokens count "
+                "On small test models it loses to simply running fewer steps at the same cost (a learned "
+                "pattern narrows the gap), so compare on your model. The pattern depends only on "
+                "the image size, the ratio (and a learned one on the model), so every step and sample merge "
+                "alike. Merged tokens count "
                 "as many tokens as they hold in attention. Stacks with Dynamic Patch Schedule (coarse "
                 "steps are not merged) and EasyCache; the log reports the tokens merged and the saving."),
             inputs=[

@@ -312,6 +312,29 @@ def test_learned_merge_reaches_the_ratio_and_ratio_zero_is_the_plain_model(flux_
     assert options_snapshot(model) == before and torch.equal(ksample(model, pos, neg, latent), base)
 
 
+def test_learned_merge_stacks_with_the_patch_schedule_and_cfg(flux_pattern, tiny_flux):
+    """Coarse steps of a Dynamic Patch Schedule are not merged (their grid is not the pattern's),
+    native ones are, in either graph order, with CFG on a batch of 2."""
+    from elastic_tokens import last_run_report
+    from elastic_tokens.ideas.merge.learned_pattern import attach_merge_pattern, load_pattern
+    from elastic_tokens.ideas.patch import apply_patch_schedule
+    from elastic_tokens.ideas.patch.config import PatchScheduleConfig
+
+    pos, neg = tiny_models.flux_conditioning(batch=2)
+    latent = tiny_models.flux_latent(128, 128, batch=2)
+    model = attach_merge_pattern(tiny_flux, load_pattern(flux_pattern[0]))
+    sched = PatchScheduleConfig(forced_schedule="2x3")
+    outs = []
+    for build in (lambda m: token_merge(apply_patch_schedule(m, sched), ratio=0.5, order="learned"),
+                  lambda m: apply_patch_schedule(token_merge(m, ratio=0.5, order="learned"), sched)):
+        stacked = build(model)
+        outs.append(ksample(stacked, pos, neg, latent, cfg=2.0))
+        rep = last_run_report(stacked)
+        assert rep.step_factors == [2, 2, 2, 1, 1, 1] and rep.step_merged == [0, 0, 0, 32, 32, 32]
+        assert not rep.fallbacks and torch.isfinite(outs[-1]).all()
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_wan_training_and_learned_merge_within_and_across_frames(wan_pattern, tiny_wan):
     from elastic_tokens import last_run_report
     from elastic_tokens.ideas.merge.learned_pattern import attach_merge_pattern, load_pattern
@@ -446,6 +469,29 @@ def test_resume_reuses_the_rollouts(cli, tmp_path, capsys):
     assert torch.equal(load_pattern(tmp_path / "a.safetensors").embedding, load_pattern(tmp_path / "b.safetensors").embedding)
 
 
+@pytest.mark.parametrize("proxy", ["image", "detail"])
+def test_the_committed_proxy_patterns_fit_the_committed_proxies(proxy, comfy, one_thread):
+    """Each committed proxy pattern passes the loader's checks (family, geometry, base-weight
+    fingerprint) against the proxy weights in the tree, so retrained proxy weights need a retrained
+    pattern; and its grid is the provider's."""
+    import importlib.util
+    from pathlib import Path
+
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.ideas.merge.learned_pattern import check_pattern, load_pattern
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks/proxy"
+    spec = importlib.util.spec_from_file_location(f"{proxy}_provider_for_pattern_test", root / f"{proxy}_provider.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    provider = module.make_provider()
+    model = provider.load()
+    binding = binding_for(model)
+    pattern = load_pattern(root / "adapters" / f"{proxy}_proxy_merge_pattern.safetensors")
+    check_pattern(model, pattern, binding)
+    assert pattern.spec.grid == binding.grid(tuple(provider.empty_latent(1).shape))
+
+
 def test_the_committed_image_proxy_pattern_beats_the_training_free_ones_on_held_out_rollouts():
     """The image proxy's pattern (benchmarks/proxy/adapters/) is for its 16x16 token grid, and its
     held-out merge cost (stored at training) is below spread's and border_first's at every ratio."""
@@ -464,26 +510,27 @@ def test_the_committed_image_proxy_pattern_beats_the_training_free_ones_on_held_
 
 
 def test_a_pattern_that_lost_on_held_out_rollouts_says_so_when_used(caplog):
-    """The detail proxy's pattern (32 CPU rollouts) merged worse than the training-free orders on
-    its held-out rollouts; sampling with it logs which order did better."""
+    """A pattern whose training found a training-free order cheaper on held-out rollouts (as the
+    detail proxy's did with few rollouts) logs which order did better when it is used."""
     import logging
-    from pathlib import Path
 
-    from elastic_tokens.families import FamilyBinding
     from elastic_tokens.ideas.merge.config import TokenMergeConfig
-    from elastic_tokens.ideas.merge.learned_pattern import load_pattern
+    from elastic_tokens.ideas.merge.learned_pattern import LearnedPattern, PatternSpec
     from elastic_tokens.ideas.merge.planner import TokenMergePlanner, TokenMergeRun
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks/proxy/adapters/detail_proxy_merge_pattern.safetensors"
-    assert path.stat().st_size < 300 * 1024
-    pattern = load_pattern(path)
-    assert pattern.spec.grid == (1, 32, 32)
+    costs = {"0.25": {"spread": 0.03, "border_first": 0.02, "learned": 0.01},
+             "0.5": {"spread": 0.06, "border_first": 0.07, "learned": 0.08}}
+    training = {"config": {"feature": "denoised"}, "validation": {"costs": {"denoised": costs}}}
+    spec = PatternSpec("flux", (1, 8, 8), 2, 1, 16, 64, 8, training=training)
+    pattern = LearnedPattern(spec, torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(8)), "p.safetensors")
+    assert pattern.held_out_note(0.25) is None  # it won there
     note = pattern.held_out_note(0.45)
-    assert note and "at ratio 0.5" in note and "'spread'" in note  # the cheapest order there
+    assert note and "at ratio 0.5" in note and "'spread'" in note and "p.safetensors" in note
+    assert LearnedPattern(PatternSpec("flux", (1, 8, 8), 2, 1, 16, 64, 8), pattern.embedding).held_out_note(0.5) is None
     run = TokenMergeRun(TokenMergePlanner(TokenMergeConfig(ratio=0.5, order="learned"), 1.0, 0.0), None, pattern)
     with caplog.at_level(logging.WARNING, logger="elastic_tokens"):
-        merge = run.pattern((1, 32, 32))
-    assert merge.count == 512 and "merged worse than" in caplog.text
+        merge = run.pattern((1, 8, 8))
+    assert merge.count == 32 and "merged worse than 'spread'" in caplog.text
 
 
 def test_rollouts_record_the_samplers_own_clean_estimates(tiny_flux):
@@ -521,3 +568,23 @@ def test_rollouts_record_the_samplers_own_clean_estimates(tiny_flux):
     assert expected.calls == 4
     assert torch.allclose(recorded.mean("denoised"), expected.mean("denoised"), rtol=1e-4, atol=1e-6)
     assert not torch.allclose(recorded.mean("velocity"), recorded.mean("denoised"))
+
+
+def test_bench_speed_times_a_learned_pattern(pack, tmp_path):
+    """``merge=R:learned`` in bench/bench_speed.py: a learned pattern of random embeddings attached
+    as Load Merge Pattern does (timing only), merged to the ratio's token count."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "bench" / "bench_speed.py"), "--tiny", "--models", "flux", "--steps", "3",
+           "--repeats", "1", "--warmup", "0", "--cuda-graphs", "off", "--variants", "merge=0.5:learned",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "bench_speed.json").read_text())["results"]}
+    row = rows["merge=0.5:learned"]
+    assert row["status"] == "ok" and row["finite"] and row["config"]["order"] == "learned"
+    assert row["last_report"]["report"]["step_merged"] == [32] * 3 and row["tokens"] == {"1": 32 + 512}
