@@ -43,7 +43,7 @@ Variants (``--variants``, comma-separated, run in order):
              step after the first (dense: nothing to score yet); router=1.0: the node's overhead
              (an idle router is the plain model); scorer=learned times an untrained router network
              of the trained files' size (its cost does not depend on its weights); age=1 / age=0
-             multiplies the scores by the age of each token's cached output (default: learned only)
+             multiplies the scores by the age of each token's cached output (default: on)
   router=B@SCHED  the router stacked with a forced patch schedule SCHED (2x80, 4x80, 2x, s=...):
              coarse steps run every token of their grid, the router routes the native ones
   merge=R[:ORDER[:MODE]]  the Token Merge node at ratio R (0..0.75; ORDER spread|border_first, MODE

@@ -571,13 +571,14 @@ def test_attend_skipped_through_the_ksampler_wraps_an_existing_override(cases, f
 
 def test_each_scorer_ranks_by_its_own_signal(cases):
     """The three scorers read different signals of one trajectory: at the first step where all
-    three have what they need (step 2: three latents), their kept sets differ."""
+    three have what they need (step 2: three latents), their kept sets differ (bare scores: the
+    age weighting, the same for all three, is off)."""
     model, (pos, neg), latent, cfg = cases["wan"]
     kept = {}
     for scorer in ("ras", "context", "change"):
         runs = []
         ksample(recording_router(model, runs, budget=0.5, start_percent=0.0, refresh_every=0, scorer=scorer,
-                                 starvation=0.0), pos, neg, latent, cfg=cfg)
+                                 starvation=0.0, age_weight=False), pos, neg, latent, cfg=cfg)
         kept[scorer] = [set(runs[0].kept[s].tolist()) for s in (1, 2)]
     assert kept["ras"][0] == kept["change"][0]  # change has only two latents at step 1: it reads ras
     assert kept["ras"][1] != kept["change"][1] and kept["ras"][1] != kept["context"][1]

@@ -323,14 +323,14 @@ def test_bench_quality_runs_the_learned_router_from_a_file(trained, cases):
                                                                                       router_file=None), None)
 
 
-def test_age_weighting_is_the_learned_scorers_default_and_an_option_for_the_others(pack):
+def test_age_weighting_is_every_scorers_default_and_can_be_turned_off(pack):
     import sys
     from pathlib import Path
 
     from elastic_tokens.ideas.drop.config import RouterConfig
 
-    assert RouterConfig(scorer="learned").ages_scores and not RouterConfig(scorer="ras").ages_scores
-    assert RouterConfig(scorer="ras", age_weight=True).ages_scores
+    assert RouterConfig(scorer="learned").ages_scores and RouterConfig(scorer="ras").ages_scores
+    assert not RouterConfig(scorer="ras", age_weight=False).ages_scores
     assert not RouterConfig(scorer="learned", age_weight=False).ages_scores
     with pytest.raises(ValueError, match="age_weight must be true, false or None"):
         RouterConfig(age_weight="yes")

@@ -34,8 +34,9 @@ class RouterConfig:
       (DC-DiT's "Lite-CFG": the negative prompt's prediction only steers, so it can afford
       fewer tokens); its kept set is a subset of the cond branch's. 1.0 = as ``budget``;
     * ``age_weight``: multiply each token's score by the age of its cached output (skipped k times
-      in a row: k + 1), a stronger refresh pressure than the starvation term. None = the scorer's
-      default: on for ``learned`` (its score is a drift per step), off for the training-free ones.
+      in a row: k + 1), a stronger refresh pressure than the starvation term: a score is an error
+      per step, and a stale output's error grows with its age. None = the default, on for every
+      scorer (chosen by measurement, BENCHMARKS.md §9); False for the bare scores.
     """
 
     budget: float = 0.5
@@ -88,7 +89,7 @@ class RouterConfig:
     @property
     def ages_scores(self) -> bool:
         """Scores are multiplied by the age of each token's cached output (see ``age_weight``)."""
-        return self.scorer == "learned" if self.age_weight is None else self.age_weight
+        return True if self.age_weight is None else self.age_weight
 
     @property
     def never_routes(self) -> bool:
