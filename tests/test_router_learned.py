@@ -371,3 +371,23 @@ def test_load_token_router_is_listed_by_a_real_server(comfy_server):
     router = comfy_server.object_info("ElasticTokensTokenRouter")["ElasticTokensTokenRouter"]
     scorer = router["input"]["required"]["scorer"]
     assert "learned" in (scorer[0] if scorer[0] != "COMBO" else scorer[1]["options"])
+
+
+@pytest.mark.parametrize("proxy", ["image", "detail"])
+def test_the_committed_proxy_routers_fit_the_committed_proxies(proxy, pack, one_thread):
+    """Each committed proxy router passes the loader's checks (family, patch, base-weight
+    fingerprint) against the proxy weights in the tree: retrained proxy weights need retrained
+    routers (the detail proxy's were, once, and the old router was refused)."""
+    import importlib.util
+    from pathlib import Path
+
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.ideas.drop.router_file import check_router, load_router
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks/proxy"
+    spec = importlib.util.spec_from_file_location(f"{proxy}_provider_for_router_test", root / f"{proxy}_provider.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.make_provider().load()
+    check_router(model, load_router(root / "routers" / f"{proxy}_proxy_router.safetensors"), binding_for(model),
+                 f"{proxy}_proxy_router")
