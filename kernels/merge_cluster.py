@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .merge_pattern import MAX_RATIO, VIDEO_MODES
+from .merge_pattern import MAX_RATIO, VIDEO_MODES, number_groups, token_grid
 
 FRAMES_ACROSS = 4  # frames of an across-frames block (as the training-free ladder)
 FRAMES_BOTH = 2    # frames of a "both" block
@@ -167,7 +167,7 @@ class Dendrograms:
                        max_size: int | None = None, linkage: str = "average"):
         """Dendrograms of an embedding ``(frames, rows, cols, d)`` or ``(N, d)`` on ``grid`` (groups of
         at most ``max_size`` tokens; default: a whole block)."""
-        grid = _grid(grid)
+        grid = token_grid(grid)
         e = embedding.reshape(-1, embedding.shape[-1])
         if e.shape[0] != grid[0] * grid[1] * grid[2]:
             raise ValueError(f"embedding has {e.shape[0]} positions, grid {grid} has {grid[0] * grid[1] * grid[2]}")
@@ -208,31 +208,6 @@ class Dendrograms:
             hit = (step < k).unsqueeze(1) & (labels == b.unsqueeze(1))
             labels = torch.where(hit, a.unsqueeze(1).expand_as(labels), labels)
         return number_groups(self.cells, labels, n)
-
-
-def number_groups(cells: torch.Tensor, labels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Groups ``0..K-1`` numbered by first token from per-block cell labels, and their sizes."""
-    block = torch.arange(cells.shape[0]).view(-1, 1).expand_as(cells)
-    ok = cells >= 0
-    key = (block * cells.shape[1] + labels)[ok]
-    token = cells[ok]
-    _, inverse = torch.unique(key, return_inverse=True)
-    count = int(inverse.max()) + 1
-    first = torch.full((count,), n, dtype=torch.long).scatter_reduce(0, inverse, token, "amin")
-    rank = torch.empty(count, dtype=torch.long)
-    rank[torch.argsort(first)] = torch.arange(count)
-    groups = torch.empty(n, dtype=torch.long)
-    groups[token] = rank[inverse]
-    return groups, torch.bincount(groups, minlength=count)
-
-
-def _grid(grid) -> tuple[int, int, int]:
-    grid = tuple(int(v) for v in grid)
-    if len(grid) == 2:
-        grid = (1,) + grid
-    if len(grid) != 3 or min(grid) < 1:
-        raise ValueError(f"token grid must be (rows, cols) or (frames, rows, cols) of positive sizes, got {grid}")
-    return grid
 
 
 def cluster_pattern(embedding: torch.Tensor, grid, ratio: float, mode: str = "within_frames",

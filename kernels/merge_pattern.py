@@ -176,12 +176,18 @@ def _pattern(frames: int, h: int, w: int, ratio: float, order: str, mode: str):
         block_order = torch.argsort(spread, stable=True)
     level = _levels(removal, block_order, target, order == "border_first")
     labels = ladder[variant, level]                # (B, C)
+    return number_groups(cells, labels, n)
+
+
+def number_groups(cells: torch.Tensor, labels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups ``0..K-1`` from per-block cell labels (``cells``: the token of each cell of each
+    block, -1 for none), numbered by their first token so singletons keep token order; and their
+    sizes."""
     block = torch.arange(cells.shape[0]).view(-1, 1).expand_as(cells)
     ok = cells >= 0
     key = (block * cells.shape[1] + labels)[ok]
     token = cells[ok]
     _, inverse = torch.unique(key, return_inverse=True)
-    # number the groups by their first token, so singletons keep token order
     count = int(inverse.max()) + 1
     first = torch.full((count,), n, dtype=torch.long).scatter_reduce(0, inverse, token, "amin")
     rank = torch.empty(count, dtype=torch.long)
@@ -201,9 +207,14 @@ def merge_pattern(grid, ratio: float, order: str = "spread", mode: str = "within
     not modify them.
     """
     check_settings(ratio, order, mode)
+    return _pattern(*token_grid(grid), float(ratio), order, mode)
+
+
+def token_grid(grid) -> tuple[int, int, int]:
+    """``(frames, rows, cols)`` of a grid given as ``(rows, cols)`` or ``(frames, rows, cols)``."""
     grid = tuple(int(v) for v in grid)
     if len(grid) == 2:
         grid = (1,) + grid
     if len(grid) != 3 or min(grid) < 1:
         raise ValueError(f"token grid must be (rows, cols) or (frames, rows, cols) of positive sizes, got {grid}")
-    return _pattern(*grid, float(ratio), order, mode)
+    return grid
