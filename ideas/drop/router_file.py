@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..learned_file import base_fingerprint, check_fits, read_safetensors
 from ..patch.adapter_file import FORMAT as ADAPTER_FORMAT
-from ..patch.adapter_file import base_fingerprint, fingerprint_problems
 from .router_net import FEATURES, RouterNet, feature_count
 
 FORMAT = "elastic_tokens.token_router"
@@ -131,19 +131,8 @@ def save_router(net: RouterNet, spec: RouterSpec, path: str | Path) -> Path:
 
 def load_router(path: str | Path) -> TokenRouter:
     """Read a router file (``.safetensors`` only, finite tensors only)."""
-    from safetensors import safe_open
-
     path = Path(path)
-    if path.suffix != ".safetensors":
-        raise RouterFileError(f"{path.name}: token routers are loaded from .safetensors files only")
-    if not path.is_file():
-        raise RouterFileError(f"token router file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise RouterFileError(f"{path.name}: not a readable safetensors file ({e})") from e
+    meta, tensors = read_safetensors(path, RouterFileError, "token routers", "token router file")
     spec = RouterSpec.from_metadata(meta, path.name)
     state = {}
     for key, t in tensors.items():
@@ -163,22 +152,9 @@ def load_router(path: str | Path) -> TokenRouter:
 
 def check_router(model_patcher, router: TokenRouter, binding, name: str = "router") -> None:
     """Raise :class:`RouterFileError` if ``router`` was not trained on this model."""
-    spec = router.spec
-    if spec.family != binding.family:
-        raise RouterFileError(f"{name} was trained for a {spec.family.upper()} model; this MODEL is "
-                              f"{binding.family.upper()}. Load a token router trained on this model.")
-    mismatch = [f"{what} {a} vs. model {b}" for what, a, b in (
-        ("native patch", spec.native_patch, binding.native_patch),
-        ("temporal patch", spec.temporal_patch, binding.temporal_patch),
-        ("latent channels", spec.latent_channels, binding.latent_channels)) if a != b]
-    if mismatch:
-        raise RouterFileError(f"{name} does not fit this {binding.family.upper()} model: router "
-                              + "; router ".join(mismatch) + ". It was trained on another model.")
-    problems = fingerprint_problems(spec.fingerprint, base_fingerprint(model_patcher, binding))
-    if problems:
-        raise RouterFileError(f"{name} was trained on other base weights than this MODEL ("
-                              + "; ".join(problems[:2]) + "). Train a router for this model with "
-                              "scripts/train_patch_adapter.py --mode router.")
+    check_fits(model_patcher, router.spec, binding, name, RouterFileError, word="router", a_word="a token router",
+               fields=("native_patch", "temporal_patch", "latent_channels"),
+               retrain="a router for this model with scripts/train_patch_adapter.py --mode router.")
 
 
 def attach_router(model_patcher, router: TokenRouter, name: str = "router"):

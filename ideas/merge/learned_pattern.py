@@ -29,6 +29,7 @@ import torch
 
 from ...kernels.merge_cluster import LINKAGES, Dendrograms
 from ...kernels.merge_pattern import VIDEO_MODES
+from ..learned_file import base_fingerprint, check_fits, read_safetensors
 
 FORMAT = "elastic_tokens.merge_pattern"
 FORMAT_VERSION = 1
@@ -62,8 +63,6 @@ class PatternSpec:
     @classmethod
     def for_model(cls, model_patcher, binding, grid, dim: int, block: int = 4, video_mode: str = "within_frames",
                   max_group: int = 0, training: dict | None = None, linkage: str = "average") -> "PatternSpec":
-        from ..patch.adapter_file import base_fingerprint
-
         return cls(binding.family, tuple(int(v) for v in grid), binding.native_patch, binding.temporal_patch,
                    binding.latent_channels, binding.hidden_size, int(dim), int(block), video_mode, int(max_group),
                    linkage, base_fingerprint(model_patcher, binding), dict(training or {}))
@@ -176,25 +175,13 @@ def save_pattern(pattern: LearnedPattern, path: str | Path) -> Path:
 
 def load_pattern(path: str | Path) -> LearnedPattern:
     """Read a merge pattern; ``.safetensors`` only (no pickle is ever loaded)."""
-    from safetensors import safe_open
-
     path = Path(path)
-    if path.suffix != ".safetensors":
-        raise PatternError(f"{path.name}: merge patterns are loaded from .safetensors files only")
-    if not path.is_file():
-        raise PatternError(f"merge pattern file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            spec = PatternSpec.from_metadata(meta, path.name)
-            keys = list(f.keys())
-            if keys != ["embedding"]:
-                raise PatternError(f"{path.name}: expected one tensor 'embedding', found {keys[:4]}")
-            embedding = f.get_tensor("embedding")
-    except PatternError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise PatternError(f"{path.name}: not a readable safetensors file ({e})") from e
+    meta, tensors = read_safetensors(path, PatternError, "merge patterns", "merge pattern file")
+    spec = PatternSpec.from_metadata(meta, path.name)
+    keys = list(tensors)
+    if keys != ["embedding"]:
+        raise PatternError(f"{path.name}: expected one tensor 'embedding', found {keys[:4]}")
+    embedding = tensors["embedding"]
     return LearnedPattern(spec, embedding, path.name)
 
 
@@ -212,25 +199,9 @@ class PatternHolder:
 
 def check_pattern(model_patcher, pattern: LearnedPattern, binding) -> None:
     """Raise :class:`PatternError` with a readable reason if ``pattern`` was not made for this model."""
-    from ..patch.adapter_file import base_fingerprint, fingerprint_problems
-
-    spec, name = pattern.spec, pattern.name
-    if spec.family != binding.family:
-        raise PatternError(f"{name} was trained for a {spec.family.upper()} model; this MODEL is "
-                           f"{binding.family.upper()}. Load a merge pattern trained on this model.")
-    mismatch = [f"{what} {a} vs. model {b}" for what, a, b in (
-        ("native patch", spec.native_patch, binding.native_patch),
-        ("temporal patch", spec.temporal_patch, binding.temporal_patch),
-        ("latent channels", spec.latent_channels, binding.latent_channels),
-        ("hidden size", spec.hidden_size, binding.hidden_size)) if a != b]
-    if mismatch:
-        raise PatternError(f"{name} does not fit this {binding.family.upper()} model: pattern "
-                           + "; pattern ".join(mismatch) + ". It was trained on another model.")
-    problems = fingerprint_problems(spec.fingerprint, base_fingerprint(model_patcher, binding))
-    if problems:
-        raise PatternError(f"{name} was trained on other base weights than this MODEL ("
-                           + "; ".join(problems[:2]) + "). Train a merge pattern for this model with "
-                           "scripts/train_patch_adapter.py --mode pattern.")
+    check_fits(model_patcher, pattern.spec, binding, pattern.name, PatternError, word="pattern",
+               a_word="a merge pattern", fields=("native_patch", "temporal_patch", "latent_channels", "hidden_size"),
+               retrain="a merge pattern for this model with scripts/train_patch_adapter.py --mode pattern.")
 
 
 def attach_merge_pattern(model_patcher, pattern: LearnedPattern):

@@ -17,7 +17,8 @@ import torch
 
 from ...families import FamilyBinding, binding_for
 from ...runtime.lora_hooks import activation_lora
-from .adapter_file import AdapterError, PatchAdapter, base_fingerprint, fingerprint_problems
+from ..learned_file import check_fits
+from .adapter_file import AdapterError, PatchAdapter
 
 ADAPTER_KEY = "elastic_tokens_patch_adapter"
 log = logging.getLogger("elastic_tokens")
@@ -59,29 +60,16 @@ class AdapterHolder:
 
 def check_adapter(model_patcher, adapter: PatchAdapter, binding: FamilyBinding, name: str = "adapter") -> None:
     """Raise :class:`AdapterError` with a readable reason if ``adapter`` was not made for this model."""
-    spec = adapter.spec
-    if spec.family != binding.family:
-        raise AdapterError(f"{name} was trained for a {spec.family.upper()} model; this MODEL is "
-                           f"{binding.family.upper()}. Load an adapter trained on this model.")
-    mismatch = [f"{what} {a} vs. model {b}" for what, a, b in (
-        ("native patch", spec.native_patch, binding.native_patch),
-        ("latent channels", spec.latent_channels, binding.latent_channels),
-        ("hidden size", spec.hidden_size, binding.hidden_size),
-        ("temporal patch", spec.temporal_patch, binding.temporal_patch)) if a != b]
-    if mismatch:
-        raise AdapterError(f"{name} does not fit this {binding.family.upper()} model: adapter "
-                           + "; adapter ".join(mismatch) + ". It was trained on another model.")
-    dm = model_patcher.model.diffusion_model
-    missing = [m for layers in adapter.lora.values() for m in layers
-               if not isinstance(_submodule(dm, m), torch.nn.Linear)]
-    if missing:
-        raise AdapterError(f"{name}: its LoRA targets {missing[:3]} are not Linear layers of this model "
-                           f"(another architecture or size).")
-    problems = fingerprint_problems(spec.fingerprint, base_fingerprint(model_patcher, binding))
-    if problems:
-        raise AdapterError(f"{name} was trained on other base weights than this MODEL ("
-                           + "; ".join(problems[:2]) + "). Train an adapter for this model with "
-                           "scripts/train_patch_adapter.py.")
+    def lora_targets():
+        dm = model_patcher.model.diffusion_model
+        missing = [m for layers in adapter.lora.values() for m in layers
+                   if not isinstance(_submodule(dm, m), torch.nn.Linear)]
+        if missing:
+            raise AdapterError(f"{name}: its LoRA targets {missing[:3]} are not Linear layers of this model "
+                               f"(another architecture or size).")
+    check_fits(model_patcher, adapter.spec, binding, name, AdapterError, word="adapter", a_word="an adapter",
+               fields=("native_patch", "latent_channels", "hidden_size", "temporal_patch"),
+               retrain="an adapter for this model with scripts/train_patch_adapter.py.", after_geometry=lora_targets)
 
 
 def _submodule(dm, name):

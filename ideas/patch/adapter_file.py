@@ -26,17 +26,16 @@ settings).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..learned_file import base_fingerprint, fingerprint, fingerprint_problems, read_safetensors  # noqa: F401
+
 FORMAT = "elastic_tokens.patch_adapter"
 FORMAT_VERSION = 1
-FINGERPRINT_SAMPLES = 256
-FINGERPRINT_MIN_COSINE = 0.98  # fp8 / bf16 casts of the same weights stay above 0.99
 
 
 class AdapterError(ValueError):
@@ -172,19 +171,8 @@ def save_adapter(adapter: PatchAdapter, path: str | Path) -> Path:
 
 def load_adapter(path: str | Path) -> PatchAdapter:
     """Read an adapter; only ``.safetensors`` (no pickle is ever loaded), only finite tensors."""
-    from safetensors import safe_open
-
     path = Path(path)
-    if path.suffix != ".safetensors":
-        raise AdapterError(f"{path.name}: patch adapters are loaded from .safetensors files only")
-    if not path.is_file():
-        raise AdapterError(f"adapter file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise AdapterError(f"{path.name}: not a readable safetensors file ({e})") from e
+    meta, tensors = read_safetensors(path, AdapterError, "patch adapters", "adapter file")
     spec = AdapterSpec.from_metadata(meta, path.name)
     for key, t in tensors.items():  # a NaN/inf weight would turn every coarse step into NaN latents
         if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
@@ -215,58 +203,3 @@ def load_adapter(path: str | Path) -> PatchAdapter:
     except RuntimeError as e:
         raise AdapterError(f"{path.name}: tensors do not match its metadata ({e})") from e
     return adapter.eval().requires_grad_(False)
-
-
-# ----------------------------------------------------------------------------- base-weight fingerprint
-
-def fingerprint(named: dict[str, torch.Tensor], samples: int = FINGERPRINT_SAMPLES) -> dict:
-    """A few hundred strided values of each tensor (by name), enough to recognise the weights.
-
-    Compared by cosine similarity (:func:`fingerprint_problems`), so casts (bf16, fp16, fp8 with a
-    per-tensor scale) of the same base model still match, while another model does not.
-    """
-    out = {}
-    for name, t in named.items():
-        flat = t.detach().reshape(-1)
-        k = min(samples, flat.numel())
-        # round(i * (n - 1) / (k - 1)) in exact integers (a float32 linspace overshoots the end for
-        # tensors of ~10^7 elements; for small ones this equals it, so older files still match)
-        n, d = flat.numel() - 1, max(k - 1, 1)
-        idx = torch.tensor([(2 * i * n + d) // (2 * d) for i in range(k)], device=flat.device)
-        values = flat[idx].float().cpu().tolist()
-        out[name] = {"shape": list(t.shape), "values": [float(f"{v:.5g}") for v in values]}
-    return out
-
-
-def fingerprint_problems(stored: dict, current: dict) -> list[str]:
-    """Why ``current`` weights are not the ones ``stored`` was taken from (empty: they match)."""
-    problems = []
-    for name, ref in stored.items():
-        cur = current.get(name)
-        if cur is None:
-            continue  # not readable here (e.g. a quantised format): not evidence of a mismatch
-        if list(cur["shape"]) != list(ref["shape"]):
-            problems.append(f"{name} has shape {cur['shape']}, the adapter expects {ref['shape']}")
-            continue
-        a = torch.tensor(ref["values"], dtype=torch.float64)
-        b = torch.tensor(cur["values"], dtype=torch.float64)
-        denom = float(a.norm() * b.norm())
-        cos = float(a @ b) / denom if denom > 0 else (1.0 if float((a - b).abs().max()) == 0 else 0.0)
-        if not math.isfinite(cos) or cos < FINGERPRINT_MIN_COSINE:
-            problems.append(f"{name} differs (similarity {cos:.3f})")
-    return problems
-
-
-def base_fingerprint(model_patcher, binding) -> dict:
-    """Fingerprint of the base weights as loaded, before any user LoRA (uses ComfyUI's backups)."""
-    dm = model_patcher.model.diffusion_model
-    backup = getattr(model_patcher, "backup", {}) or {}
-    named = {}
-    for name in binding.fingerprint_names:
-        key = f"diffusion_model.{name}"
-        try:
-            t = backup[key].weight if key in backup else dm.get_parameter(name)
-            named[name] = t.float() if t.dtype not in (torch.float32, torch.float16, torch.bfloat16) else t
-        except Exception:  # quantised or unusual storage: skip, the check then relies on the rest
-            continue
-    return fingerprint(named)
