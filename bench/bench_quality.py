@@ -745,10 +745,11 @@ def quality_row(setting: Setting, res: dict, feats: np.ndarray, real_feats: np.n
                wall_s=res["wall_s"], s_per_image=res["wall_s"] / n)
     if setting.perturb:
         row["perturb"] = setting.perturb
-    row["fid"] = qm.fid_from_features(feats, real_feats)
-    row["kid_mean"], row["kid_std"] = qm.kid_from_features(
-        feats, real_feats, subsets=args.kid_subsets, subset_size=args.kid_subset_size, seed=args.seed,
-        device=args.metric_device)
+    if feats is not None:
+        row["fid"] = qm.fid_from_features(feats, real_feats)
+        row["kid_mean"], row["kid_std"] = qm.kid_from_features(
+            feats, real_feats, subsets=args.kid_subsets, subset_size=args.kid_subset_size, seed=args.seed,
+            device=args.metric_device)
     if base_images is not None:
         pm = qm.paired_metrics(base_images, res["images"], lpips)
         b = args.bootstrap
@@ -893,6 +894,23 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+PLOT_GROUP_DEFAULT = "Dynamic Patch Schedule, training-free"
+
+
+def _plot_group(setting: str) -> str:
+    """The legend entry of a node row: which idea it is, learned or training-free."""
+    if setting.startswith("router="):
+        return "Elastic Token Router" + (", learned" if "scorer=learned" in setting else ", training-free")
+    if setting.startswith("merge="):
+        return "Token Merge" + (", learned pattern" if ":learned" in setting else ", training-free")
+    if setting.startswith("easycache="):
+        return "EasyCache (ComfyUI)"
+    if "+A" not in setting:
+        return PLOT_GROUP_DEFAULT
+    label = setting.rsplit("[", 1)[1].rstrip("]") if setting.endswith("]") else ""
+    return "Dynamic Patch Schedule + patch adapter" + (f" {label}" if label else "")
+
+
 def plot(record: dict, path: Path) -> None:
     import matplotlib
 
@@ -923,17 +941,13 @@ def plot(record: dict, path: Path) -> None:
             nodes = [r for r in rows if r["kind"] == "node" and r.get(xk) is not None and r.get(yk) is not None]
             annotate = len(nodes) <= 10  # beyond that the labels only hide each other: the table has them
             groups: dict = {}
-            for r in nodes:  # training-free, "+A", or "+A [label]" of merged runs: one colour each
-                label = (None if "+A" not in r["setting"]
-                         else (r["setting"].rsplit("[", 1)[1].rstrip("]") if r["setting"].endswith("]") else ""))
-                groups.setdefault(label, []).append(r)
+            for r in nodes:  # one colour per idea (and per adapter label of merged runs)
+                groups.setdefault(_plot_group(r["setting"]), []).append(r)
             palette = iter(["#2e9e4f", "#d9822b", "#8e44ad", "#c0392b", "#16a085", "#e84393", "#b8860b",
                             "#00bcd4", "#6d4c41", "#7f8c8d"])
-            for label in sorted(groups, key=lambda g: (g is not None, g or "")):
-                group = groups[label]
-                color = "#2a7ab9" if label is None else next(palette, "#555555")
-                name = ("Dynamic Patch Schedule, training-free" if label is None else
-                        "Dynamic Patch Schedule + patch adapter" + (f" {label}" if label else ""))
+            for name in sorted(groups, key=lambda g: (g != PLOT_GROUP_DEFAULT, g)):
+                group = groups[name]
+                color = "#2a7ab9" if name == PLOT_GROUP_DEFAULT else next(palette, "#555555")
                 ax.scatter([r[xk] for r in group], [r[yk] for r in group], color=color, zorder=6, label=name)
                 for r in group if annotate else ():
                     ax.annotate(r["setting"], (r[xk], r[yk]), textcoords="offset points", xytext=(4, 4),
@@ -1021,6 +1035,8 @@ def parse_args(argv=None):
     p.add_argument("--perturb", type=float, default=2.0 ** -8,
                    help="eps of the perturbed-baseline row (default 2^-8, one bf16 rounding step; 0 = skip)")
     p.add_argument("--no-seeds-b", action="store_true", help="skip the baseline at a second seed set")
+    p.add_argument("--no-fid", action="store_true",
+                   help="no FID/KID (no Inception network needed): paired metrics (LPIPS/PSNR/SSIM) only")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up batches per row (default 1)")
     p.add_argument("--size", type=int, default=None, help="image size for tiny-flux (default 128)")
     p.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex")
@@ -1085,7 +1101,9 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         meta["notes"].append("CPU wall times: measured speedups are not GPU speedups")
 
-    inception = qm.InceptionFeatures(device)
+    inception = None if args.no_fid else qm.InceptionFeatures(device)
+    if args.no_fid:
+        meta["notes"].append("--no-fid: FID/KID not computed")
     lpips = qm.LPIPS(args.lpips_net, device)
     print(f"bench_quality: model={provider.name} n={args.n} steps={steps} device={args.device} "
           f"settings={args.settings}", flush=True)
@@ -1093,7 +1111,7 @@ def main(argv=None) -> int:
 
     rows: list[dict] = []
     samples: dict[str, np.ndarray] = {}
-    record = {"meta": meta, "rows": rows, "spread": {}}
+    record = {"meta": meta, "rows": rows, "spread": {}, "complete": False}
     t_metrics = 0.0
     real_feats = {}
 
@@ -1105,19 +1123,21 @@ def main(argv=None) -> int:
         if hw is None:
             hw = res["images"].shape[1:3]
             real = real_provider.images(args.n, hw)
-            real_feats["real"] = inception(real)
+            real_feats["real"] = inception(real) if inception else None
             meta["real"] = {**real_provider.describe(), "n": len(real), "size": list(hw)}
             if args.save_samples:
                 samples["real (held out)"] = real[:args.save_samples]
-        feats = inception(res["images"])
+        feats = inception(res["images"]) if inception else None
         row = quality_row(setting, res, feats, real_feats["real"],
                           res["images"] if setting.kind == "baseline" else base_images, lpips, args)
         t_metrics += time.perf_counter() - t0
         rows.append(row)
         if args.save_samples:
             samples[setting.name] = res["images"][:args.save_samples]
+        # every row so far, so a run cut by a time limit still leaves its measured rows
+        (out_dir / "bench_quality.json").write_text(json.dumps(record, indent=1, default=_json_default))
         print(f"  {setting.name:<20} {setting.kind:<18} steps={setting.steps:<3} wall={row['wall_s']:.3f}s "
-              f"FID={row['fid']:.2f} KID={row['kid_mean']:.4f} LPIPS={_fmt(row['lpips'], '.4f')} "
+              f"FID={_fmt(row['fid'], '.2f')} KID={_fmt(row['kid_mean'], '.4f')} LPIPS={_fmt(row['lpips'], '.4f')} "
               f"PSNR={_fmt(row['psnr'], '.2f')} SSIM={_fmt(row['ssim'], '.4f')}"
               + (f" est={row['est_speedup']:.2f}x sched={row.get('schedule_first_batch')}"
                  if row["est_speedup"] else ""), flush=True)
@@ -1128,11 +1148,13 @@ def main(argv=None) -> int:
     spread["fid_seeds_a"] = base_row["fid"]
     if not args.no_seeds_b:
         b_row, _, b_feats = do(Setting("baseline seeds B", "baseline_seeds_b", steps, seed_offset=args.n), base_images)
-        spread.update(fid_seeds_b=b_row["fid"], fid_seed_delta=abs(b_row["fid"] - base_row["fid"]),
-                      kid_seeds_b=b_row["kid_mean"], fid_a_vs_b=qm.fid_from_features(base_feats, b_feats),
-                      kid_a_vs_b=qm.kid_from_features(base_feats, b_feats, args.kid_subsets, args.kid_subset_size,
-                                                      args.seed, device=args.metric_device)[0],
-                      lpips_unrelated=b_row["lpips"], psnr_unrelated=b_row["psnr"], ssim_unrelated=b_row["ssim"])
+        if inception:
+            spread.update(fid_seeds_b=b_row["fid"], fid_seed_delta=abs(b_row["fid"] - base_row["fid"]),
+                          kid_seeds_b=b_row["kid_mean"], fid_a_vs_b=qm.fid_from_features(base_feats, b_feats),
+                          kid_a_vs_b=qm.kid_from_features(base_feats, b_feats, args.kid_subsets,
+                                                          args.kid_subset_size, args.seed,
+                                                          device=args.metric_device)[0])
+        spread.update(lpips_unrelated=b_row["lpips"], psnr_unrelated=b_row["psnr"], ssim_unrelated=b_row["ssim"])
     if args.perturb:
         p_row, _, _ = do(Setting("baseline perturbed", "baseline_perturbed", steps, perturb=args.perturb),
                          base_images)
@@ -1161,11 +1183,13 @@ def main(argv=None) -> int:
             k = competitor_steps(_vs_baseline(r, steps), steps)
             comp = plain[k]
             r["competitor"], r["competitor_steps"] = comp["setting"], k
-            r["delta_fid_vs_competitor"] = r["fid"] - comp["fid"]
+            if r["fid"] is not None:
+                r["delta_fid_vs_competitor"] = r["fid"] - comp["fid"]
             r["delta_lpips_vs_competitor"] = r["lpips"] - comp["lpips"]
     meta.update(fill_costs(rows, steps))
     meta["metrics_s"] = round(t_metrics, 2)
     meta["elapsed_s"] = round(time.perf_counter() - t_start, 2)
+    record["complete"] = True
 
     (out_dir / "bench_quality.json").write_text(json.dumps(record, indent=1, default=_json_default))
     md = markdown(record)

@@ -335,3 +335,42 @@ def test_command_end_to_end_tiny_flux(tmp_path):
     assert "| 2x | node |" in md and "baseline's own spread" in md
     for name in ("pareto.png", "samples.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_fid_run_has_paired_metrics_only_and_a_json_after_every_row(tmp_path, monkeypatch):
+    """--no-fid runs without the Inception network (what a device call that cannot carry it does);
+    the JSON is written after every row, so a run cut by a time limit keeps what it measured."""
+    out = tmp_path / "bq"
+    written = []
+    real_write = type(out).write_text
+
+    def spy(self, text, *a, **k):
+        if self.name == "bench_quality.json":
+            written.append(json.loads(text))
+        return real_write(self, text, *a, **k)
+
+    monkeypatch.setattr(type(out), "write_text", spy)
+    monkeypatch.setattr(bench_quality.qm, "InceptionFeatures",
+                        lambda *a, **k: pytest.fail("--no-fid must not load the Inception network"))
+    rc = bench_quality.main(["--model", "tiny-flux", "--n", "2", "--steps", "3", "--batch", "2", "--no-fid",
+                             "--perturb", "0", "--no-seeds-b", "--warmup", "0", "--bootstrap", "20",
+                             "--settings", "2x", "--out", str(out)])
+    assert rc == 0
+    final = json.loads((out / "bench_quality.json").read_text())
+    assert final["complete"] is True
+    assert all(r["fid"] is None and r["kid_mean"] is None for r in final["rows"])
+    node = next(r for r in final["rows"] if r["kind"] == "node")
+    assert node["lpips"] > 0 and node["delta_fid_vs_competitor"] is None and node["delta_lpips_vs_competitor"] is not None
+    partial = [w for w in written if not w["complete"]]
+    assert [len(w["rows"]) for w in partial] == list(range(1, len(final["rows"]) + 1))
+
+
+def test_plot_legend_names_the_idea_of_each_row():
+    g = bench_quality._plot_group
+    assert g("router=0.5") == "Elastic Token Router, training-free"
+    assert g("router=0.5/scorer=learned") == "Elastic Token Router, learned"
+    assert g("merge=0.5:learned") == "Token Merge, learned pattern"
+    assert g("merge=0.5:border_first") == "Token Merge, training-free"
+    assert g("easycache=0.05") == "EasyCache (ComfyUI)"
+    assert g("tau=0.5") == bench_quality.PLOT_GROUP_DEFAULT
+    assert g("s=2x19/1x9+A [v1]") == "Dynamic Patch Schedule + patch adapter v1"
