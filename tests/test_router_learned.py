@@ -373,7 +373,7 @@ def test_load_token_router_is_listed_by_a_real_server(comfy_server):
     assert "learned" in (scorer[0] if scorer[0] != "COMBO" else scorer[1]["options"])
 
 
-@pytest.mark.parametrize("proxy", ["image", "detail"])
+@pytest.mark.parametrize("proxy", ["image", "detail", "video"])
 def test_the_committed_proxy_routers_fit_the_committed_proxies(proxy, pack, one_thread):
     """Each committed proxy router passes the loader's checks (family, patch, base-weight
     fingerprint) against the proxy weights in the tree: retrained proxy weights need retrained
