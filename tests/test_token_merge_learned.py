@@ -469,7 +469,7 @@ def test_resume_reuses_the_rollouts(cli, tmp_path, capsys):
     assert torch.equal(load_pattern(tmp_path / "a.safetensors").embedding, load_pattern(tmp_path / "b.safetensors").embedding)
 
 
-@pytest.mark.parametrize("proxy", ["image", "detail"])
+@pytest.mark.parametrize("proxy", ["image", "detail", "video"])
 def test_the_committed_proxy_patterns_fit_the_committed_proxies(proxy, comfy, one_thread):
     """Each committed proxy pattern passes the loader's checks (family, geometry, base-weight
     fingerprint) against the proxy weights in the tree, so retrained proxy weights need a retrained
@@ -492,17 +492,19 @@ def test_the_committed_proxy_patterns_fit_the_committed_proxies(proxy, comfy, on
     assert pattern.spec.grid == binding.grid(tuple(provider.empty_latent(1).shape))
 
 
-def test_the_committed_image_proxy_pattern_beats_the_training_free_ones_on_held_out_rollouts():
-    """The image proxy's pattern (benchmarks/proxy/adapters/) is for its 16x16 token grid, and its
-    held-out merge cost (stored at training) is below spread's and border_first's at every ratio."""
+@pytest.mark.parametrize("proxy, family, grid", [("image", "flux", (1, 16, 16)), ("video", "wan", (9, 8, 8))])
+def test_the_committed_proxy_pattern_beats_the_training_free_ones_on_held_out_rollouts(proxy, family, grid):
+    """The image and video proxies' patterns (benchmarks/proxy/adapters/) are for their token grids,
+    and their held-out merge cost (stored at training) is below spread's and border_first's at
+    every ratio."""
     from pathlib import Path
 
     from elastic_tokens.ideas.merge.learned_pattern import load_pattern
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks/proxy/adapters/image_proxy_merge_pattern.safetensors"
+    path = Path(__file__).resolve().parents[1] / f"benchmarks/proxy/adapters/{proxy}_proxy_merge_pattern.safetensors"
     assert path.stat().st_size < 300 * 1024
     pattern = load_pattern(path)
-    assert pattern.spec.family == "flux" and pattern.spec.grid == (1, 16, 16) and pattern.spec.fingerprint
+    assert pattern.spec.family == family and pattern.spec.grid == grid and pattern.spec.fingerprint
     costs = pattern.spec.training["validation"]["costs"]["denoised"]
     for ratio, row in costs.items():
         assert row["learned"] < min(row["spread"], row["border_first"]), ratio
