@@ -376,6 +376,22 @@ def test_main_job_on_video_proxy_workflow(proxy_server, tmp_path):
     _check_proxy_result(result, case, tmp_path, cell=192, frames_per_item=9, tokens=(9 * 8 * 8, 9 * 4 * 4))
 
 
+def test_the_proxy_server_lists_the_committed_routers_and_patterns(proxy_server):
+    """benchmarks/proxy/comfyui_extra_paths.yaml gives the proxy server's Load Token Router and Load
+    Merge Pattern the committed files (routers/ and adapters/), so a workflow can pick them."""
+    info = proxy_server.object_info()
+
+    def options(node, name):
+        spec = info[node]["input"]["required"][name]
+        return spec[0] if spec[0] != "COMBO" else spec[1]["options"]
+
+    routers = options("ElasticTokensLoadTokenRouter", "router_name")
+    patterns = options("ElasticTokensLoadMergePattern", "pattern_name")
+    for proxy in ("image", "detail", "video"):
+        assert f"{proxy}_proxy_router.safetensors" in routers
+        assert f"{proxy}_proxy_merge_pattern.safetensors" in patterns
+
+
 def test_prompt_past_its_time_limit_stops_with_a_message(proxy_server):
     case = run_example.make_case("image", steps=2, batch=1)
     prompt = run_example.build_prompt(case, proxy_server.object_info(), node="bypass",
