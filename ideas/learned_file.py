@@ -17,6 +17,40 @@ FINGERPRINT_SAMPLES = 256
 FINGERPRINT_MIN_COSINE = 0.98  # fp8 / bf16 casts of the same weights stay above 0.99
 
 
+PACK_FORMATS = ("elastic_tokens.patch_adapter", "elastic_tokens.token_router", "elastic_tokens.merge_pattern")
+
+
+def file_format(path) -> str | None:
+    """The ``format`` metadata of a .safetensors file, read from its header only (a loader's file
+    list reads every file in the folder); None when it has none, is not readable or is gone."""
+    import json
+    import struct
+
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            if size > 100_000_000:
+                return None
+            header = json.loads(f.read(size))
+        return (header.get("__metadata__") or {}).get("format")
+    except (OSError, ValueError, struct.error):
+        return None
+
+
+def listed_for(fmt: str, names: list[str], full_path) -> list[str]:
+    """The file names a loader of ``fmt`` offers: all but the pack's files of another kind (a
+    patch adapter is not offered as a token router); files without the pack's metadata stay, so
+    picking one still gets the loader's own message."""
+    keep = []
+    for name in names:
+        other = file_format(full_path(name))
+        if other == fmt or other not in PACK_FORMATS:
+            keep.append(name)
+    return keep
+
+
 def read_safetensors(path: Path, error: type[Exception], kind: str, noun: str) -> tuple[dict, dict]:
     """``(metadata, tensors)`` of a learned file, or ``error`` saying why not: ``kind`` (e.g.
     "token routers") are loaded from .safetensors files only; the ``noun`` ("token router file")

@@ -11,14 +11,13 @@ from comfy_api.v0_0_2 import io
 
 from ..families import binding_for
 from ..ideas.merge.learned_pattern import PatternError, attach_merge_pattern, load_pattern
-from .load_patch_adapter import FOLDER, register_folder
+from ..ideas.merge.learned_pattern import FORMAT as PATTERN_FORMAT
+from .load_patch_adapter import FOLDER, file_names, register_folder
 
 
 class LoadMergePattern(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        import folder_paths
-
         register_folder()
         return io.Schema(
             node_id="ElasticTokensLoadMergePattern",
@@ -31,7 +30,7 @@ class LoadMergePattern(io.ComfyNode):
                 "is made for one image (or video) size. Files go in models/elastic_tokens/."),
             inputs=[
                 io.Model.Input("model", tooltip="The Flux or Wan model the pattern was learned on."),
-                io.Combo.Input("pattern_name", options=folder_paths.get_filename_list(FOLDER),
+                io.Combo.Input("pattern_name", options=file_names(PATTERN_FORMAT),
                                tooltip="A .safetensors merge pattern in models/elastic_tokens/."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the pattern attached (for Token Merge, "

@@ -13,6 +13,7 @@ from comfy_api.v0_0_2 import io
 
 from ..families import binding_for
 from ..ideas.patch.adapter_attach import attach_patch_adapter
+from ..ideas.patch.adapter_file import FORMAT as ADAPTER_FORMAT
 from ..ideas.patch.adapter_file import AdapterError, load_adapter
 
 FOLDER = "elastic_tokens"
@@ -27,11 +28,19 @@ def register_folder() -> None:
     folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors"})
 
 
+def file_names(fmt: str) -> list[str]:
+    """The loader's dropdown: files in ``models/elastic_tokens`` that are not the pack's files of
+    another kind (adapters, routers and merge patterns share the folder)."""
+    import folder_paths
+
+    from ..ideas.learned_file import listed_for
+
+    return listed_for(fmt, folder_paths.get_filename_list(FOLDER), lambda n: folder_paths.get_full_path(FOLDER, n))
+
+
 class LoadPatchAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        import folder_paths
-
         register_folder()
         return io.Schema(
             node_id="ElasticTokensLoadPatchAdapter",
@@ -45,7 +54,7 @@ class LoadPatchAdapter(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The Flux or Wan model the adapter was trained on "
                                                  "(user LoRAs may be applied before or after)."),
-                io.Combo.Input("adapter_name", options=folder_paths.get_filename_list(FOLDER),
+                io.Combo.Input("adapter_name", options=file_names(ADAPTER_FORMAT),
                                tooltip="A .safetensors patch adapter in models/elastic_tokens/."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
                                display_mode=io.NumberDisplay.slider,

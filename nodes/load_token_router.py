@@ -11,14 +11,13 @@ from comfy_api.v0_0_2 import io
 
 from ..families import binding_for
 from ..ideas.drop.router_file import RouterFileError, attach_router, load_router
-from .load_patch_adapter import FOLDER, register_folder
+from ..ideas.drop.router_file import FORMAT as ROUTER_FORMAT
+from .load_patch_adapter import FOLDER, file_names, register_folder
 
 
 class LoadTokenRouter(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        import folder_paths
-
         register_folder()
         return io.Schema(
             node_id="ElasticTokensLoadTokenRouter",
@@ -31,7 +30,7 @@ class LoadTokenRouter(io.ComfyNode):
                 "node before it). Files go in models/elastic_tokens/."),
             inputs=[
                 io.Model.Input("model", tooltip="The Flux or Wan model the router was trained on."),
-                io.Combo.Input("router_name", options=folder_paths.get_filename_list(FOLDER),
+                io.Combo.Input("router_name", options=file_names(ROUTER_FORMAT),
                                tooltip="A .safetensors token router in models/elastic_tokens/."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the router attached (for scorer 'learned').")],

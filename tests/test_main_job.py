@@ -387,9 +387,15 @@ def test_the_proxy_server_lists_the_committed_routers_and_patterns(proxy_server)
 
     routers = options("ElasticTokensLoadTokenRouter", "router_name")
     patterns = options("ElasticTokensLoadMergePattern", "pattern_name")
+    adapters = options("ElasticTokensLoadPatchAdapter", "adapter_name")
     for proxy in ("image", "detail", "video"):
         assert f"{proxy}_proxy_router.safetensors" in routers
         assert f"{proxy}_proxy_merge_pattern.safetensors" in patterns
+    assert "image_proxy_adapter_2x19.safetensors" in adapters
+    # the three kinds share the folder; each loader offers only its own kind
+    assert not [n for n in routers if "adapter" in n or "pattern" in n], routers
+    assert not [n for n in patterns if "adapter" in n or "router" in n], patterns
+    assert not [n for n in adapters if "router" in n or "pattern" in n], adapters
 
 
 def test_prompt_past_its_time_limit_stops_with_a_message(proxy_server):

@@ -391,3 +391,26 @@ def test_the_committed_proxy_routers_fit_the_committed_proxies(proxy, pack, one_
     model = module.make_provider().load()
     check_router(model, load_router(root / "routers" / f"{proxy}_proxy_router.safetensors"), binding_for(model),
                  f"{proxy}_proxy_router")
+
+
+def test_a_loader_lists_its_own_kind_and_files_it_cannot_tell(tmp_path, pack):
+    """Adapters, routers and merge patterns share models/elastic_tokens: a loader's dropdown leaves
+    out the pack's files of another kind, keeps files without the pack's metadata (picking one gets
+    the loader's own message) and does not fail on an unreadable file."""
+    from safetensors.torch import save_file
+
+    from elastic_tokens.ideas.learned_file import file_format, listed_for
+
+    t = {"w": torch.zeros(1)}
+    save_file(t, str(tmp_path / "r.safetensors"), metadata={"format": "elastic_tokens.token_router"})
+    save_file(t, str(tmp_path / "a.safetensors"), metadata={"format": "elastic_tokens.patch_adapter"})
+    save_file(t, str(tmp_path / "plain.safetensors"))
+    (tmp_path / "broken.safetensors").write_bytes(b"\xff" * 4)
+    names = ["r.safetensors", "a.safetensors", "plain.safetensors", "broken.safetensors"]
+    assert file_format(tmp_path / "r.safetensors") == "elastic_tokens.token_router"
+    assert file_format(tmp_path / "broken.safetensors") is None
+    assert listed_for("elastic_tokens.token_router", names, lambda n: tmp_path / n) == \
+        ["r.safetensors", "plain.safetensors", "broken.safetensors"]
+    assert listed_for("elastic_tokens.patch_adapter", names, lambda n: tmp_path / n) == \
+        ["a.safetensors", "plain.safetensors", "broken.safetensors"]
+    assert listed_for("elastic_tokens.token_router", names, lambda n: None) == names  # folder gone
