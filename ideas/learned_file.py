@@ -8,7 +8,10 @@ model is refused with a message instead of silently degrading the images.
 
 from __future__ import annotations
 
+import json
 import math
+import struct
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -17,14 +20,51 @@ FINGERPRINT_SAMPLES = 256
 FINGERPRINT_MIN_COSINE = 0.98  # fp8 / bf16 casts of the same weights stay above 0.99
 
 
-PACK_FORMATS = ("elastic_tokens.patch_adapter", "elastic_tokens.token_router", "elastic_tokens.merge_pattern")
+ADAPTER_FORMAT = "elastic_tokens.patch_adapter"
+ROUTER_FORMAT = "elastic_tokens.token_router"
+PATTERN_FORMAT = "elastic_tokens.merge_pattern"
+PACK_FORMATS = (ADAPTER_FORMAT, ROUTER_FORMAT, PATTERN_FORMAT)
+TRAIN_COMMAND = "scripts/train_patch_adapter.py"
+
+
+def spec_metadata(spec, fmt: str, version: int) -> dict[str, str]:
+    """A learned file's spec (a dataclass) as safetensors metadata: format, version, and every
+    field as JSON (tuples as lists)."""
+    meta = {"format": fmt, "version": str(version)}
+    for key, value in asdict(spec).items():
+        meta[key] = json.dumps(list(value) if isinstance(value, tuple) else value)
+    return meta
+
+
+def check_format(meta: dict, fmt: str, version: int, error: type[Exception], source: str, noun: str,
+                 train: str) -> None:
+    """``error`` unless ``meta`` is of format ``fmt`` at a version this pack reads (1..``version``): a
+    patch adapter given to another loader is named as one; other files are told how to make the
+    right one (``train``: the training command's arguments)."""
+    found = (meta or {}).get("format")
+    if found == ADAPTER_FORMAT and fmt != ADAPTER_FORMAT:
+        raise error(f"{source} is a patch adapter, not a {noun}. Load it with the 'Load Patch Adapter' "
+                    f"node (it serves the Dynamic Patch Schedule).")
+    if found != fmt:
+        raise error(f"{source} is not an Elastic Tokens {noun} (no '{fmt}' metadata). Train one with "
+                    f"{' '.join([TRAIN_COMMAND, train]).strip()}.")
+    try:
+        found_version = int(meta.get("version", "0"))
+    except ValueError:
+        found_version = -1
+    if not 1 <= found_version <= version:
+        raise error(f"{source} has {noun} format version {meta.get('version')!r}; this Elastic Tokens "
+                    f"reads 1..{version}. Update the node pack.")
+
+
+def spec_fields(cls, meta: dict) -> dict:
+    """The JSON-decoded metadata entries that are fields of the spec dataclass ``cls``."""
+    return {k: json.loads(meta[k]) for k in cls.__dataclass_fields__ if k in meta}
 
 
 def file_format(path) -> str | None:
     """The ``format`` metadata of a .safetensors file, read from its header only (a loader's file
     list reads every file in the folder); None when it has none, is not readable or is gone."""
-    import json
-    import struct
 
     if path is None:
         return None

@@ -14,18 +14,17 @@ Router's ``learned`` scorer reads it when sampling starts.
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..learned_file import base_fingerprint, check_fits, read_safetensors
-from ..patch.adapter_file import FORMAT as ADAPTER_FORMAT
+from ..learned_file import (ROUTER_FORMAT, base_fingerprint, check_fits, check_format, read_safetensors,
+                            spec_fields, spec_metadata)
 from .router_net import FEATURES, RouterNet, feature_count
 
-FORMAT = "elastic_tokens.token_router"
+FORMAT = ROUTER_FORMAT
 FORMAT_VERSION = 1
 ROUTER_KEY = "elastic_tokens_token_router"
 log = logging.getLogger("elastic_tokens")
@@ -56,29 +55,13 @@ class RouterSpec:
         return feature_count(self.latent_channels, self.native_patch, self.temporal_patch)
 
     def to_metadata(self) -> dict[str, str]:
-        meta = {"format": FORMAT, "version": str(FORMAT_VERSION)}
-        for key, value in asdict(self).items():
-            meta[key] = json.dumps(list(value) if isinstance(value, tuple) else value)
-        return meta
+        return spec_metadata(self, FORMAT, FORMAT_VERSION)
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: str = "router") -> "RouterSpec":
-        fmt = (meta or {}).get("format")
-        if fmt == ADAPTER_FORMAT:
-            raise RouterFileError(f"{source} is a patch adapter, not a token router. Load it with the "
-                                  f"'Load Patch Adapter' node (it serves the Dynamic Patch Schedule).")
-        if fmt != FORMAT:
-            raise RouterFileError(f"{source} is not an Elastic Tokens token router (no '{FORMAT}' metadata). "
-                                  f"Train one with scripts/train_patch_adapter.py --mode router.")
+        check_format(meta, FORMAT, FORMAT_VERSION, RouterFileError, source, "token router", "--mode router")
         try:
-            version = int(meta.get("version", "0"))
-        except ValueError:
-            version = -1
-        if version > FORMAT_VERSION or version < 1:
-            raise RouterFileError(f"{source} has token-router format version {meta.get('version')!r}; this "
-                                  f"Elastic Tokens reads 1..{FORMAT_VERSION}. Update the node pack.")
-        try:
-            raw = {k: json.loads(meta[k]) for k in cls.__dataclass_fields__ if k in meta}
+            raw = spec_fields(cls, meta)
             raw["inputs"] = tuple(raw.get("inputs", ()))
             spec = cls(**raw)
         except (KeyError, TypeError, ValueError) as e:

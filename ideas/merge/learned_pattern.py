@@ -20,21 +20,20 @@ The "Load Merge Pattern" node attaches a loaded pattern to a MODEL (a holder in 
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ...kernels.merge_cluster import LINKAGES, Dendrograms
 from ...kernels.merge_pattern import VIDEO_MODES
-from ..learned_file import base_fingerprint, check_fits, read_safetensors
+from ..learned_file import (PATTERN_FORMAT, base_fingerprint, check_fits, check_format, read_safetensors,
+                            spec_fields, spec_metadata)
 
-FORMAT = "elastic_tokens.merge_pattern"
+FORMAT = PATTERN_FORMAT
 FORMAT_VERSION = 1
 PATTERN_KEY = "elastic_tokens_merge_pattern"
-ADAPTER_FORMAT = "elastic_tokens.patch_adapter"
 log = logging.getLogger("elastic_tokens")
 
 
@@ -68,25 +67,13 @@ class PatternSpec:
                    linkage, base_fingerprint(model_patcher, binding), dict(training or {}))
 
     def to_metadata(self) -> dict[str, str]:
-        meta = {"format": FORMAT, "version": str(FORMAT_VERSION)}
-        for key, value in asdict(self).items():
-            meta[key] = json.dumps(list(value) if isinstance(value, tuple) else value)
-        return meta
+        return spec_metadata(self, FORMAT, FORMAT_VERSION)
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: str = "pattern") -> "PatternSpec":
-        fmt = (meta or {}).get("format")
-        if fmt == ADAPTER_FORMAT:
-            raise PatternError(f"{source} is a patch adapter, not a merge pattern: load it with the "
-                               f"'Load Patch Adapter' node (it serves the Dynamic Patch Schedule).")
-        if fmt != FORMAT:
-            raise PatternError(f"{source} is not an Elastic Tokens merge pattern (no '{FORMAT}' metadata). "
-                               f"Train one with scripts/train_patch_adapter.py --mode pattern.")
-        if int(meta.get("version", "0")) > FORMAT_VERSION:
-            raise PatternError(f"{source} has merge-pattern format version {meta['version']}; this Elastic "
-                               f"Tokens reads up to {FORMAT_VERSION}. Update the node pack.")
+        check_format(meta, FORMAT, FORMAT_VERSION, PatternError, source, "merge pattern", "--mode pattern")
         try:
-            raw = {k: json.loads(meta[k]) for k in cls.__dataclass_fields__ if k in meta}
+            raw = spec_fields(cls, meta)
             raw["grid"] = tuple(int(v) for v in raw["grid"])
             spec = cls(**raw)
         except (KeyError, TypeError, ValueError) as e:

@@ -25,16 +25,16 @@ settings).
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..learned_file import ADAPTER_FORMAT, check_format, spec_fields, spec_metadata
 from ..learned_file import base_fingerprint, fingerprint, fingerprint_problems, read_safetensors  # noqa: F401
 
-FORMAT = "elastic_tokens.patch_adapter"
+FORMAT = ADAPTER_FORMAT
 FORMAT_VERSION = 1
 
 
@@ -75,21 +75,13 @@ class AdapterSpec:
         return self.alpha / self.rank if self.rank else 0.0
 
     def to_metadata(self) -> dict[str, str]:
-        meta = {"format": FORMAT, "version": str(FORMAT_VERSION)}
-        for key, value in asdict(self).items():
-            meta[key] = json.dumps(list(value) if isinstance(value, tuple) else value)
-        return meta
+        return spec_metadata(self, FORMAT, FORMAT_VERSION)
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: str = "adapter") -> "AdapterSpec":
-        if (meta or {}).get("format") != FORMAT:
-            raise AdapterError(f"{source} is not an Elastic Tokens patch adapter (no '{FORMAT}' metadata). "
-                               f"Train one with scripts/train_patch_adapter.py.")
-        if int(meta.get("version", "0")) > FORMAT_VERSION:
-            raise AdapterError(f"{source} has adapter format version {meta['version']}; this Elastic Tokens "
-                               f"reads up to {FORMAT_VERSION}. Update the node pack.")
+        check_format(meta, FORMAT, FORMAT_VERSION, AdapterError, source, "patch adapter", "")
         try:
-            raw = {k: json.loads(meta[k]) for k in cls.__dataclass_fields__ if k in meta}
+            raw = spec_fields(cls, meta)
             raw["factors"] = tuple(int(k) for k in raw["factors"])
             raw["lora_targets"] = tuple(raw.get("lora_targets", ()))
             return cls(**raw)
