@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
-from ..families import binding_for
 from ..ideas.merge.learned_pattern import PatternError, attach_merge_pattern, load_pattern
 from ..ideas.merge.learned_pattern import FORMAT as PATTERN_FORMAT
-from .load_patch_adapter import FOLDER, file_names, register_folder
+from .load_patch_adapter import file_names, register_folder, selected_path
 
 
 class LoadMergePattern(io.ComfyNode):
@@ -39,15 +38,7 @@ class LoadMergePattern(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, pattern_name) -> io.NodeOutput:
-        import folder_paths
-
-        binding_for(model)  # an unsupported model gets its own message first
-        if not isinstance(pattern_name, str) or not pattern_name.strip():
-            folders = folder_paths.get_folder_paths(FOLDER) if FOLDER in folder_paths.folder_names_and_paths else []
-            where = " or ".join(folders) or f"models/{FOLDER}/"
-            raise PatternError(
-                f"Load Merge Pattern: no pattern selected (pattern_name is {pattern_name!r}). Put a "
-                f".safetensors merge pattern made by scripts/train_patch_adapter.py --mode pattern in "
-                f"{where}, refresh the node list and pick it; or bypass this node.")
-        path = folder_paths.get_full_path_or_raise(FOLDER, pattern_name)
+        path = selected_path(model, pattern_name, node="Load Merge Pattern", input_name="pattern_name",
+                             error=PatternError, noun="merge pattern",
+                             train="scripts/train_patch_adapter.py --mode pattern")
         return io.NodeOutput(attach_merge_pattern(model, load_pattern(path)))

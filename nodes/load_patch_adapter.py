@@ -38,6 +38,22 @@ def file_names(fmt: str) -> list[str]:
     return listed_for(fmt, folder_paths.get_filename_list(FOLDER), lambda n: folder_paths.get_full_path(FOLDER, n))
 
 
+def selected_path(model, name, *, node: str, input_name: str, error: type[Exception], noun: str,
+                  train: str, otherwise: str = "") -> str:
+    """The path of the file a loader node picked from ``models/elastic_tokens``; an unsupported
+    model, or no file picked, gets its own message (where to put a ``noun`` made by ``train``)."""
+    import folder_paths
+
+    binding_for(model)  # an unsupported model gets its own message first
+    if not isinstance(name, str) or not name.strip():
+        folders = folder_paths.get_folder_paths(FOLDER) if FOLDER in folder_paths.folder_names_and_paths else []
+        where = " or ".join(folders) or f"models/{FOLDER}/"
+        raise error(f"{node}: no {noun.split()[-1]} selected ({input_name} is {name!r}). Put a .safetensors "
+                    f"{noun} made by {train} in {where}, refresh the node list and pick it; or bypass this "
+                    f"node{otherwise}.")
+    return folder_paths.get_full_path_or_raise(FOLDER, name)
+
+
 class LoadPatchAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -66,15 +82,6 @@ class LoadPatchAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapter_name, strength) -> io.NodeOutput:
-        import folder_paths
-
-        binding_for(model)  # an unsupported model gets its own message first
-        if not isinstance(adapter_name, str) or not adapter_name.strip():
-            folders = folder_paths.get_folder_paths(FOLDER) if FOLDER in folder_paths.folder_names_and_paths else []
-            where = " or ".join(folders) or f"models/{FOLDER}/"
-            raise AdapterError(
-                f"Load Patch Adapter: no adapter selected (adapter_name is {adapter_name!r}). Put a "
-                f".safetensors patch adapter made by scripts/train_patch_adapter.py in {where}, "
-                f"refresh the node list and pick it; or bypass this node.")
-        path = folder_paths.get_full_path_or_raise(FOLDER, adapter_name)
+        path = selected_path(model, adapter_name, node="Load Patch Adapter", input_name="adapter_name",
+                             error=AdapterError, noun="patch adapter", train="scripts/train_patch_adapter.py")
         return io.NodeOutput(attach_patch_adapter(model, load_adapter(path), strength, adapter_name))

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
-from ..families import binding_for
 from ..ideas.drop.router_file import RouterFileError, attach_router, load_router
 from ..ideas.drop.router_file import FORMAT as ROUTER_FORMAT
-from .load_patch_adapter import FOLDER, file_names, register_folder
+from .load_patch_adapter import file_names, register_folder, selected_path
 
 
 class LoadTokenRouter(io.ComfyNode):
@@ -38,15 +37,8 @@ class LoadTokenRouter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, router_name) -> io.NodeOutput:
-        import folder_paths
-
-        binding_for(model)  # an unsupported model gets its own message first
-        if not isinstance(router_name, str) or not router_name.strip():
-            folders = folder_paths.get_folder_paths(FOLDER) if FOLDER in folder_paths.folder_names_and_paths else []
-            where = " or ".join(folders) or f"models/{FOLDER}/"
-            raise RouterFileError(
-                f"Load Token Router: no router selected (router_name is {router_name!r}). Put a .safetensors "
-                f"token router made by scripts/train_patch_adapter.py --mode router in {where}, refresh "
-                f"the node list and pick it; or bypass this node and use a training-free scorer.")
-        path = folder_paths.get_full_path_or_raise(FOLDER, router_name)
+        path = selected_path(model, router_name, node="Load Token Router", input_name="router_name",
+                             error=RouterFileError, noun="token router",
+                             train="scripts/train_patch_adapter.py --mode router",
+                             otherwise=" and use a training-free scorer")
         return io.NodeOutput(attach_router(model, load_router(path), router_name))

@@ -244,7 +244,8 @@ def test_load_token_router_node(trained, cases, tmp_path, monkeypatch):
     import folder_paths
 
     from elastic_tokens.ideas.drop.router_file import ROUTER_KEY, RouterFileError, TokenRouter
-    from elastic_tokens.nodes.load_token_router import FOLDER, LoadTokenRouter
+    from elastic_tokens.nodes.load_patch_adapter import FOLDER
+    from elastic_tokens.nodes.load_token_router import LoadTokenRouter
 
     folder = tmp_path / "models" / FOLDER
     folder.mkdir(parents=True)
