@@ -152,21 +152,7 @@ def test_merge_then_unmerge_of_a_constant_per_group_field_is_exact():
 
 # -- the runtime and the node, through the real KSampler ------------------------------------------
 import tiny_models  # noqa: E402
-
-
-def ksample(model, positive, negative, latent, steps=6, cfg=1.0, seed=3):
-    import nodes
-
-    (out,) = nodes.common_ksampler(model, seed, steps, cfg, "euler", "simple", positive, negative, latent)
-    return out["samples"]
-
-
-def token_merge(model, **settings):
-    from elastic_tokens.ideas.merge import apply_token_merge
-    from elastic_tokens.ideas.merge.config import TokenMergeConfig
-
-    settings.setdefault("end_percent", 1.0)
-    return apply_token_merge(model, TokenMergeConfig(**settings))
+from node_runs import ksample, options_snapshot, token_merge  # noqa: E402
 
 
 def report(model):
@@ -213,12 +199,6 @@ def recording_block(model, key):
         return extra["original_block"](args)
     patched.set_model_patch_replace(patch, "dit", key[0], key[1])
     return patched, seen
-
-
-def options_snapshot(model):
-    opts = model.model_options
-    t = opts.get("transformer_options", {})
-    return repr(sorted(opts)), repr(t.get("wrappers")), set(t), repr(t.get("patches_replace"))
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from elastic_tokens.kernels import merge_cluster as mc  # noqa: E402
 from elastic_tokens.kernels import merge_pattern as mp  # noqa: E402
 
 import tiny_models  # noqa: E402
+from node_runs import ksample, options_snapshot, token_merge  # noqa: E402
 
 
 # -- the clustering kernel (pure torch) -----------------------------------------------------------
@@ -238,27 +239,6 @@ def wan_pattern(cli, tmp_path_factory):
     out = tmp_path_factory.mktemp("wan_pattern") / "tiny_wan_pattern.safetensors"
     summary = cli.main(WAN_ARGS + ["--out", str(out)])
     return out, summary
-
-
-def ksample(model, positive, negative, latent, steps=6, cfg=1.0, seed=3):
-    import nodes
-
-    (out,) = nodes.common_ksampler(model, seed, steps, cfg, "euler", "simple", positive, negative, latent)
-    return out["samples"]
-
-
-def token_merge(model, **settings):
-    from elastic_tokens.ideas.merge import apply_token_merge
-    from elastic_tokens.ideas.merge.config import TokenMergeConfig
-
-    settings.setdefault("end_percent", 1.0)
-    return apply_token_merge(model, TokenMergeConfig(**settings))
-
-
-def options_snapshot(model):
-    opts = model.model_options
-    t = opts.get("transformer_options", {})
-    return repr(sorted(opts)), repr(t.get("wrappers")), set(t), repr(t.get("patches_replace"))
 
 
 def test_training_writes_a_loadable_pattern_with_the_fingerprint(flux_pattern, tiny_flux):

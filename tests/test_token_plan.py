@@ -11,13 +11,7 @@ import pytest
 import torch
 
 import tiny_models
-
-
-def ksample(model, positive, negative, latent, steps=6, cfg=1.0, seed=3):
-    import nodes
-
-    (out,) = nodes.common_ksampler(model, seed, steps, cfg, "euler", "simple", positive, negative, latent)
-    return out["samples"]
+from node_runs import ksample
 
 
 class KeepPlanner:
