@@ -29,7 +29,7 @@ decisions) and runs, in order:
    ``easycache=T`` is the peer a ComfyUI user would pick instead: ComfyUI's own EasyCache node at
    reuse_threshold T (its default window 0.15-0.95), its skipped model calls counted as saved
    token-FLOPs (``ModelCallFlops``), so it sits on the same axis and gets the same competitor.
-   ``router=B[/scorer=S][/fill=F][/start=P][/end=P][/refresh=K][/attend=1][/pool=W][/age=1][/uncond=U]`` is the Elastic Token Router at
+   ``router=B[/scorer=S][/fill=F][/start=P][/end=P][/refresh=K][/attend=1][/age=1][/uncond=U]`` is the Elastic Token Router at
    budget B (the same syntax as bench/bench_speed.py; ``@N`` as above; ``scorer=learned`` ranks by
    the trained router of ``--router-file``). Each sample gets its own kept tokens, so a router
    row does not depend on ``--batch`` (beyond float rounding).

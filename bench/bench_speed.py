@@ -37,7 +37,7 @@ Variants (``--variants``, comma-separated, run in order):
   s=SCHED    a literal forced schedule, '/' instead of ',' (e.g. s=1x4/2x10/4x14)
   keep=F     share F of the image tokens (evenly spread) through the blocks at every step, through
              the runtime's token path (bench-only planner EvenKeep; keep=1.0: the path's overhead)
-  router=B[/scorer=S][/fill=F][/start=P][/end=P][/refresh=K][/attend=1][/pool=W][/age=1][/uncond=U]
+  router=B[/scorer=S][/fill=F][/start=P][/end=P][/refresh=K][/attend=1][/age=1][/uncond=U]
              the Elastic Token Router node at budget B, uncond=U the uncond branch's (its defaults otherwise: scorer ras, fill
              cache, start 0.2, end 1.0, refresh 5, attend_skipped on), e.g. router=0.5/start=0/refresh=0 routes every
              step after the first (dense: nothing to score yet); router=1.0: the node's overhead
@@ -338,7 +338,7 @@ def build_variants(spec: str, graphs_mode: str, steps: int) -> list[Variant]:
 
 ROUTER_KEYS = {"scorer": "scorer", "fill": "fill", "start": "start_percent", "end": "end_percent",
                "refresh": "refresh_every", "attend": "attend_skipped", "age": "age_weight",
-               "uncond": "uncond_budget", "pool": "attend_pool"}
+               "uncond": "uncond_budget"}
 
 
 def parse_router(text: str) -> dict:
@@ -359,7 +359,7 @@ def parse_router(text: str) -> dict:
                 raise ValueError(f"variant {text}: write {key}=1 (or {key}=0)")
             settings[name] = value == "1"
             continue
-        settings[name] = (int(value) if name in ("refresh_every", "attend_pool") else
+        settings[name] = (int(value) if name == "refresh_every" else
                           float(value) if name.endswith("_percent") or name == "uncond_budget" else value)
     pack_module("ideas.drop.config").RouterConfig(**settings)  # its own validation and messages
     return settings

@@ -103,18 +103,3 @@ def merge(x: torch.Tensor, groups: torch.Tensor, count: int, dim: int = 1) -> to
 def unmerge(merged: torch.Tensor, groups: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Every token gets its group's value: ``(..., K, ...) -> (..., N, ...)`` along ``dim``."""
     return merged.index_select(dim, groups.to(device=merged.device, dtype=torch.long))
-
-
-def window_groups(grid, side: int) -> tuple[torch.Tensor, int]:
-    """``(groups, count)``: token ``i`` of a row-major ``(frames, rows, cols)`` grid belongs to the
-    ``side x side`` window of its frame that holds it (windows at the right and bottom edges may be
-    smaller), numbered row-major by frame, window row, window column. ``side`` 1: every token alone."""
-    frames, rows, cols = (int(v) for v in grid)
-    side = int(side)
-    if side < 1 or min(frames, rows, cols) < 1:
-        raise ValueError(f"window_groups needs a grid of positive sizes and a side >= 1, got {grid}, {side}")
-    wr, wc = -(-rows // side), -(-cols // side)
-    t = torch.arange(frames).view(frames, 1, 1)
-    r = (torch.arange(rows) // side).view(1, rows, 1)
-    c = (torch.arange(cols) // side).view(1, 1, cols)
-    return ((t * wr + r) * wc + c).reshape(-1), frames * wr * wc

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from ..ideas.drop import apply_router
-from ..ideas.drop.config import FILLS, MAX_ATTEND_POOL, SCORERS, RouterConfig
+from ..ideas.drop.config import FILLS, SCORERS, RouterConfig
 from ..ideas.drop.planner import missing_router_message
 from ..ideas.drop.router_file import RouterFileError, attached_router
 
@@ -72,22 +72,16 @@ class ElasticTokenRouter(io.ComfyNode):
                                        "Lite-CFG: the uncond prediction only steers, so it can afford "
                                        "fewer tokens; it keeps a subset of the cond branch's). 1.0 = the "
                                        "same as budget. Has no effect at CFG 1 (no uncond branch)."),
-                io.Int.Input("attend_pool", default=1, min=1, max=MAX_ATTEND_POOL, optional=True,
-                             tooltip="With attend_skipped: the skipped tokens of each window of this many "
-                                     "by this many tokens are attended as one key (their mean, counted as "
-                                     "many tokens as it holds). 1 = each skipped token on its own (exact "
-                                     "RAS); 2 = a quarter of their keys, for most of the speed of "
-                                     "attend_skipped off on long videos, where attention is most of the work."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the token router.")],
         )
 
     @classmethod
     def execute(cls, model, budget, scorer, fill, start_percent, end_percent, refresh_every,
-                attend_skipped=True, uncond_budget=1.0, attend_pool=1) -> io.NodeOutput:
+                attend_skipped=True, uncond_budget=1.0) -> io.NodeOutput:
         config = RouterConfig(budget=budget, scorer=scorer, fill=fill, start_percent=start_percent,
                               end_percent=end_percent, refresh_every=refresh_every, attend_skipped=attend_skipped,
-                              uncond_budget=uncond_budget, attend_pool=attend_pool)
+                              uncond_budget=uncond_budget)
         if scorer == "learned" and not config.never_routes and attached_router(model) is None:
             raise RouterFileError(missing_router_message())
         return io.NodeOutput(apply_router(model, config))

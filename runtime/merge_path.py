@@ -119,8 +119,8 @@ def _split_heads(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tenso
 
 def proportional_attention(func, q, k, v, heads, bias: torch.Tensor, *, skip_reshape=False,
                            skip_output_reshape=False, method: str = "extra_dim", call=None, **kwargs):
-    """``func``'s attention with ``bias`` (one value per key: ``(keys,)``, or ``(batch, keys)`` for a
-    bias per sample) added to every query's logits, through ``call(func, q, k, v, heads, **kw)`` (default: ``func`` itself; an
+    """``func``'s attention with ``bias`` (one value per key, shape ``(keys,)``) added to every
+    query's logits, through ``call(func, q, k, v, heads, **kw)`` (default: ``func`` itself; an
     override already present goes there). ``method``: ``"extra_dim"`` (fused kernels still apply)
     or ``"mask"`` (an additive mask)."""
     call = call or (lambda f, *a, **kw: f(*a, **kw))
@@ -128,7 +128,7 @@ def proportional_attention(func, q, k, v, heads, bias: torch.Tensor, *, skip_res
     b, h, lq, d = qh.shape
     bias = bias.to(device=q.device)
     if method == "mask":
-        mask = bias.to(q.dtype).view(-1, 1, 1, bias.shape[-1])
+        mask = bias.to(q.dtype).view(1, 1, 1, -1)
         if kwargs.get("mask") is not None:
             mask = kwargs["mask"] + mask
         kwargs["mask"] = mask
@@ -145,7 +145,7 @@ def proportional_attention(func, q, k, v, heads, bias: torch.Tensor, *, skip_res
     k2 = k.new_empty(b, h, lk, width)
     k2[..., :d] = kh
     k2[..., d:] = 0
-    k2[..., d] = bias.to(k.dtype).view(-1, 1, lk)
+    k2[..., d] = bias.to(k.dtype).view(1, 1, lk)
     v2 = v.new_empty(b, h, lk, width)
     v2[..., :d] = vh
     v2[..., d:] = 0
@@ -156,7 +156,7 @@ def proportional_attention(func, q, k, v, heads, bias: torch.Tensor, *, skip_res
     return out.transpose(1, 2).reshape(b, lq, h * d)
 
 
-def attention_args(args, kwargs):
+def _attention_args(args, kwargs):
     """``(q, k, v, heads, rest kwargs)`` of an attention call (ComfyUI's signature:
     ``func(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, ...)``)."""
     names = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
@@ -278,7 +278,7 @@ class MergePath:
             if not self._pending:  # cross-attention (Wan) or a second call: not ours
                 return call(func, *args, **kwargs)
             self._pending = False
-            parsed = attention_args(args, dict(kwargs))
+            parsed = _attention_args(args, dict(kwargs))
             if parsed is None:
                 return call(func, *args, **kwargs)
             q, k, v, heads, rest = parsed

@@ -413,9 +413,6 @@ def test_other_bad_settings_name_the_allowed_values(pack):
         RouterConfig(start_percent=1.5)
     with pytest.raises(ValueError, match="refresh_every must be a whole number"):
         RouterConfig(refresh_every=-1)
-    for pool in (0, 5, True, 2.0):
-        with pytest.raises(ValueError, match="attend_pool must be a whole number of tokens from 1 to 4"):
-            RouterConfig(attend_pool=pool)
 
 
 def test_the_node_on_an_unsupported_model_says_which_models_it_supports(pack):
@@ -441,7 +438,7 @@ def test_the_node_has_tooltips_and_runs_through_its_schema(cases):
     assert schema.display_name == "Elastic Token Router"
     inputs = {i.id: i for i in schema.inputs}
     assert list(inputs) == ["model", "budget", "scorer", "fill", "start_percent", "end_percent", "refresh_every",
-                            "attend_skipped", "uncond_budget", "attend_pool"]
+                            "attend_skipped", "uncond_budget"]
     assert all(i.tooltip for i in inputs.values())
     assert (inputs["budget"].min, inputs["budget"].max) == (0.1, 1.0)
     assert (inputs["uncond_budget"].min, inputs["uncond_budget"].max, inputs["uncond_budget"].default) == (0.1, 1.0, 1.0)
@@ -530,105 +527,6 @@ def test_attending_to_cached_keys_values_gives_the_full_attention_rows_of_the_ke
     # the branches batched in the other order: no cache for that layout, runs without and is counted
     attend(routed({"uuids": ["uncond", "cond"]}), q[:, :, rows], k[:, :, rows], v[:, :, rows])
     assert state.missing == 1
-
-
-def test_pooled_skipped_keys_values_are_exact_where_a_windows_skipped_tokens_agree(pack, tiny_flux):
-    """``attend_pool``: the skipped tokens of a window are one key/value (their mean) counted as
-    many tokens as it holds. Where they agree, that is the full attention of the kept rows; where
-    they do not, it is close but not equal; per-sample kept sets give per-sample windows."""
-    from comfy.ldm.modules.attention import optimized_attention
-
-    from elastic_tokens.families import binding_for
-    from elastic_tokens.ideas.drop.attend import AttendSkipped, KVState
-    from elastic_tokens.kernels.token_select import window_groups
-
-    binding = binding_for(tiny_flux)
-    key = binding.block_keys[0]
-    b, heads, text, d = 2, 2, 3, 4
-    grid = (1, 4, 6)
-    n = 24
-    groups, count = window_groups(grid, 2)
-    assert count == 6 and groups.tolist()[:6] == [0, 0, 1, 1, 2, 2] and groups.tolist()[6:12] == [0, 0, 1, 1, 2, 2]
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(b, heads, text + n, d, generator=gen)
-    # keys/values constant within each 2x2 window (text tokens random): pooling loses nothing
-    per_window = [torch.randn(b, heads, count, d, generator=gen) for _ in range(2)]
-    k, v = (torch.cat([torch.randn(b, heads, text, d, generator=gen), w[:, :, groups]], dim=2) for w in per_window)
-    txt = torch.zeros(b, text, 8)
-    options = {"uuids": ["cond", "uncond"]}
-
-    def attend(hook_options, q, k, v):
-        hook = hook_options["patches_replace"]["dit"][key]
-        out = {}
-        hook({"txt": txt, "img": None}, {"original_block": lambda args: out.setdefault(
-            "x", optimized_attention(q, k, v, heads, skip_reshape=True, transformer_options=hook_options))})
-        return out["x"]
-
-    full = optimized_attention(q, k, v, heads, skip_reshape=True)
-    state = KVState()
-    attend(AttendSkipped(state, binding, torch.arange(n), n, dense=True)(options), q, k, v)
-    keep = torch.tensor([0, 3, 8, 9, 10, 17, 20, 23])  # window 4 (tokens 14, 15, 20, 21) keeps one
-    rows = torch.cat([torch.arange(text), keep + text])
-    routed = AttendSkipped(state, binding, keep, n, dense=False, pool=(groups, count))
-    out = attend(routed(options), q[:, :, rows], k[:, :, rows], v[:, :, rows])
-    assert torch.allclose(out, full[:, rows], atol=1e-5)
-    assert state.pooled == 1 and state.missing == 0 and state.unexpected == 0
-    # per-sample kept sets, one with a window kept whole (tokens 0, 1, 6, 7: no skipped key left)
-    keep2 = torch.tensor([[0, 1, 6, 7, 9, 13, 16, 22], [2, 3, 4, 5, 11, 12, 18, 19]])
-    rows2 = torch.cat([torch.arange(text).expand(b, -1), keep2 + text], dim=1)
-    pick = lambda t: torch.stack([t[i][:, rows2[i]] for i in range(b)])  # noqa: E731
-    routed2 = AttendSkipped(state, binding, keep2, n, dense=False, pool=(groups, count))
-    out2 = attend(routed2(options), pick(q), pick(k), pick(v))
-    assert torch.allclose(out2, torch.stack([full[i, rows2[i]] for i in range(b)]), atol=1e-5)
-    # keys that differ inside a window: an approximation, closer than not attending to them at all
-    k3, v3 = (torch.randn(b, heads, text + n, d, generator=gen) for _ in range(2))
-    full3 = optimized_attention(q, k3, v3, heads, skip_reshape=True)
-    state3 = KVState()
-    attend(AttendSkipped(state3, binding, torch.arange(n), n, dense=True)(options), q, k3, v3)
-    pooled3 = attend(AttendSkipped(state3, binding, keep, n, dense=False, pool=(groups, count))(options),
-                     q[:, :, rows], k3[:, :, rows], v3[:, :, rows])
-    exact3 = attend(AttendSkipped(state3, binding, keep, n, dense=False)(options),
-                    q[:, :, rows], k3[:, :, rows], v3[:, :, rows])
-    without3 = optimized_attention(q[:, :, rows], k3[:, :, rows], v3[:, :, rows], heads, skip_reshape=True)
-    assert torch.allclose(exact3, full3[:, rows], atol=1e-5)
-    err = lambda x: (x - full3[:, rows]).abs().mean().item()  # noqa: E731
-    assert 0 < err(pooled3) < err(without3)
-
-
-@pytest.mark.parametrize("family", ["flux", "wan"])
-def test_attend_pool_through_the_ksampler_reads_a_quarter_of_the_skipped_keys(cases, family):
-    from elastic_tokens.families import binding_for
-    from elastic_tokens.kernels.token_scores import budget_tokens
-    from elastic_tokens.kernels.token_select import window_groups
-
-    model, (pos, neg), latent, cfg = cases[family]
-    binding = binding_for(model)
-    shape = latent["samples"].shape
-    n = binding.grid_tokens(shape)
-    k = budget_tokens(0.5, n)
-    windows = window_groups(binding.grid(shape), 2)[1]
-    text = pos[0][0].shape[1] if binding.joint_text else 0
-    seen = []
-
-    def users_override(func, *args, **kwargs):
-        dim = 2 if kwargs.get("skip_reshape") else 1
-        seen.append((args[0].shape[dim], args[1].shape[dim]))
-        return func(*args, **kwargs)
-    users = model.clone()
-    users.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = users_override
-    settings = dict(budget=0.5, start_percent=0.0, refresh_every=0, attend_skipped=True)
-    pooled = router(users, attend_pool=2, **settings)
-    out = ksample(pooled, pos, neg, latent, cfg=cfg)
-    blocks = len(binding.block_keys)
-    self_attn = [s for s in seen if s[1] >= s[0]]
-    assert self_attn[:blocks] == [(text + n, text + n)] * blocks
-    assert self_attn[blocks:] == [(text + k, text + k + windows)] * (blocks * (STEPS - 1))
-    exact = ksample(router(model, **settings), pos, neg, latent, cfg=cfg)
-    assert torch.isfinite(out).all() and not torch.equal(out, exact)
-    assert torch.equal(ksample(pooled, pos, neg, latent, cfg=cfg), out)  # deterministic
-    assert "averaged over 2x2 windows" in report(pooled).summary()
-    # attend_pool 1 is the exact path, bit for bit
-    assert torch.equal(ksample(router(model, attend_pool=1, **settings), pos, neg, latent, cfg=cfg), exact)
 
 
 @pytest.mark.parametrize("family", ["flux", "wan"])

@@ -16,14 +16,6 @@ keys/values). The self-attention of a block is the first attention call after th
 block, Wan calls self- before cross-attention); a call whose keys do not have the expected length
 passes through unchanged and is counted.
 
-With ``attend_pool`` > 1 the skipped tokens are not attended one by one: the cached keys/values of
-the skipped tokens of each ``pool x pool`` window of a frame (kernels/token_select.window_groups)
-are averaged into one key/value that counts as many tokens as it holds (proportional attention,
-+log|S| on its logits, runtime/merge_path.proportional_attention: exact where the members agree),
-so a kept query reads ``kept + windows`` keys instead of every token's. Skipped tokens are the
-predictable ones, whose neighbours' keys are alike; on Wan, where attention over 32k tokens is
-most of a block, the full cache caps a budget-0.5 step at 2x (BENCHMARKS.md §13).
-
 Memory: two tensors of every image token's keys/values per block and CFG branch (FLUX.1-dev
 1024²: ~2.9 GB per branch in bf16; Wan 2.1 1.3B 832x480x81: ~6 GB per branch).
 """
@@ -35,7 +27,6 @@ import torch
 from ...families import FamilyBinding
 from ...kernels.token_select import rows_for, scatter_
 from ...runtime.block_hooks import chain_block_patches
-from ...runtime.merge_path import attention_args, proportional_attention
 from .fill import chunk_keys
 
 
@@ -47,7 +38,6 @@ class KVState:
         self.cache: dict = {}
         self.missing = 0       # routed self-attention calls with no usable cache (ran without it)
         self.unexpected = 0    # first attention calls of a block that did not look like self-attention
-        self.pooled = 0        # routed self-attention calls that read window means of the skipped tokens
 
     def clear(self):
         self.cache.clear()
@@ -56,14 +46,12 @@ class KVState:
 class AttendSkipped:
     """The plan's attention hook for one step: ``attention(options) -> options``."""
 
-    def __init__(self, state: KVState, binding: FamilyBinding, keep: torch.Tensor, grid_tokens: int, dense: bool,
-                 pool: tuple | None = None):
+    def __init__(self, state: KVState, binding: FamilyBinding, keep: torch.Tensor, grid_tokens: int, dense: bool):
         self.state = state
         self.binding = binding
         self.keep = keep
         self.grid_tokens = grid_tokens
         self.dense = dense
-        self.pool = pool  # (window of each grid token, windows) to average the skipped ones' K/V; None: each
 
     def __call__(self, options: dict) -> dict:
         call = _CallAttention(self, options)
@@ -111,46 +99,8 @@ class _CallAttention:
         if q.shape[dim] != k.shape[dim] or k.shape[dim] < start + kept or kwargs.get("mask") is not None:
             step.state.unexpected += 1
             return self._next(func, args, kwargs)
-        buffers = self._extend(k, v, dim, start, kept)
-        if buffers is None:
-            return self._next(func, args, kwargs)
-        if step.pool is None or step.dense:
-            return self._next(func, (q,) + buffers + tuple(args[3:]), kwargs)
-        return self._pooled(func, args, kwargs, buffers, dim, start)
-
-    def _pooled(self, func, args, kwargs, buffers, dim, start):
-        """The call's own keys/values and, per window, the mean of its skipped tokens' cached ones,
-        weighted by their number (windows with none skipped get a logit bias that removes them)."""
-        step = self.step
-        n = step.grid_tokens
-        groups, count = step.pool
-        q, k, v = args[:3]
-        keep = rows_for(step.keep.to(k.device), k.shape[0])
-        skipped = torch.ones((keep.shape[0] if keep.ndim == 2 else 1), n, device=k.device, dtype=k.dtype)
-        skipped.scatter_(-1, keep.view(skipped.shape[0], -1), 0)
-        groups = groups.to(k.device)
-        members = torch.zeros(skipped.shape[0], count, device=k.device, dtype=torch.float32)
-        members.index_add_(1, groups, skipped.float())
-        view = [skipped.shape[0]] + [1] * (k.ndim - 1)
-        view[dim] = n
-        weight = (skipped.view(view) / members.clamp(min=1).index_select(1, groups).to(k.dtype).view(view))
-        pooled = []
-        for buf in buffers:
-            grid = buf.narrow(dim, start, n)
-            shape = list(grid.shape)
-            shape[0], shape[dim] = max(grid.shape[0], weight.shape[0]), count
-            pooled.append(torch.zeros(shape, device=k.device, dtype=k.dtype).index_add_(dim, groups, grid * weight))
-        bias = torch.where(members > 0, members.clamp(min=1).log(), torch.full_like(members, -1e3))
-        bias = torch.cat([bias.new_zeros(bias.shape[0], k.shape[dim]), bias], dim=1)
-        bound = attention_args(args, dict(kwargs))
-        if bound is None:
-            step.state.unexpected += 1
-            return self._next(func, (q,) + buffers + tuple(args[3:]), kwargs)
-        step.state.pooled += 1
-        q, k_own, v_own, heads, rest = bound
-        k2, v2 = (torch.cat([own, p.to(own.dtype)], dim=dim) for own, p in zip((k_own, v_own), pooled))
-        return proportional_attention(func, q, k2, v2, heads, bias, call=lambda f, *a, **kw: self._next(f, a, kw),
-                                      **rest)
+        k, v = self._extend(k, v, dim, start, kept)
+        return self._next(func, (q, k, v) + tuple(args[3:]), kwargs)
 
     def _extend(self, k, v, dim, start, kept):
         """The call's keys/values with every grid token: a buffer per block and batch layout
@@ -169,11 +119,11 @@ class _CallAttention:
         full_shape[dim] = start + n + tail
         if cached is None or list(cached[0].shape) != full_shape or cached[0].device != k.device:
             step.state.missing += 1
-            return None
+            return k, v
         keep = rows_for(step.keep.to(k.device), k.shape[0])
         if keep is None:
             step.state.unexpected += 1
-            return None
+            return k, v
         if cached[0].dtype != k.dtype:
             cached = step.state.cache[cache_key] = (cached[0].to(k.dtype), cached[1].to(v.dtype))
         for buf, new in zip(cached, (k, v)):

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 SCORERS = ("ras", "context", "change", "learned")
 FILLS = ("cache", "nearest")
 MIN_BUDGET = 0.1
-MAX_ATTEND_POOL = 4
 
 
 @dataclass(frozen=True)
@@ -31,10 +30,6 @@ class RouterConfig:
       cache); 0 = only the first step of the window;
     * ``attend_skipped``: computed tokens also attend to the skipped tokens' cached keys/values
       (RAS; ideas/drop/attend.py): closer to the full step, more memory, less speed-up;
-    * ``attend_pool``: with ``attend_skipped``, the skipped tokens of each ``attend_pool x
-      attend_pool`` window of a frame are attended as one key/value (their mean, counted as many
-      tokens as it holds); 1 = each skipped token on its own. Fewer keys: most of the speed of
-      not attending to them on long videos (ideas/drop/attend.py);
     * ``uncond_budget``: the unconditional CFG branch's share where it is lower than ``budget``
       (DC-DiT's "Lite-CFG": the negative prompt's prediction only steers, so it can afford
       fewer tokens); its kept set is a subset of the cond branch's. 1.0 = as ``budget``;
@@ -52,7 +47,6 @@ class RouterConfig:
     refresh_every: int = 5
     starvation: float = 0.1
     attend_skipped: bool = True
-    attend_pool: int = 1
     uncond_budget: float = 1.0
     age_weight: bool | None = None
 
@@ -82,11 +76,6 @@ class RouterConfig:
                              f"(0 = no dense refresh after the first step), got {k!r}")
         if not isinstance(self.attend_skipped, bool):
             raise ValueError(f"Elastic Token Router: attend_skipped must be true or false, got {self.attend_skipped!r}")
-        p = self.attend_pool
-        if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= MAX_ATTEND_POOL:
-            raise ValueError(f"Elastic Token Router: attend_pool must be a whole number of tokens from 1 to "
-                             f"{MAX_ATTEND_POOL} (the side of the window whose skipped tokens are attended as "
-                             f"one; 1 = each on its own), got {p!r}")
         if self.age_weight is not None and not isinstance(self.age_weight, bool):
             raise ValueError(f"Elastic Token Router: age_weight must be true, false or None, got {self.age_weight!r}")
         if not 0.0 <= self.starvation <= 10.0:

@@ -18,8 +18,7 @@ last update, so a run's first step is dense). With ``fill = nearest`` a dense st
 capture and runs as the plain model.
 
 With ``attend_skipped`` the computed tokens' self-attention also reads the skipped tokens' keys
-and values from their last computed step (ideas/drop/attend.py), one by one or, with
-``attend_pool``, as window means; dense steps fill that cache.
+and values from their last computed step (ideas/drop/attend.py); dense steps fill that cache.
 
 Stacking: a coarse step of a Dynamic Patch Schedule (planned before the router, it sets the grid)
 runs all its tokens; the router routes the native steps. Budget 1.0 or an empty window make the
@@ -34,7 +33,6 @@ import torch
 
 from ...families import FamilyBinding
 from ...kernels import token_scores as ks
-from ...kernels.token_select import window_groups
 from ...runtime.token_plan import StepInput, TokenPlan
 from .attend import AttendSkipped, KVState
 from .config import RouterConfig
@@ -86,7 +84,6 @@ class RouterRun:
         self._since_dense = 0
         self._window: tuple[float, float] | None = None
         self._all: dict = {}
-        self._windows: dict = {}                  # (grid, device) -> attend_pool's windows
 
     # -- the step's plan -------------------------------------------------------------------
     def plan(self, step: StepInput, plan: TokenPlan) -> TokenPlan:
@@ -143,22 +140,8 @@ class RouterRun:
             fill = CacheFill(self.state, dense=False)
         else:
             fill = NearestFill(ks.nearest_source(keep, self.binding.grid(step.latent_shape)).to(keep.device))
-        attention = None
-        if cfg.attend_skipped:
-            attention = AttendSkipped(self.kv, self.binding, keep, n, dense=False, pool=self._pool(step, keep.device))
+        attention = AttendSkipped(self.kv, self.binding, keep, n, dense=False) if cfg.attend_skipped else None
         return plan.replace(keep=keep, fill=fill, attention=attention)
-
-    def _pool(self, step: StepInput, device) -> tuple | None:
-        """``(window of each grid token, windows)`` for ``attend_pool`` (None at 1), once per grid."""
-        side = self.config.attend_pool
-        if side == 1:
-            return None
-        grid = self.binding.grid(step.latent_shape)
-        pool = self._windows.get((grid, device))
-        if pool is None:
-            groups, count = window_groups(grid, side)
-            pool = self._windows[(grid, device)] = (groups.to(device), count)
-        return pool
 
     def _dense(self, step: StepInput, plan: TokenPlan, n: int) -> TokenPlan:
         self._since_dense = 0
@@ -240,8 +223,6 @@ class RouterRun:
                      f"(skipped tokens kept their input)")
         if cfg.attend_skipped:
             text += "; computed tokens attended to the skipped ones' cached keys/values"
-            if cfg.attend_pool > 1:
-                text += f" (averaged over {cfg.attend_pool}x{cfg.attend_pool} windows)"
             if self.kv.missing or self.kv.unexpected:
                 text += (f" ({self.kv.missing} attention calls without a cache, {self.kv.unexpected} not "
                          f"recognised as self-attention: those ran without)")
