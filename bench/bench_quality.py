@@ -1064,7 +1064,8 @@ def main(argv=None) -> int:
     steps = args.steps or provider.steps
     settings = parse_settings(args.settings, steps, args.rho, args.cuda_graphs)
     extra = sorted({int(x) for x in args.extra_steps.split(",") if x.strip()})
-    real_provider = make_real_provider(args.real or provider.default_real, args)
+    # --no-fid needs no real set: it is not read, so a call need not carry it
+    real_provider = None if args.no_fid else make_real_provider(args.real or provider.default_real, args)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -1122,11 +1123,16 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if hw is None:
             hw = res["images"].shape[1:3]
-            real = real_provider.images(args.n, hw)
-            real_feats["real"] = inception(real) if inception else None
-            meta["real"] = {**real_provider.describe(), "n": len(real), "size": list(hw)}
-            if args.save_samples:
-                samples["real (held out)"] = real[:args.save_samples]
+            real_feats["real"] = None
+            if inception is None:  # --no-fid: the real set is not needed (nor read: it need not be there)
+                meta["real"] = {"name": str(args.real or provider.default_real), "n": 0, "size": list(hw),
+                                "note": "--no-fid: not read"}
+            else:
+                real = real_provider.images(args.n, hw)
+                real_feats["real"] = inception(real)
+                meta["real"] = {**real_provider.describe(), "n": len(real), "size": list(hw)}
+                if args.save_samples:
+                    samples["real (held out)"] = real[:args.save_samples]
         feats = inception(res["images"]) if inception else None
         row = quality_row(setting, res, feats, real_feats["real"],
                           res["images"] if setting.kind == "baseline" else base_images, lpips, args)

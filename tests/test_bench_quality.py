@@ -352,6 +352,8 @@ def test_no_fid_run_has_paired_metrics_only_and_a_json_after_every_row(tmp_path,
     monkeypatch.setattr(type(out), "write_text", spy)
     monkeypatch.setattr(bench_quality.qm, "InceptionFeatures",
                         lambda *a, **k: pytest.fail("--no-fid must not load the Inception network"))
+    monkeypatch.setattr(bench_quality, "make_real_provider",
+                        lambda *a, **k: pytest.fail("--no-fid must not read the real set (a call need not carry it)"))
     rc = bench_quality.main(["--model", "tiny-flux", "--n", "2", "--steps", "3", "--batch", "2", "--no-fid",
                              "--perturb", "0", "--no-seeds-b", "--warmup", "0", "--bootstrap", "20",
                              "--settings", "2x", "--out", str(out)])
@@ -359,6 +361,7 @@ def test_no_fid_run_has_paired_metrics_only_and_a_json_after_every_row(tmp_path,
     final = json.loads((out / "bench_quality.json").read_text())
     assert final["complete"] is True
     assert all(r["fid"] is None and r["kid_mean"] is None for r in final["rows"])
+    assert final["meta"]["real"]["n"] == 0
     node = next(r for r in final["rows"] if r["kind"] == "node")
     assert node["lpips"] > 0 and node["delta_fid_vs_competitor"] is None and node["delta_lpips_vs_competitor"] is not None
     partial = [w for w in written if not w["complete"]]
