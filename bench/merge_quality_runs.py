@@ -49,6 +49,21 @@ def label_adapter_rows(record: dict, label: str) -> dict:
     return {**record, "rows": rows}
 
 
+def _check_paired(a: dict, b: dict) -> None:
+    """Runs of which one has no FID (``--no-fid``) are the same samples if a row both measured
+    (a fewer-steps competitor: the plain sampler on the same seeds) has the same LPIPS to its
+    baseline; without such a row they are not merged."""
+    lpips = {x["setting"]: x.get("lpips") for x in a["rows"] if x["kind"] != "baseline" and x.get("lpips") is not None}
+    shared = [(x["setting"], lpips[x["setting"]], x["lpips"]) for x in b["rows"]
+              if x["setting"] in lpips and x.get("lpips") is not None]
+    if not shared:
+        raise SystemExit("runs without FID share no row to check that their baselines are the same samples: "
+                         "not mergeable (run a fewer-steps row in both)")
+    for name, la, lb in shared:
+        if abs(la - lb) > 1e-6:
+            raise SystemExit(f"baselines differ (row {name}: LPIPS {la} vs {lb}): not the same samples")
+
+
 def merge(records: list[dict], drop: tuple[str, ...] = ()) -> dict:
     first = records[0]
     for r in records[1:]:
@@ -57,7 +72,9 @@ def merge(records: list[dict], drop: tuple[str, ...] = ()) -> dict:
             raise SystemExit(f"runs differ in {diff or 'model'}: not mergeable")
         b0 = next(x for x in first["rows"] if x["kind"] == "baseline")
         b1 = next(x for x in r["rows"] if x["kind"] == "baseline")
-        if abs((b0["fid"] or 0) - (b1["fid"] or 0)) > 1e-6:
+        if b0["fid"] is None or b1["fid"] is None:
+            _check_paired(first, r)
+        elif abs(b0["fid"] - b1["fid"]) > 1e-6:
             raise SystemExit(f"baselines differ (FID {b0['fid']} vs {b1['fid']}): not the same samples")
     rows, seen = [], set()
     for rec in records:

@@ -43,6 +43,21 @@ def test_runs_of_other_samples_are_refused(change):
         m.merge([_record([_row("2x")]), _record([_row("2x+A")], **change)])
 
 
+def test_runs_without_fid_merge_when_a_shared_row_has_the_same_lpips():
+    import merge_quality_runs as m
+
+    def steps(lpips):
+        return {**_row("20 steps", "fewer_steps", 1.5), "lpips": lpips}
+    with_fid = _record([steps(0.0061), _row("2x")])
+    without = _record([steps(0.0061), _row("2x+A")], fid=None)
+    names = [r["setting"] for r in m.merge([with_fid, without])["rows"]]
+    assert names == ["baseline", "2x", "2x+A", "20 steps"]
+    with pytest.raises(SystemExit, match="differ"):  # other samples: the shared row disagrees
+        m.merge([with_fid, _record([steps(0.0070)], fid=None)])
+    with pytest.raises(SystemExit, match="share no row"):  # nothing to check it by
+        m.merge([with_fid, _record([_row("2x+A")], fid=None)])
+
+
 def test_labels_keep_same_named_adapter_rows_of_different_adapters_apart():
     import merge_quality_runs as m
 
