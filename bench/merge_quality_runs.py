@@ -83,6 +83,11 @@ def merge(records: list[dict], drop: tuple[str, ...] = ()) -> dict:
                 seen.add(row["setting"])
                 rows.append({k: v for k, v in row.items() if k != "per_seed"})
     order = {"baseline": 0, "baseline_seeds_b": 1, "baseline_perturbed": 2, "node": 3, "fewer_steps": 4}
+    # a run cut by a time limit wrote its rows before the end, which sets each row's FLOP reduction
+    base_flops = next((r.get("token_flops") for r in rows if r["kind"] == "baseline"), None)
+    for r in rows:
+        if r.get("flops_reduction") is None and base_flops and r.get("token_flops"):
+            r["flops_reduction"] = base_flops / r["token_flops"]
     rows.sort(key=lambda r: (order.get(r["kind"], 9), -(r.get("flops_reduction") or 0) if r["kind"] == "fewer_steps" else 0))
     spread = {}
     for rec in records:

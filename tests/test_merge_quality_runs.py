@@ -52,6 +52,10 @@ def test_runs_without_fid_merge_when_a_shared_row_has_the_same_lpips():
     without = _record([steps(0.0061), _row("2x+A")], fid=None)
     names = [r["setting"] for r in m.merge([with_fid, without])["rows"]]
     assert names == ["baseline", "2x", "2x+A", "20 steps"]
+    cut = _record([steps(0.0061), {**_row("router"), "flops_reduction": None, "token_flops": 2.0}], fid=None)
+    cut["rows"][0]["token_flops"] = 3.0  # a run cut before its end: the row's reduction comes from its FLOPs
+    with_fid["rows"][0]["token_flops"] = 3.0
+    assert next(r for r in m.merge([with_fid, cut])["rows"] if r["setting"] == "router")["flops_reduction"] == 1.5
     with pytest.raises(SystemExit, match="differ"):  # other samples: the shared row disagrees
         m.merge([with_fid, _record([steps(0.0070)], fid=None)])
     with pytest.raises(SystemExit, match="share no row"):  # nothing to check it by
