@@ -923,6 +923,12 @@ def plot(record: dict, path: Path) -> None:
     if not record["meta"].get("merged_from"):  # merged runs' wall times come from different device calls
         xkeys.append(("speedup", f"measured speedup (×, {record['meta']['device']})"))
     fig, axes = plt.subplots(len(xkeys), 2, figsize=(11, 4.4 * len(xkeys) + 0.3), squeeze=False)
+    # one colour per idea (and per adapter label of merged runs), the same in every panel
+    palette = iter(["#2e9e4f", "#d9822b", "#8e44ad", "#c0392b", "#16a085", "#e84393", "#b8860b",
+                    "#00bcd4", "#6d4c41", "#7f8c8d"])
+    names = sorted({_plot_group(r["setting"]) for r in rows if r["kind"] == "node"},
+                   key=lambda g: (g != PLOT_GROUP_DEFAULT, g))
+    colors = {name: "#2a7ab9" if name == PLOT_GROUP_DEFAULT else next(palette, "#555555") for name in names}
     ykeys = [("fid", "FID to real set (lower is better)"), ("lpips", "LPIPS to baseline (lower is better)")]
     for i, (xk, xl) in enumerate(xkeys):
         for j, (yk, yl) in enumerate(ykeys):
@@ -940,14 +946,13 @@ def plot(record: dict, path: Path) -> None:
                 ax.plot([base[xk]], [base[yk]], "*", color="black", markersize=13, label="baseline", zorder=5)
             nodes = [r for r in rows if r["kind"] == "node" and r.get(xk) is not None and r.get(yk) is not None]
             annotate = len(nodes) <= 10  # beyond that the labels only hide each other: the table has them
-            groups: dict = {}
-            for r in nodes:  # one colour per idea (and per adapter label of merged runs)
-                groups.setdefault(_plot_group(r["setting"]), []).append(r)
-            palette = iter(["#2e9e4f", "#d9822b", "#8e44ad", "#c0392b", "#16a085", "#e84393", "#b8860b",
-                            "#00bcd4", "#6d4c41", "#7f8c8d"])
-            for name in sorted(groups, key=lambda g: (g != PLOT_GROUP_DEFAULT, g)):
-                group = groups[name]
-                color = "#2a7ab9" if name == PLOT_GROUP_DEFAULT else next(palette, "#555555")
+            groups: dict = {name: [] for name in names}
+            for r in nodes:
+                groups[_plot_group(r["setting"])].append(r)
+            for name, group in groups.items():
+                color = colors[name]
+                # (an idea with no point in this panel, e.g. LPIPS-only rows on the FID axis, still
+                # gets its legend entry: the legend is drawn once, on the first panel)
                 ax.scatter([r[xk] for r in group], [r[yk] for r in group], color=color, zorder=6, label=name)
                 for r in group if annotate else ():
                     ax.annotate(r["setting"], (r[xk], r[yk]), textcoords="offset points", xytext=(4, 4),

@@ -377,3 +377,35 @@ def test_plot_legend_names_the_idea_of_each_row():
     assert g("easycache=0.05") == "EasyCache (ComfyUI)"
     assert g("tau=0.5") == bench_quality.PLOT_GROUP_DEFAULT
     assert g("s=2x19/1x9+A [v1]") == "Dynamic Patch Schedule + patch adapter v1"
+
+
+def test_plot_gives_each_idea_one_colour_in_every_panel(tmp_path, monkeypatch):
+    """An idea's points have the same colour on the FID and the LPIPS panel, also when some of its
+    rows have no FID (LPIPS-only rows merged into a run) and the panels hold different ideas."""
+    import matplotlib.axes
+
+    seen = []
+    real_scatter = matplotlib.axes.Axes.scatter
+
+    def spy(self, x, y, *a, color=None, label=None, **k):
+        seen.append((label, color))
+        return real_scatter(self, x, y, *a, color=color, label=label, **k)
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", spy)
+
+    def row(setting, kind, fid, lpips, flops):
+        return {"setting": setting, "kind": kind, "steps": 28, "fid": fid, "lpips": lpips,
+                "flops_reduction": flops, "speedup": None}
+    record = {"meta": {"merged_from": ["a", "b"], "device": "cuda", "model": {"name": "video-proxy"}, "n": 4,
+                       "steps": 28, "real": {"name": "clips"}},
+              "spread": {},
+              "rows": [row("baseline", "baseline", 171.0, 0.0, 1.0), row("20 steps", "fewer_steps", 174.0, 0.006, 1.5),
+                       row("router=0.5/scorer=ras", "node", 186.0, 0.0098, 1.5),
+                       row("router=0.5/scorer=learned", "node", None, 0.0064, 1.5),
+                       row("merge=0.5", "node", None, 0.31, 2.3)]}
+    bench_quality.plot(record, tmp_path / "pareto.png")
+    colours = {}
+    for label, colour in seen:
+        colours.setdefault(label, set()).add(colour)
+    assert set(colours) == {"Elastic Token Router, training-free", "Elastic Token Router, learned",
+                            "Token Merge, training-free"}
+    assert all(len(c) == 1 for c in colours.values()) and len({next(iter(c)) for c in colours.values()}) == 3
