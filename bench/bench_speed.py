@@ -38,7 +38,7 @@ Variants (``--variants``, comma-separated, run in order):
   keep=F     share F of the image tokens (evenly spread) through the blocks at every step, through
              the runtime's token path (bench-only planner EvenKeep; keep=1.0: the path's overhead)
   router=B[/scorer=S][/fill=F][/start=P][/end=P][/refresh=K][/attend=1][/age=1][/uncond=U]
-             the Elastic Token Router node at budget B, uncond=U the uncond branch's (its defaults otherwise: scorer ras, fill
+             the Elastic Token Router node at budget B, uncond=U the uncond branch's (its defaults otherwise: scorer context (before 2026-12-03's fourth session: ras), fill
              cache, start 0.2, end 1.0, refresh 5, attend_skipped on), e.g. router=0.5/start=0/refresh=0 routes every
              step after the first (dense: nothing to score yet); router=1.0: the node's overhead
              (an idle router is the plain model); scorer=learned times an untrained router network

@@ -997,7 +997,7 @@ Read these numbers for what they are:
    2x19,1x9 (strength 1.1) reaches 2.08x fewer token-FLOPs at +1.3% FID (BENCHMARKS.md section 5:
    FID and LPIPS over 2,000 samples on an H100; this job shows the first adapter, which the
    automatic schedule needs).
- * Router: the Elastic Token Router (budget 0.5, training-free: scorer ras, fill cache, skipped
+ * Router: the Elastic Token Router (budget 0.5, training-free: scorer context, fill cache, skipped
    tokens' keys/values attended, routing from 20% of the sampling on, every 5th step dense) on the image proxy; the row shows what it skipped and
    PSNR/SSIM against the baseline. Its quality against fewer steps at n = 2,000 is issue 13's
    benchmark (BENCHMARKS.md), not this job.

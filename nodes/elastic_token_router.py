@@ -33,11 +33,12 @@ class ElasticTokenRouter(io.ComfyNode):
                                        "~1.6x faster with attend_skipped, ~1.7x without; Wan 1.3B 480p ~1.9x / "
                                        "~2.7x); lower = faster, less detail. The same "
                                        "scores serve every budget: a lower budget keeps a subset."),
-                io.Combo.Input("scorer", options=list(SCORERS), default="ras",
-                               tooltip="How tokens are ranked. ras: how much the token's latent changed "
-                                       "in the last step (RAS). context: how badly the token is predicted "
-                                       "from its neighbours on the current clean-image estimate (DC-DiT; "
-                                       "detail and edges first). change: how much the token's update "
+                io.Combo.Input("scorer", options=list(SCORERS), default="context",
+                               tooltip="How tokens are ranked. context (default, the best training-free "
+                                       "scorer on every proxy): how badly the token is predicted from its "
+                                       "neighbours on the current clean-image estimate (DC-DiT; detail and "
+                                       "edges first). ras: how much the token's latent changed in the last "
+                                       "step (RAS). change: how much the token's update "
                                        "itself changed (where the trajectory still turns). learned: a "
                                        "trained router (put a Load Token Router node before this one). "
                                        "A starvation "

@@ -19,9 +19,10 @@ class RouterConfig:
 
     * ``budget``: share of the image tokens computed on a routed step (0.1..1.0; 1.0 = the plain
       model, bit for bit: the router then makes no decision at all);
-    * ``scorer``: ``ras`` (last update's std per token), ``context`` (DC-DiT context residual on
-      the x0 estimate), ``change`` (change of the update) or ``learned`` (the logits of a
-      trained router attached by the "Load Token Router" node; ideas/drop/router_net.py);
+    * ``scorer``: ``context`` (DC-DiT context residual on the x0 estimate; the default, chosen
+      by the quality benchmark: BENCHMARKS.md §14), ``ras`` (last update's std per token),
+      ``change`` (change of the update) or ``learned`` (the logits of a trained router attached
+      by the "Load Token Router" node; ideas/drop/router_net.py);
     * ``fill``: skipped tokens get their ``cache``-d output from their last computed step (per
       CFG branch) or copy the ``nearest`` computed token's;
     * ``start_percent`` / ``end_percent``: the sampling window (ComfyUI's percent_to_sigma, as
@@ -40,7 +41,7 @@ class RouterConfig:
     """
 
     budget: float = 0.5
-    scorer: str = "ras"
+    scorer: str = "context"
     fill: str = "cache"
     start_percent: float = 0.2
     end_percent: float = 1.0

@@ -44,7 +44,7 @@ from .router_net import router_features, token_grid
 def missing_router_message() -> str:
     return ("Elastic Token Router: scorer 'learned' needs a trained token router on the model: put a "
             "'Load Token Router' node (a .safetensors router from scripts/train_patch_adapter.py --mode "
-            "router, in models/elastic_tokens/) before this node, or pick another scorer (ras).")
+            "router, in models/elastic_tokens/) before this node, or pick another scorer (context).")
 
 
 class RouterPlanner:
