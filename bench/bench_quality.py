@@ -93,8 +93,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import importlib
-import importlib.util
 import json
 import math
 import os

@@ -77,7 +77,6 @@ import importlib.machinery
 import importlib.util
 import inspect
 import json
-import logging
 import math
 import os
 import platform
@@ -86,7 +85,6 @@ import statistics
 import sys
 import time
 import traceback
-import types
 import weakref
 from pathlib import Path
 

@@ -49,7 +49,9 @@ class TokenPlan:
     coarse_deembed: str = "bilinear"       # how a coarse prediction is brought back to full size
     fill: object | None = None             # TokenFill: skipped tokens' hidden state after the blocks
     attention: object | None = None        # keep plans: attention(options) -> the call's options (an
-                                           # attention override, e.g. ideas/drop/attend.py)
+                                           # attention override, e.g. ideas/drop/attend.py); its
+                                           # optional extra_keys() -> (image keys, blocks) or None
+                                           # enters the FLOP account
     uncond: "TokenPlan | None" = None      # the unconditional CFG branch's own plan where it differs
                                            # (fewer tokens); calls batching both branches are split
                                            # (runtime/branch_split.py)
@@ -75,7 +77,10 @@ class TokenPlan:
         """``(image tokens, native FLOPs, planned FLOPs)`` of one sample's forward."""
         tokens = self.tokens(binding.grid_tokens(latent_shape, self.factor))
         native = binding.step_flops(binding.grid_tokens(latent_shape), text_tokens)
-        return tokens, native, binding.step_flops(tokens, text_tokens)
+        # an attention hook that widens the keys (the router's K/V cache) says by how much
+        keys = getattr(self.attention, "extra_keys", None)
+        keys = keys() if callable(keys) else None
+        return tokens, native, binding.step_flops(tokens, text_tokens, *(keys or ()))
 
 
 NATIVE = TokenPlan()

@@ -132,6 +132,39 @@ def test_blocks_see_the_budgets_share_on_routed_steps_and_every_token_on_dense_o
     assert rep.flops_used < rep.flops_native
 
 
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_the_flop_account_counts_the_attention_over_cached_keys(cases, family):
+    """With ``attend_skipped`` a routed step's kept tokens attend to every token's keys: the
+    account (log line, report, bench rows) counts that attention."""
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.kernels.token_scores import budget_tokens
+
+    model, (pos, neg), latent, cfg = cases[family]
+    binding = binding_for(model)
+    shape = latent["samples"].shape
+    n = binding.grid_tokens(shape)
+    k = budget_tokens(0.5, n)
+    text = pos[0][0].shape[1]
+    calls = 2 if cfg != 1.0 else 1  # cond and uncond batched into one call of two samples
+    settings = dict(budget=0.5, start_percent=0.0, refresh_every=3)
+    used = {}
+    for name, extra in (("off", dict(attend_skipped=False)), ("on", {})):
+        routed = router(model, **settings, **extra)
+        ksample(routed, pos, neg, latent, cfg=cfg)
+        rep = report(routed)
+        assert rep.step_tokens == [n, k, k, n, k, k]
+        used[name] = rep.flops_used
+    dense, routed_steps = 2, 4
+    blocks = len(binding.block_keys)
+    expect = {"off": binding.step_flops(k, text), "on": binding.step_flops(k, text, n, blocks)}
+    for name, per_routed in expect.items():
+        assert used[name] == pytest.approx(calls * (dense * binding.step_flops(n, text) + routed_steps * per_routed))
+    assert used["off"] < used["on"]
+    # the same counted through step_flops's parts: the extra is attention of kept queries over skipped keys
+    assert binding.step_flops(k, text, n, blocks) - binding.step_flops(k, text) == pytest.approx(
+        blocks * 4.0 * (k + (text if binding.joint_text else 0)) * (n - k) * binding.hidden_size)
+
+
 def test_the_window_follows_comfyuis_percent_to_sigma(cases):
     """start/end percent are read as EasyCache reads them: a step is routed when
     ``percent_to_sigma(end) < sigma <= percent_to_sigma(start)`` (sigmas compared in float32,
