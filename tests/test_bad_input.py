@@ -11,11 +11,13 @@ takes, the node's ``execute()`` or sampling through ComfyUI's KSampler, and chec
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
 import torch
 
+import node_runs
 import tiny_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run single-threaded
@@ -31,11 +33,7 @@ def schedule_node(model, **changes):
     return DynamicPatchSchedule.execute(model, **{**NODE_DEFAULTS, **changes}).result[0]
 
 
-def ksample(model, positive, negative, latent, steps=8, cfg=1.0):
-    import nodes
-
-    (out,) = nodes.common_ksampler(model, 7, steps, cfg, "euler", "simple", positive, negative, latent)
-    return out["samples"]
+ksample = functools.partial(node_runs.ksample, steps=8, seed=7)
 
 
 def report(model):

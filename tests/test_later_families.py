@@ -10,16 +10,14 @@ reference tokens), Flux Kontext (the FLUX.1 class with a reference latent) and W
 import pytest
 import torch
 
+import node_runs
 import tiny_models
 
 SCHEDULE = "2x4, 1x4"  # 8 steps: 4 at 2p, then 4 native
 
 
 def ksample(model, positive, negative, latent, cfg=1.0, steps=8):
-    import nodes
-
-    (out,) = nodes.common_ksampler(model, 7, steps, cfg, "euler", "simple", positive, negative, latent)
-    return out["samples"]
+    return node_runs.ksample(model, positive, negative, latent, steps=steps, cfg=cfg, seed=7)
 
 
 def schedule(model, **settings):

@@ -10,21 +10,17 @@ with CFG; bad settings and unsupported models fail with a message that says what
 Speed is not asserted here (no GPU): bench/bench_speed.py's ``router=`` variants measure it.
 """
 
+import functools
 import math
 
 import pytest
 import torch
 
+import node_runs
 import tiny_models
 
 STEPS = 6
-
-
-def ksample(model, positive, negative, latent, steps=STEPS, cfg=1.0, seed=3, sampler="euler"):
-    import nodes
-
-    (out,) = nodes.common_ksampler(model, seed, steps, cfg, sampler, "simple", positive, negative, latent)
-    return out["samples"]
+ksample = functools.partial(node_runs.ksample, steps=STEPS, seed=3)  # euler/simple unless sampler= says
 
 
 def router(model, **settings):

@@ -4,11 +4,11 @@ node on every step, and a snapshot of a MODEL's options (to check a node left it
 from __future__ import annotations
 
 
-def ksample(model, positive, negative, latent, steps=6, cfg=1.0, seed=3):
-    """``nodes.common_ksampler`` (what the KSampler node runs), euler/simple; the latent samples."""
+def ksample(model, positive, negative, latent, steps=6, cfg=1.0, seed=3, sampler="euler"):
+    """``nodes.common_ksampler`` (what the KSampler node runs), ``sampler``/simple; the latent samples."""
     import nodes
 
-    (out,) = nodes.common_ksampler(model, seed, steps, cfg, "euler", "simple", positive, negative, latent)
+    (out,) = nodes.common_ksampler(model, seed, steps, cfg, sampler, "simple", positive, negative, latent)
     return out["samples"]
 
 
