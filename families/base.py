@@ -101,13 +101,12 @@ class FamilyBinding:
         return opts
 
     # -- cost ------------------------------------------------------------------------------
-    def step_flops(self, image_tokens: int, text_tokens: int, key_tokens: int | None = None,
-                   key_blocks: int = 0) -> float:
+    def step_flops(self, image_tokens: int, text_tokens: int, key_tokens: int | None = None) -> float:
         """Approximate transformer FLOPs of one forward per sample (linear layers + attention).
 
-        ``key_tokens``: in the first ``key_blocks`` blocks the computed tokens' self-attention reads
-        that many image tokens' keys/values instead of their own (the router's cache of the skipped
-        tokens' keys/values): attention grows with queries x keys, the linear layers do not.
+        ``key_tokens``: the computed tokens' self-attention reads that many image tokens'
+        keys/values instead of their own (the router's cache of the skipped tokens' keys/values):
+        attention grows with queries x keys, the linear layers do not.
         """
         t = text_tokens if self.joint_text else 0
         n = image_tokens + t
@@ -116,6 +115,6 @@ class FamilyBinding:
         attention = 4.0 * n * n * d
         cross = 0.0 if self.joint_text else 4.0 * image_tokens * text_tokens * d
         flops = self.blocks * (linear + attention + cross)
-        if key_tokens is not None and key_tokens > image_tokens and key_blocks > 0:
-            flops += min(key_blocks, self.blocks) * 4.0 * n * (key_tokens - image_tokens) * d
+        if key_tokens is not None and key_tokens > image_tokens:
+            flops += self.blocks * 4.0 * n * (key_tokens - image_tokens) * d
         return flops

@@ -50,8 +50,8 @@ class TokenPlan:
     fill: object | None = None             # TokenFill: skipped tokens' hidden state after the blocks
     attention: object | None = None        # keep plans: attention(options) -> the call's options (an
                                            # attention override, e.g. ideas/drop/attend.py); its
-                                           # optional extra_keys() -> (image keys, blocks) or None
-                                           # enters the FLOP account
+                                           # optional extra_keys() -> the image keys its self-
+                                           # attention reads, or None, enters the FLOP account
     uncond: "TokenPlan | None" = None      # the unconditional CFG branch's own plan where it differs
                                            # (fewer tokens); calls batching both branches are split
                                            # (runtime/branch_split.py)
@@ -79,8 +79,7 @@ class TokenPlan:
         native = binding.step_flops(binding.grid_tokens(latent_shape), text_tokens)
         # an attention hook that widens the keys (the router's K/V cache) says by how much
         keys = getattr(self.attention, "extra_keys", None)
-        keys = keys() if callable(keys) else None
-        return tokens, native, binding.step_flops(tokens, text_tokens, *(keys or ()))
+        return tokens, native, binding.step_flops(tokens, text_tokens, keys() if callable(keys) else None)
 
 
 NATIVE = TokenPlan()

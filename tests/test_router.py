@@ -152,12 +152,12 @@ def test_the_flop_account_counts_the_attention_over_cached_keys(cases, family):
         used[name] = rep.flops_used
     dense, routed_steps = 2, 4
     blocks = len(binding.block_keys)
-    expect = {"off": binding.step_flops(k, text), "on": binding.step_flops(k, text, n, blocks)}
+    expect = {"off": binding.step_flops(k, text), "on": binding.step_flops(k, text, n)}
     for name, per_routed in expect.items():
         assert used[name] == pytest.approx(calls * (dense * binding.step_flops(n, text) + routed_steps * per_routed))
     assert used["off"] < used["on"]
     # the same counted through step_flops's parts: the extra is attention of kept queries over skipped keys
-    assert binding.step_flops(k, text, n, blocks) - binding.step_flops(k, text) == pytest.approx(
+    assert binding.step_flops(k, text, n) - binding.step_flops(k, text) == pytest.approx(
         blocks * 4.0 * (k + (text if binding.joint_text else 0)) * (n - k) * binding.hidden_size)
 
 

@@ -53,10 +53,10 @@ class AttendSkipped:
         self.grid_tokens = grid_tokens
         self.dense = dense
 
-    def extra_keys(self) -> tuple[int, int] | None:
+    def extra_keys(self) -> int | None:
         """For the FLOP account: on a routed step the computed tokens read every grid token's
-        keys in every block; a dense step attends as the plain model."""
-        return None if self.dense else (self.grid_tokens, len(self.binding.block_keys))
+        keys; a dense step attends as the plain model."""
+        return None if self.dense else self.grid_tokens
 
     def __call__(self, options: dict) -> dict:
         call = _CallAttention(self, options)
