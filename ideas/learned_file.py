@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from dataclasses import asdict
 from pathlib import Path
 
@@ -65,17 +64,14 @@ def spec_fields(cls, meta: dict) -> dict:
 def file_format(path) -> str | None:
     """The ``format`` metadata of a .safetensors file, read from its header only (a loader's file
     list reads every file in the folder); None when it has none, is not readable or is gone."""
+    from safetensors import safe_open
 
     if path is None:
         return None
     try:
-        with open(path, "rb") as f:
-            size = struct.unpack("<Q", f.read(8))[0]
-            if size > 100_000_000:
-                return None
-            header = json.loads(f.read(size))
-        return (header.get("__metadata__") or {}).get("format")
-    except (OSError, ValueError, struct.error):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return (f.metadata() or {}).get("format")
+    except Exception:  # safetensors raises its own error types for damaged headers, OSError when gone
         return None
 
 
