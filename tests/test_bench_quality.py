@@ -73,6 +73,19 @@ def test_identical_images_give_lpips_0_psnr_inf_ssim_1(images, lpips):
     assert np.allclose(pm["ssim"], 1.0)
 
 
+def test_batched_ssim_is_the_per_image_ssim(images):
+    """paired_metrics' batched torch SSIM is image_metrics.ssim image by image, also where the
+    window shrinks to a small image's side and across chunk boundaries."""
+    from image_metrics import ssim
+
+    for ref in (images, images[:5, :9, :7]):
+        test = degrade(ref, sigma=8.0, blur=3)
+        want = np.array([ssim(r, t) for r, t in zip(ref, test)])
+        got = qm.ssim_per_image(ref, test, chunk=3)
+        assert got.shape == want.shape and np.allclose(got, want, rtol=0, atol=1e-12)
+        assert np.all(got < 1.0) and np.all(qm.ssim_per_image(ref, ref.copy()) == 1.0)
+
+
 def test_stronger_degradation_scores_worse_on_every_metric(images, inception, lpips):
     mild = degrade(images, sigma=3.0, blur=1)
     strong = degrade(images, sigma=25.0, blur=5)

@@ -391,7 +391,6 @@ def shrunk(d: torch.Tensor, cells: torch.Tensor, alpha: float) -> torch.Tensor:
 def choose_shrink(a: PairStats, b: PairStats, grid, cfg: PatternConfig, ratios=VAL_RATIOS):
     """The shrinkage whose direct clustering of one training half merges the other half cheapest
     (both ways, mean over ``ratios`` of the cost relative to ``spread``'s); ``(alpha, table)``."""
-    n = grid[0] * grid[1] * grid[2]
     cells = a.cells
     ok = cells >= 0
     pair = ok.unsqueeze(2) & ok.unsqueeze(1)

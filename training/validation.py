@@ -12,7 +12,6 @@ smallest error, not the last one.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 
