@@ -10,7 +10,9 @@ raw runs are stored compressed in the repository).
 
 ``=LABEL`` names the adapter of that run: its ``+A`` rows become ``setting [LABEL]``, so runs with
 different adapters can hold settings of the same name. ``--drop SETTING`` leaves a row out (one
-measured with code that has since changed). Per-seed values stay in the source runs' JSON.
+measured with code that has since changed); ``--rename OLD NEW`` names a row of any run NEW, so a
+setting written with a node default that has since changed (``router=0.5`` when the default
+scorer was another) gets the name that says what ran. Per-seed values stay in the source runs' JSON.
 
 Rows are keyed by setting name; a row present in several runs (the baseline, a fewer-steps
 competitor) is taken from the first run that has it, and the runs must agree on it: the same
@@ -64,6 +66,15 @@ def _check_paired(a: dict, b: dict) -> None:
             raise SystemExit(f"baselines differ (row {name}: LPIPS {la} vs {lb}): not the same samples")
 
 
+def rename_rows(record: dict, names: dict[str, str]) -> dict:
+    """``record`` with each row named OLD in ``names`` named NEW; NEW must not be a row already."""
+    have = {r["setting"] for r in record["rows"]}
+    for old, new in names.items():
+        if old in have and new in have:
+            raise SystemExit(f"--rename {old}={new}: the run already has a row {new!r}")
+    return {**record, "rows": [{**r, "setting": names.get(r["setting"], r["setting"])} for r in record["rows"]]}
+
+
 def merge(records: list[dict], drop: tuple[str, ...] = ()) -> dict:
     first = records[0]
     for r in records[1:]:
@@ -105,11 +116,15 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", help="RUN_DIR or RUN_DIR=LABEL (LABEL: the adapter of its +A rows)")
     p.add_argument("--out", required=True)
     p.add_argument("--drop", action="append", default=[], help="leave out the row of this setting (repeatable)")
+    p.add_argument("--rename", nargs=2, action="append", default=[], metavar=("OLD", "NEW"),
+                   help="name the row OLD of every run NEW (repeatable), e.g. --rename router=0.5 router=0.5/scorer=context")
     args = p.parse_args(argv)
+    names = dict(args.rename)
     records = []
     for spec in args.runs:
         folder, _, label = spec.partition("=")
         record = read_run(Path(folder))
+        record = rename_rows(record, names)
         records.append(label_adapter_rows(record, label) if label else record)
     record = merge(records, tuple(args.drop))
     out = Path(args.out)

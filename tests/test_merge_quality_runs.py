@@ -87,6 +87,29 @@ def test_runs_are_read_plain_or_gzipped(tmp_path):
         m.read_run(tmp_path)
 
 
+def test_rename_names_a_row_by_what_ran(tmp_path, monkeypatch):
+    import gzip
+    import json
+
+    import bench_quality
+    import merge_quality_runs as m
+
+    monkeypatch.setattr(bench_quality, "markdown", lambda record: "table")  # the table and plot have their tests
+    monkeypatch.setattr(bench_quality, "plot", lambda record, path: None)
+
+    record = _record([_row("router=0.5"), _row("20 steps", "fewer_steps", 1.4)])
+    renamed = m.rename_rows(record, {"router=0.5": "router=0.5/scorer=context"})
+    assert [r["setting"] for r in renamed["rows"]] == ["baseline", "router=0.5/scorer=context", "20 steps"]
+    assert record["rows"][1]["setting"] == "router=0.5"  # the run read is not changed
+    with pytest.raises(SystemExit, match="already has a row"):
+        m.rename_rows(record, {"router=0.5": "20 steps"})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "bench_quality.json.gz").write_bytes(gzip.compress(json.dumps(record).encode()))
+    m.main([str(tmp_path / "run"), "--rename", "router=0.5", "router=0.5/scorer=context", "--out", str(tmp_path / "out")])
+    merged = json.loads((tmp_path / "out" / "bench_quality.json").read_text())
+    assert [r["setting"] for r in merged["rows"]] == ["baseline", "router=0.5/scorer=context", "20 steps"]
+
+
 def test_dropped_rows_and_per_seed_values_are_left_out():
     import merge_quality_runs as m
 
