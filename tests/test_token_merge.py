@@ -423,6 +423,43 @@ def test_stacks_with_the_patch_schedule_into_one_plan(cases, order):
     assert torch.equal(outs["schedule first"], outs["merge first"])
 
 
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_stacks_with_the_router_one_token_reduction_per_step(cases, family):
+    """Token Merge and the Elastic Token Router on one MODEL, either graph order: the router takes
+    the steps of its window (the first dense, to fill its caches, the others routed), Token Merge
+    merges the steps before it, the log says how many steps it left, and the input is untouched."""
+    from elastic_tokens.ideas.drop import apply_router
+    from elastic_tokens.ideas.drop.config import RouterConfig
+    from elastic_tokens.kernels.token_scores import budget_tokens
+
+    model, (pos, neg), latent, cfg = cases[family]
+    before = options_snapshot(model)
+
+    def route(m):
+        return apply_router(m, RouterConfig(budget=0.5, start_percent=0.5, refresh_every=0))
+
+    def merge(m):
+        return token_merge(m, ratio=0.5, start_percent=0.0, end_percent=1.0)
+
+    outs = {}
+    for order, build in (("router first", lambda m: merge(route(m))), ("merge first", lambda m: route(merge(m)))):
+        stacked = build(model)
+        outs[order] = ksample(stacked, pos, neg, latent, steps=8, cfg=cfg)
+        rep = report(stacked)
+        n = rep.step_grid_tokens[0]
+        merged = [i for i, m in enumerate(rep.step_merged) if m]
+        assert 0 < len(merged) < 8 and merged == list(range(len(merged)))  # the steps before the router's window
+        assert all(rep.step_tokens[i] == n // 2 and rep.step_merged[i] == n // 2 for i in merged)
+        routed = rep.step_tokens[len(merged):]
+        assert routed[0] == n and set(routed[1:]) == {budget_tokens(0.5, n)}  # dense first, then the budget
+        left = 8 - len(merged)
+        assert f"Token Merge: {left} steps of its window had their tokens chosen by another node" in rep.summary()
+        assert sorted(rep.planners) == ["Elastic Token Router", "Token Merge"] and not rep.fallbacks
+        assert torch.isfinite(outs[order]).all()
+    assert torch.equal(outs["router first"], outs["merge first"])
+    assert options_snapshot(model) == before
+
+
 def test_the_window_is_in_sampling_percent(cases):
     model, (pos, neg), latent, cfg = cases["flux"]
     merged = token_merge(model, ratio=0.5, start_percent=0.2, end_percent=0.7)

@@ -6,7 +6,9 @@ so every step and sample of a run merge alike; it is made once per grid and run.
 when its sigma lies in the node's window (``start_percent`` / ``end_percent`` through the model's
 ``percent_to_sigma``, as ComfyUI's own start/end settings) and the plan so far runs the native
 full grid: a coarse step of a stacked Dynamic Patch Schedule, or a step whose tokens a router
-already chose, is left as it is (one token reduction per step).
+already chose (routed, or dense to renew its caches), is left as it is (one token reduction per
+step), and the log says how many such steps the window had. Stacked with the router, Token Merge
+therefore acts on the steps outside the router's window (by default the first 20%).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class TokenMergeRun:
         self.binding = binding
         self.idle = self.config.never_merges
         self._patterns: dict = {}
+        self.left_to_others = 0  # window steps whose tokens another planner had chosen
 
     def pattern(self, grid: tuple) -> MergePattern | None:
         """The pattern of a token grid ``(frames, rows, cols)``, or None where nothing merges."""
@@ -79,10 +82,20 @@ class TokenMergeRun:
         return self._patterns[grid]
 
     def plan(self, step: StepInput, plan: TokenPlan) -> TokenPlan:
-        if plan.factor != 1 or plan.keep is not None or plan.merge is not None:
-            return plan
         p = self.planner
-        if not (p.sigma_end < step.sigma <= p.sigma_start):
+        if plan.factor != 1 or not (p.sigma_end < step.sigma <= p.sigma_start):
+            return plan
+        if plan.keep is not None or plan.merge is not None:
+            # a router chose this step's tokens (the kept set is per sample: one global pattern
+            # cannot group it into one token count per batch); finish() says how often
+            self.left_to_others += 1
             return plan
         pattern = self.pattern(self.binding.grid(step.latent_shape))
         return plan if pattern is None else plan.replace(merge=pattern)
+
+    def finish(self, report) -> None:
+        if self.left_to_others:
+            merged = sum(1 for m in report.step_merged if m)
+            report.notes.append(f"Token Merge: {self.left_to_others} steps of its window had their tokens chosen "
+                                f"by another node (Elastic Token Router), so it merged {merged} steps (one token "
+                                f"reduction per step)")
