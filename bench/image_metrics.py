@@ -58,23 +58,20 @@ def gaussian_window(size: int = WINDOW, sigma: float = SIGMA) -> np.ndarray:
     return w / w.sum()
 
 
-def _filter_valid(x: np.ndarray, taps: np.ndarray) -> np.ndarray:
-    """Separable 'valid' filtering of ``x`` (..., H, W) along its last two axes."""
+def _filter_valid(x, taps) -> np.ndarray:
+    """Separable 'valid' filtering of ``x`` (..., H, W) along its last two axes (a numpy array or
+    a torch tensor: only slicing and arithmetic with Python floats)."""
+    taps = [float(t) for t in taps]
     k = len(taps)
     h, w = x.shape[-2:]
     rows = sum(taps[i] * x[..., i:h - k + 1 + i, :] for i in range(k))
     return sum(taps[i] * rows[..., :, i:w - k + 1 + i] for i in range(k))
 
 
-def ssim(a, b, data_range: float = 255.0, window: int = WINDOW, sigma: float = SIGMA) -> float:
-    """Mean SSIM of ``b`` against ``a`` (see module docstring); 1.0 for identical inputs.
-
-    Images smaller than the window use a window as large as their smaller side (odd).
-    """
-    a, b = _check_pair(a, b)
-    # (frames, C, H, W): filter the two spatial axes of every frame and channel at once
-    a = np.moveaxis(a, -1, 1)
-    b = np.moveaxis(b, -1, 1)
+def ssim_map(a, b, data_range: float = 255.0, window: int = WINDOW, sigma: float = SIGMA):
+    """The SSIM map of two float64 ``(..., H, W)`` arrays, numpy or torch (quality_metrics runs it
+    batched on a GPU), over the 'valid' part of the last two axes. Images smaller than the window
+    use a window as large as their smaller side (odd)."""
     size = min(window, a.shape[-2], a.shape[-1])
     size -= 1 - size % 2  # keep it odd
     taps = gaussian_window(size, sigma)
@@ -87,7 +84,19 @@ def ssim(a, b, data_range: float = 255.0, window: int = WINDOW, sigma: float = S
     cov = _filter_valid(a * b, taps) - mu_a * mu_b
     num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
     den = (mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)
-    return float(np.mean(num / den))
+    return num / den
+
+
+def ssim(a, b, data_range: float = 255.0, window: int = WINDOW, sigma: float = SIGMA) -> float:
+    """Mean SSIM of ``b`` against ``a`` (see module docstring); 1.0 for identical inputs.
+
+    Images smaller than the window use a window as large as their smaller side (odd).
+    """
+    a, b = _check_pair(a, b)
+    # (frames, C, H, W): filter the two spatial axes of every frame and channel at once
+    a = np.moveaxis(a, -1, 1)
+    b = np.moveaxis(b, -1, 1)
+    return float(np.mean(ssim_map(a, b, data_range, window, sigma)))
 
 
 def load_frames(path) -> np.ndarray:

