@@ -10,7 +10,8 @@ On a tiny random-weight version of the architecture (always runs):
 * random weights are a pure function of the seed, and the final layer is random (the trainer's zero
   final layer would make every output the initial noise);
 * make_real gives held-out reference scenes (seed 10^9 + i, class i % 10), exactly the scenes the
-  generator renders, at the decoded size; bench_quality's --model shorthands resolve.
+  generator renders, at the decoded size, in the grammar the weights were trained on;
+  bench_quality's --model shorthands resolve.
 
 With the trained weights (skipped, naming the command that makes them, while they are absent): the
 trained file loads with its own config and its samples are images, not noise.
@@ -108,6 +109,27 @@ def test_make_real_is_held_out_reference_scenes():
     assert np.array_equal(imgs[..., 0], ref)
     assert ds.reference_seeds(6).min() >= ds.TRAIN_SEEDS
     assert real.images(2, (128, 128)).shape == (2, 128, 128, 3)
+
+
+def test_make_real_draws_from_the_weights_grammar(tmp_path, monkeypatch):
+    """Weights trained on the axis grammar (metadata ``grammar``) get axis reference scenes; a file
+    without the key (the first proxy's) and no file at all get the free grammar."""
+    from safetensors.torch import save_file
+
+    for grammar in ("axis", None):
+        f = tmp_path / f"{grammar}.safetensors"
+        save_file({"x": torch.zeros(1)}, str(f), metadata={"grammar": grammar} if grammar else {"config": "{}"})
+        monkeypatch.setenv("ELASTIC_TOKENS_DETAIL_WEIGHTS", str(f))
+        imgs = dp.make_real().images(2, (256, 256))
+        ref, _ = ds.render(ds.reference_seeds(2), grammar=grammar or "free")
+        assert np.array_equal(imgs[..., 0], ((ref[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
+        assert dp.make_real().describe()["grammar"] == (grammar or "free")
+    monkeypatch.setenv("ELASTIC_TOKENS_DETAIL_WEIGHTS", str(tmp_path / "absent.safetensors"))
+    assert dp.grammar_of() == "free"
+    bad = tmp_path / "bad.safetensors"
+    save_file({"x": torch.zeros(1)}, str(bad), metadata={"grammar": "diagonal"})
+    with pytest.raises(ValueError, match="grammar 'diagonal'"):
+        dp.grammar_of(bad)
 
 
 def test_bench_quality_model_shorthands(comfy):

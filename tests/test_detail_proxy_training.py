@@ -23,6 +23,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,6 +110,41 @@ def test_detail_map_marks_texture_and_only_texture():
     assert ds.high_freq_share(img) > 0.05 > 5 * ds.high_freq_share(smooth)
 
 
+def _texture_axis_aligned_share(img, det):
+    """Of the eroded textured pixels where the image changes (by > 0.02 to the next pixel in x or
+    in y), the share where it changes in one direction only: 1 for textures along the pixel grid."""
+    inner = -torch.nn.functional.max_pool2d(-det, 5, 1, 2) > 0.5
+    gx = (img[..., 1:-1, 2:] - img[..., 1:-1, 1:-1]).abs()
+    gy = (img[..., 2:, 1:-1] - img[..., 1:-1, 1:-1]).abs()
+    changing = (torch.maximum(gx, gy) > 0.02) & inner[..., 1:-1, 1:-1]
+    return float((torch.minimum(gx, gy) < 0.02)[changing].float().mean())
+
+
+def test_axis_grammar_snaps_every_angle_to_the_grid():
+    """grammar='axis': the same seeds' scenes with shapes and textures along x / y (rectangles and
+    ellipses), still a pure function of the seed, with detail and flat regions in the same shares;
+    the free grammar's textures are not along the grid (the check has teeth)."""
+    seeds = torch.arange(0, 40, 4)  # class 0, 4, 8, 2, 6, ...: stripes, mixed, grating, ...
+    stripes = seeds[ds.class_of(seeds) % 5 == 0]
+    a_img, a_det = ds.render(stripes, grammar="axis")
+    f_img, f_det = ds.render(stripes)
+    assert _texture_axis_aligned_share(a_img, a_det) > 0.97    # measured 0.994
+    assert _texture_axis_aligned_share(f_img, f_det) < 0.6     # measured 0.438
+    b_img, b_det = ds.render(stripes, grammar="axis")
+    assert torch.equal(a_img, b_img) and torch.equal(a_det, b_det)
+    def diagonal_steps(det):
+        """Pixels where the detail map's outline steps in x and y at once, per outline pixel."""
+        both = (det[..., 1:, 1:] != det[..., :-1, 1:]) & (det[..., 1:, 1:] != det[..., 1:, :-1])
+        return float(both.float().sum() / (det[..., 1:, :] != det[..., :-1, :]).float().sum())
+
+    img, det = ds.render(seeds, grammar="axis")
+    assert diagonal_steps(det) < 0.15 < diagonal_steps(ds.render(seeds)[1])  # measured 0.10 (ellipses), 0.26
+    shares = ds.token_shares(det)
+    assert 0.15 < shares["textured"] < 0.6 and 0.3 < shares["flat"] < 0.85, shares
+    with pytest.raises(ValueError, match="grammar 'diagonal'"):
+        ds.render(seeds[:1], grammar="diagonal")
+
+
 SCRIPT = PROXY / "train_detail_proxy.py"
 TINY = ["--hidden", "32", "--heads", "2", "--depth", "1", "--single", "1", "--ctx-dim", "16",
         "--batch", "2", "--log-every", "1", "--sample-steps", "2", "--sample-cols", "1"]
@@ -150,6 +186,7 @@ def test_export_loads_into_comfy_flux(trainer, tmp_path):
     cfg = json.loads(meta["config"])
     assert cfg == res["config"] and json.loads(meta["elastic_tokens_test_config"]) == cfg
     assert meta["steps"] == "2" and "detail_scenes" in meta["data_recipe"] and meta["image_size"] == "256"
+    assert meta["t_shift"] == "1.15" and meta["grammar"] == "free"  # the defaults
     assert all(v.dtype == torch.float16 for v in sd.values())
     model = comfy.ldm.flux.model.Flux(dtype=torch.float32, device="cpu",
                                       operations=comfy.ops.disable_weight_init, **tip.comfy_flux_kwargs(cfg))
@@ -163,9 +200,44 @@ def test_export_loads_into_comfy_flux(trainer, tmp_path):
     assert Image.open(out / "data.png").size == (8 * 256, 2 * 256)
     log = json.loads((out / "train_log.json").read_text())
     assert log["steps"] == 2 and len(log["log"]) == 2
-    assert sorted(p.name for p in out.iterdir()) == ["data.png", "detail_proxy.safetensors",
+    assert Image.open(out / "denoise.png").size == (8 * 256, 4 * 256)  # the scenes, x0 at 3 noise levels
+    assert sorted(log["denoise_mse"]) == ["0.5", "0.7", "0.9"] and all(v > 0 for v in log["denoise_mse"].values())
+    assert sorted(p.name for p in out.iterdir()) == ["data.png", "denoise.png", "detail_proxy.safetensors",
                                                      "detail_proxy_text.safetensors", "samples.png",
                                                      "train_log.json"]  # the device returns <= 8 files
+
+
+def test_axis_grammar_run_trains_and_says_so(trainer, tmp_path):
+    """--grammar axis: the batches, data.png and the probe's scenes come from the axis grammar,
+    and the export's metadata says so (the benchmark draws its held-out set from it)."""
+    import comfy.utils
+    from PIL import Image
+
+    out = tmp_path / "axis"
+    res = trainer.main(TINY + ["--max-steps", "1", "--grammar", "axis", "--export", str(out)])
+    _, meta = comfy.utils.load_torch_file(str(out / "detail_proxy.safetensors"), return_metadata=True)
+    assert meta["grammar"] == "axis" and res["step"] == 1
+    ds.save_preview(torch.arange(8), tmp_path / "axis_data.png", grammar="axis")
+    ds.save_preview(torch.arange(8), tmp_path / "free_data.png")
+    got = np.asarray(Image.open(out / "data.png"))
+    assert np.array_equal(got, np.asarray(Image.open(tmp_path / "axis_data.png")))
+    assert not np.array_equal(got, np.asarray(Image.open(tmp_path / "free_data.png")))
+
+
+def test_training_noise_levels_follow_the_samplers_shift(trainer):
+    """--t-shift moves training noise levels as ModelSamplingFlux moves the sampler's: the shifted
+    draw of u is the sampler's sigma at u (flux_sigmas), 0 is the unshifted v1 draw, and the default
+    puts most training steps at the high noise levels where a full-resolution scene's shapes form."""
+    u = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
+    assert torch.equal(trainer.shifted_t(u, 0.0), u)
+    sig = trainer.image_trainer().flux_sigmas(10).double()[:-1]  # t = 1.0, 0.9, ..., 0.1
+    t = torch.linspace(1.0, 0.0, 11, dtype=torch.float64)[:-1]
+    assert torch.allclose(trainer.shifted_t(t, 1.15), sig, atol=1e-6)
+    assert trainer.parse_args([]).t_shift == 1.15
+    draw = trainer.shifted_t(torch.sigmoid(torch.randn(20000, generator=torch.Generator().manual_seed(0),
+                                                       dtype=torch.float64)), 1.15)
+    assert 0.7 < draw.median() < 0.8 and (draw > 0.9).double().mean() > 0.12  # measured 0.76, 0.145; unshifted 0.5, 0.014
+    assert torch.all(trainer.shifted_t(u, 1.15) > u)
 
 
 def test_default_model_is_the_designed_size(trainer):

@@ -29,7 +29,8 @@ bench's "random-weight model" row: how far from the real scenes an untrained mod
 
 Real images (:func:`make_real`)
 -------------------------------
-Held-out scenes: image ``i`` is reference scene ``i`` (seed 10^9 + i, class i % 10 = the class
+Held-out scenes of the weights' grammar (their metadata ``grammar``, ``free`` when absent; the
+same env variable picks the file): image ``i`` is reference scene ``i`` (seed 10^9 + i, class i % 10 = the class
 of the benchmark's seed i), a seed range the trainer never draws (``detail_scenes``), rendered at
 256x256 (the provider's decoded size) and quantised to uint8 gray as RGB. Rendered on CUDA when the
 benchmark runs there (``--device cuda``; float32 rounding may move a pixel by one level against a
@@ -77,6 +78,18 @@ def weights_path() -> Path:
     return Path(os.environ.get("ELASTIC_TOKENS_DETAIL_WEIGHTS") or WEIGHTS)
 
 
+def grammar_of(weights: Path | None = None) -> str:
+    """The scene grammar (detail_scenes) the weights were trained on: their metadata ``grammar``;
+    ``free`` for files from before the option, and when there is no file (random weights)."""
+    weights = Path(weights) if weights else weights_path()
+    if not weights.is_file():
+        return "free"
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return scenes().check_grammar((f.metadata() or {}).get("grammar", "free"))
+
+
 class DetailProxyProvider(ip.ImageProxyProvider):
     """bench_quality ModelProvider for the detail proxy (see module docstring)."""
 
@@ -99,6 +112,7 @@ class DetailProxyProvider(ip.ImageProxyProvider):
         return {"name": self.name, "weights": str(self.weights), "config": getattr(self, "config", None),
                 "dtype": str(getattr(self, "dtype", None)), "train_steps": m.get("steps"),
                 "train_loss": m.get("loss"), "version": m.get("version"), "data_recipe": m.get("data_recipe"),
+                "grammar": m.get("grammar", "free"), "t_shift": m.get("t_shift", "0.0"),
                 "image_size": [256, 256], "latent": "16x64x64 raw pixel_unshuffle(4) (EmptySD3LatentImage 512x512), "
                                                    "1024 image tokens",
                 "conditioning": "class = seed % 10 (texture family x layout) via 4 learned text tokens, pooled = "
@@ -174,6 +188,7 @@ class DetailScenesReal:
         import torch
 
         self.device = "cuda" if want == "cuda" and torch.cuda.is_available() else "cpu"
+        self.grammar = grammar_of()  # the grammar of the weights the benchmark samples
 
     def images(self, n: int, hw=(256, 256), return_labels: bool = False):
         import torch
@@ -182,7 +197,7 @@ class DetailScenesReal:
         seeds = ds.reference_seeds(n)
         out = []
         for i in range(0, n, 64):
-            img, _ = ds.render(seeds[i:i + 64].to(self.device))
+            img, _ = ds.render(seeds[i:i + 64].to(self.device), grammar=self.grammar)
             u8 = ((img[:, 0] + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
             out.append(np.repeat(u8[..., None], 3, axis=-1))
         arr = np.concatenate(out) if out else np.zeros((0, ds.SIZE, ds.SIZE, 3), np.uint8)
@@ -195,7 +210,7 @@ class DetailScenesReal:
 
     def describe(self) -> dict:
         ds = scenes()
-        return {"name": self.name, "render_device": self.device,
+        return {"name": self.name, "render_device": self.device, "grammar": self.grammar,
                 "recipe": f"detail_scenes reference stream: scene i = seed {ds.REF_SEED_BASE} + i (class i % 10), "
                           f"never drawn in training (training seeds [0, {ds.TRAIN_SEEDS})); 256x256 uint8 gray as RGB"}
 

@@ -19,6 +19,11 @@ A scene (256x256 grayscale, pure torch, batched, same code on CPU and CUDA)
   checker (the clipped product of two square waves), noise (blocky value noise of cell P/2 px)
   or grating (a sinusoid). The detail map is 1 where the visible shape (alpha > 0.5) is textured,
   0 elsewhere (flat shapes, background; anti-aliased edges of flat shapes count as flat).
+* Grammar ``axis`` (``render(..., grammar="axis")``; the default is ``free``, everything above):
+  the same scenes with every angle snapped to the pixel grid: rectangles and ellipses only (a
+  polygon slot draws a rectangle), shape axes at 0 or 90 degrees, textures along x or y. Detail
+  and flat regions as before, but straight edges that a small model can learn to draw in a few
+  thousand steps (the ``free`` proxy's samples stay blobs: BENCHMARKS.md, section 3).
 * Class = seed % 10 (the proxy's conditioning): texture family = class % 5 (stripes, checker,
   noise, grating, mixed: each textured shape picks one), layout = class // 5.
 
@@ -48,6 +53,7 @@ TOKEN_PX = 8          # pixels a side of one image token (pixel_unshuffle 4, the
 K_MAX = 10            # shape slots per scene
 N_CLASSES = 10
 FAMILIES = ("stripes", "checker", "noise", "grating", "mixed")
+GRAMMARS = ("free", "axis")           # free: any angle, polygons too; axis: snapped to the pixel grid
 TRAIN_SEEDS = 1_000_000_000           # training scenes: seeds [0, TRAIN_SEEDS)
 REF_SEED_BASE = 1_000_000_000         # held-out reference scene i = seed REF_SEED_BASE + i
 P_TEXTURED = 0.7
@@ -91,9 +97,16 @@ def _lerp(u, lo, hi):
     return lo + (hi - lo) * u
 
 
-def render(seeds, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def check_grammar(grammar: str) -> str:
+    if grammar not in GRAMMARS:
+        raise ValueError(f"scene grammar {grammar!r}: expected one of {', '.join(GRAMMARS)}")
+    return grammar
+
+
+def render(seeds, device=None, grammar: str = "free") -> tuple[torch.Tensor, torch.Tensor]:
     """Scenes of ``seeds`` -> (images (B, 1, 256, 256) float32 in [-1, 1], detail (B, 1, 256, 256)
-    float32 in {0, 1}). Pure function of each seed (see the module docstring)."""
+    float32 in {0, 1}). Pure function of each seed and the grammar (see the module docstring)."""
+    axis = check_grammar(grammar) == "axis"
     seeds = torch.as_tensor(seeds, dtype=torch.int64, device=device).reshape(-1)
     dev = seeds.device
     B = seeds.shape[0]
@@ -126,10 +139,12 @@ def render(seeds, device=None) -> tuple[torch.Tensor, torch.Tensor]:
 
         active = (k < n_shapes)
         kind = (u(0) * 3).floor()                              # 0 rect, 1 ellipse, 2 polygon
+        if axis:
+            kind = torch.where(kind == 2, torch.zeros_like(kind), kind)
         cx, cy = _lerp(u(1), 0.1, 0.9) * SIZE, _lerp(u(2), 0.1, 0.9) * SIZE
         r = torch.where(few, _lerp(u(3), 0.22, 0.42), _lerp(u(3), 0.10, 0.24)) * SIZE  # half-size, px
         a, b = r, r * _lerp(u(4), 0.45, 1.0)
-        th = u(5) * math.pi
+        th = (u(5) * 2).floor() * (math.pi / 2) if axis else u(5) * math.pi
         dx, dy = xx - cx, yy - cy
         px = torch.cos(th) * dx + torch.sin(th) * dy
         py = -torch.sin(th) * dx + torch.cos(th) * dy
@@ -155,7 +170,7 @@ def render(seeds, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         textured = (u(17) < P_TEXTURED) & active
         fam = torch.where(family.view(B, 1, 1) == 4, (u(18) * 4).floor().long(), family.view(B, 1, 1))
         period = _lerp(u(19), *PERIOD)
-        tang = u(20) * math.pi
+        tang = (u(20) * 2).floor() * (math.pi / 2) if axis else u(20) * math.pi
         tu = torch.cos(tang) * xx + torch.sin(tang) * yy
         tv = -torch.sin(tang) * xx + torch.cos(tang) * yy
         w1 = torch.sin(2 * math.pi * tu / period)
@@ -186,12 +201,12 @@ def reference_seeds(n: int, start: int = 0) -> torch.Tensor:
     return REF_SEED_BASE + torch.arange(start, start + n, dtype=torch.int64)
 
 
-def render_many(seeds, device=None, chunk: int = 64):
+def render_many(seeds, device=None, chunk: int = 64, grammar: str = "free"):
     """``render`` in chunks (memory), concatenated on CPU."""
     seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1)
     imgs, dets = [], []
     for i in range(0, len(seeds), chunk):
-        a, b = render(seeds[i:i + chunk].to(device))
+        a, b = render(seeds[i:i + chunk].to(device), grammar=grammar)
         imgs.append(a.cpu())
         dets.append(b.cpu())
     return torch.cat(imgs), torch.cat(dets)
@@ -224,11 +239,11 @@ def high_freq_share(images: torch.Tensor, period_px: float = 8.0) -> float:
     return float(p[:, hi].sum() / p.sum().clamp_min(1e-12))
 
 
-def save_preview(seeds, path, with_detail: bool = True) -> None:
+def save_preview(seeds, path, with_detail: bool = True, grammar: str = "free") -> None:
     """A PNG: each scene (top) and its detail map (bottom, white = textured)."""
     from PIL import Image
 
-    img, det = render_many(seeds)
+    img, det = render_many(seeds, grammar=grammar)
     a = ((img[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     rows = [torch.cat(list(a), dim=1)]
     if with_detail:
@@ -262,20 +277,21 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description="measure the detail scenes (training stream)")
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--png", default=None, help="write a preview of the first 8 reference scenes")
+    ap.add_argument("--grammar", choices=GRAMMARS, default="free")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    img, det = render_many(torch.arange(a.n))
+    img, det = render_many(torch.arange(a.n), grammar=a.grammar)
     dt = time.perf_counter() - t0
-    res = {"n": a.n, "high_freq_share_below_8px": high_freq_share(img), **token_shares(det),
+    res = {"n": a.n, "grammar": a.grammar, "high_freq_share_below_8px": high_freq_share(img), **token_shares(det),
            "pixels_textured": float(det.mean()), "render_s_per_scene_cpu": dt / a.n,
            "fashion_mnist_high_freq_share": _fashion_mnist_share(a.n)}
     fm = res["fashion_mnist_high_freq_share"]
-    print(f"{a.n} training scenes: spectral energy at periods < 8 px {res['high_freq_share_below_8px']:.3f}"
+    print(f"{a.n} training scenes ({a.grammar}): spectral energy at periods < 8 px {res['high_freq_share_below_8px']:.3f}"
           + (f" (Fashion-MNIST proxy images: {fm:.4f})" if fm is not None else "")
           + f"; tokens (8x8 px) textured {res['textured']:.1%}, flat {res['flat']:.1%}, mixed {res['mixed']:.1%};"
           f" pixels textured {res['pixels_textured']:.1%}; render {1e3 * dt / a.n:.1f} ms/scene (CPU)")
     if a.png:
-        save_preview(reference_seeds(8), a.png)
+        save_preview(reference_seeds(8), a.png, grammar=a.grammar)
         print(f"wrote {a.png}")
     return res
 

@@ -11,7 +11,7 @@ Everything but the data and the sizes is the image proxy's recipe, reused from
 through ``families/autograd_forward.flux_forward``; the init; class conditioning through the text
 path (a learned ``class_tokens`` table [11, 4, ctx], index 10 = empty for CFG, labels dropped with
 p 0.1, pooled vector = token mean, guidance input 1.0); rectified flow (x_t = (1-t) x0 + t eps,
-timestep t, v = eps - x0, t ~ logit-normal(0, 1)); AdamW with linear warm-up, grad clip 1.0, bf16
+timestep t, v = eps - x0, t ~ logit-normal(0, 1) moved towards noise by ``--t-shift``, below); AdamW with linear warm-up, grad clip 1.0, bf16
 autocast on CUDA, EMA 0.999; one generator on the training device for all randomness, saved in the
 resumable checkpoint (``--ckpt`` / ``--resume``, ``--minutes`` deadline); export format (fp16,
 ComfyUI key names with the released QK-norm names, metadata ``config``).
@@ -31,15 +31,27 @@ its 60 MiB budget beside the two Fashion-MNIST proxies and their adapters). Opti
 (65.5k image tokens a step), lr 5e-4 after 300 warm-up steps (a narrow model takes a larger rate than
 the image proxy's 3e-4 at hidden 256), progress line every 100 steps.
 
+Training noise levels (``--t-shift MU``, default 1.15): t = FLUX's time shift of a logit-normal draw,
+e^MU / (e^MU + 1/u - 1) with u = sigmoid(N(0, 1)), the same shift as the sampler's ModelSamplingFlux
+below. A 256x256 scene is a full-resolution image (unlike the image proxy's upsampled 28x28 ones):
+its shapes are decided at noise levels the unshifted logit-normal draw almost never reaches (the
+SD3 resolution-dependent shift), so with ``--t-shift 0`` (the first recipe, v1) the model learns
+the textures but samples blobs instead of the scenes' shapes (BENCHMARKS.md, section 3).
+
 Sampler for ``samples.png``: Euler, 28 steps, ComfyUI's "simple" schedule of ModelSamplingFlux
 (shift 1.15, ``train_image_proxy.flux_sigmas``), CFG 3 against the empty class; 10 rows (classes)
 x ``--sample-cols``. ``data.png``: 8 training-stream scenes (top) and their detail maps (bottom).
 
-Outputs of ``--export DIR`` (6 files with the tee'd stdout, each far below 16 MiB):
+Scene grammar (``--grammar``, default ``free``, stored in the export's metadata ``grammar`` so the
+benchmark's held-out set is drawn from the same grammar): ``axis`` snaps every angle to the pixel
+grid (detail_scenes), for a model that must learn to draw the outlines in one device session.
+
+Outputs of ``--export DIR`` (7 files with the tee'd stdout, each far below 16 MiB):
 ``detail_proxy.safetensors`` (EMA Flux weights fp16; metadata ``config`` and
 ``elastic_tokens_test_config`` (the Flux kwargs), ``data_recipe``, ``steps``, ``loss``, ``version``,
 ``image_size``, ``latent``), ``detail_proxy_text.safetensors`` (``class_tokens`` fp16 [11, 4, ctx],
-metadata ``class_names``), ``samples.png``, ``data.png``, ``train_log.json``.
+metadata ``class_names``), ``samples.png``, ``data.png``, ``denoise.png`` (held-out scenes and the
+model's one-step x0 from them at t = 0.5 / 0.7 / 0.9: ``denoise_probe``), ``train_log.json``.
 
 Commands
 --------
@@ -58,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -71,15 +84,17 @@ if str(HERE) not in sys.path:  # sibling proxy modules (train_image_proxy, detai
 
 import detail_scenes as ds  # noqa: E402
 
-VERSION = "elastic-tokens detail-proxy v1 (benchmarks/proxy/train_detail_proxy.py)"
+VERSION = "elastic-tokens detail-proxy v2 (benchmarks/proxy/train_detail_proxy.py)"
 STEM = "detail_proxy"
 EMPTY = 10
 LATENT_SHAPE = (16, ds.SIZE // 4, ds.SIZE // 4)
 CLASS_NAMES = [f"{ds.FAMILIES[c % 5]}, {'3-5 large' if c < 5 else '6-10 small'} shapes" for c in range(10)]
 DATA_RECIPE = ("procedural scenes (benchmarks/proxy/detail_scenes.py): 256x256 gray, flat rectangles/ellipses/"
                "convex polygons over a smooth gradient, 70% of shapes textured (stripes/checker/value noise/"
-               "grating, period 2-8 px, random angle); training seeds [0, 1e9), class = seed % 10; [-1,1] -> "
+               "grating, period 2-8 px, random angle; grammar 'axis': rectangles and ellipses, every angle 0 or "
+               "90 degrees); training seeds [0, 1e9), class = seed % 10; [-1,1] -> "
                "pixel_unshuffle(4) = 16x64x64 raw latent (no Flux latent scaling); decode = pixel_shuffle(4)")
+DENOISE_T = (0.5, 0.7, 0.9)  # noise levels of the export's denoising probe (denoise.png)
 
 
 def image_trainer():
@@ -118,13 +133,24 @@ def sample(fwd, model, class_tokens, labels, gen, device, steps=28, cfg_scale=3.
     return x
 
 
+def shifted_t(u: torch.Tensor, t_shift: float) -> torch.Tensor:
+    """FLUX's time shift (ModelSamplingFlux, ``flux_time_shift(mu, 1, t)``) of u in (0, 1): moves
+    training noise levels towards pure noise as the sampler's schedule does; t_shift 0 is the v1
+    draw itself, bit for bit."""
+    if t_shift == 0:
+        return u
+    return math.exp(t_shift) / (math.exp(t_shift) + (1.0 / u - 1.0))
+
+
 def file_meta(cfg: dict, state: dict) -> dict:
     cfg_json = json.dumps(cfg)
     return {"config": cfg_json, "elastic_tokens_test_config": cfg_json, "data_recipe": DATA_RECIPE,
             "steps": str(image_trainer().steps_done(state)), "loss": f"{state['loss']:.6f}", "version": VERSION,
             "image_size": str(ds.SIZE), "latent": "16x64x64 raw pixel_unshuffle(4) (EmptySD3LatentImage 512x512)",
             "objective": "rectified flow: x_t=(1-t)x0+t*eps, timestep=t, v=eps-x0; guidance input 1.0; "
-                         "raw latent (no process_latent_in)"}
+                         "raw latent (no process_latent_in)",
+            "t_shift": str(state.get("t_shift", 0.0)),  # of the last run (0.0: v1, before the option)
+            "grammar": state.get("grammar", "free")}  # detail_scenes grammar of the last run
 
 
 def export(args, out: Path, fwd, model, class_tokens, cfg, state, device, amp):
@@ -148,10 +174,38 @@ def export(args, out: Path, fwd, model, class_tokens, cfg, state, device, amp):
         torch.cuda.synchronize()
     t_sample = time.perf_counter() - t0
     tip.save_grid(to_image(lat), 10, out / "samples.png")
-    ds.save_preview(torch.arange(8), out / "data.png")  # training-stream seeds 0..7 and their detail maps
+    ds.save_preview(torch.arange(8), out / "data.png", grammar=state["grammar"])  # training seeds 0..7, detail maps
+    denoise_mse = denoise_probe(fwd, model, class_tokens, state["grammar"], device, amp, out / "denoise.png")
     print(f"[export] {out}: sizes {sizes}; sampled {labels.numel()} images x {args.sample_steps} steps "
           f"(CFG 3, batch {2 * labels.numel()}) in {t_sample:.2f} s", flush=True)
-    return {"sizes": sizes, "sample_seconds": t_sample}
+    print("[export] denoising probe (x0 from one step at t, 8 held-out scenes): MSE "
+          + ", ".join(f"t={t} {m:.4f}" for t, m in denoise_mse.items()), flush=True)
+    return {"sizes": sizes, "sample_seconds": t_sample, "denoise_mse": denoise_mse}
+
+
+@torch.no_grad()
+def denoise_probe(fwd, model, class_tokens, grammar, device, amp, path) -> dict:
+    """x0 predicted in ONE step from held-out scenes noised to each of DENOISE_T (x0 = x_t - t v):
+    whether the model can draw the scenes' outlines at all once the layout is given, apart from
+    sampling. A denoiser that knows straight edges keeps them at t = 0.5; the v1 proxy's were already
+    wobbly there (BENCHMARKS.md, section 3). Writes ``path`` (rows: the scenes, then x0 at each t)
+    and returns {t: MSE of x0 in latent units}."""
+    seeds = ds.reference_seeds(8)
+    img, _ = ds.render(seeds.to(device), grammar=grammar)
+    x0 = to_latent(img)
+    ctx = class_tokens[ds.class_of(seeds).to(device)]
+    eps = torch.randn(x0.shape, generator=torch.Generator(device=device).manual_seed(1), device=device)
+    rows, mse = [img.float().cpu()], {}
+    for t in DENOISE_T:
+        tt = torch.full((x0.shape[0],), t, device=device)
+        xt = (1 - t) * x0 + t * eps
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            v = fwd(model, xt, tt, ctx, y=ctx.mean(1), guidance=torch.ones_like(tt))
+        xh = xt - t * v.float()
+        mse[t] = float(F.mse_loss(xh, x0))
+        rows.append(to_image(xh).clamp(-1, 1).cpu())
+    image_trainer().save_grid(torch.cat(rows), len(rows), path)
+    return mse
 
 
 def parse_args(argv=None):
@@ -160,6 +214,10 @@ def parse_args(argv=None):
     a("--hidden", type=int, default=96); a("--heads", type=int, default=2)
     a("--depth", type=int, default=2); a("--single", type=int, default=6); a("--ctx-dim", type=int, default=128)
     a("--sample-cols", type=int, default=4)
+    a("--grammar", choices=ds.GRAMMARS, default="free", help="scene grammar (detail_scenes): free = any angle, "
+      "polygons too; axis = rectangles and ellipses, every angle 0 or 90 degrees")
+    a("--t-shift", type=float, default=1.15, help="FLUX time shift (mu) of the training noise levels; the "
+      "sampler's ModelSamplingFlux shift is 1.15; 0 = unshifted logit-normal (the v1 recipe)")
     image_trainer().add_run_args(a, batch=64, reserve_s=45.0, sample_steps=28)  # --data/--synthetic: unused
     p.set_defaults(lr=5e-4, warmup=300)
     return p.parse_args(argv)
@@ -184,18 +242,20 @@ def main(argv=None) -> dict:
     model = tip.build_model(cfg, device)
     class_tokens = torch.nn.Parameter(torch.randn(11, 4, args.ctx_dim, device=device))
     params, n_params, opt, ema, gen, state = tip.training_state(args, model, class_tokens, cfg, device, argv)
+    state["t_shift"] = args.t_shift
+    state["grammar"] = args.grammar
     print(f"[setup] device {device} amp={amp} Flux params {n_params / 1e6:.2f}M config {cfg}; scenes "
           f"{ds.SIZE}x{ds.SIZE}, latent {LATENT_SHAPE}, {(ds.SIZE // 8) ** 2} image tokens; batch {args.batch} "
-          f"lr {args.lr} warmup {args.warmup}", flush=True)
+          f"lr {args.lr} warmup {args.warmup} t-shift {args.t_shift} grammar {args.grammar}", flush=True)
 
     def draw_batch():
         seeds = ds.train_seeds(gen, args.batch, device)
-        img, _ = ds.render(seeds)
+        img, _ = ds.render(seeds, grammar=args.grammar)
         x0 = to_latent(img)
         lab = ds.class_of(seeds)
         drop = torch.rand(args.batch, generator=gen, device=device) < args.label_drop
         lab = torch.where(drop, torch.full_like(lab, EMPTY), lab)
-        t = torch.sigmoid(torch.randn(args.batch, generator=gen, device=device))
+        t = shifted_t(torch.sigmoid(torch.randn(args.batch, generator=gen, device=device)), args.t_shift)
         eps = torch.randn(x0.shape, generator=gen, device=device)
         return x0, lab, t, eps
 
@@ -222,6 +282,7 @@ def main(argv=None) -> dict:
         log = {"config": cfg, "args": vars(args), "commands": state["commands"], "n_params": n_params,
                "steps": state["step"], "final_loss": state["loss"], "train_seconds": state["train_seconds"],
                "steps_per_s_this_run": result["steps_per_s"], "sample_seconds": result["sample_seconds"],
+               "denoise_mse": result["denoise_mse"], "grammar": args.grammar, "t_shift": args.t_shift,
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "data_recipe": DATA_RECIPE, "version": VERSION, "log": state["log"]}
         (out / "train_log.json").write_text(json.dumps(log, indent=1))
