@@ -277,3 +277,24 @@ def test_init_warm_starts_from_an_export(trainer, tmp_path):
     assert torch.equal(ta, tb)
     with pytest.raises(SystemExit, match="another architecture"):
         trainer.main(["--hidden", "48"] + TINY[2:] + ["--max-steps", "1", "--init", str(first / "detail_proxy.safetensors")])
+
+
+def test_grammar_probe_trains_each_grammar_and_draws_its_denoising(comfy, tmp_path):
+    """benchmarks/proxy/grammar_probe.py (tiny dims, 2 steps): one block per grammar, x0 MSE at
+    each probe t, the command in its JSON; a crop that is not whole tokens is refused."""
+    spec = importlib.util.spec_from_file_location("_grammar_probe", PROXY / "grammar_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    from PIL import Image
+
+    rep = probe.main(["--steps", "2", "--pool", "4", "--probe-n", "2", "--crop", "16", "--threads", "1",
+                      "--out", str(tmp_path), "--", *TINY[:10]])
+    assert list(rep["grammars"]) == list(ds.GRAMMARS)
+    for g, r in rep["grammars"].items():
+        assert sorted(r["x0_mse"]) == ["0.3", "0.5", "0.7"] and r["log"][-1][0] == 2
+        assert Image.open(tmp_path / f"{g}_x0.png").size == (2 * 16, 4 * 16)  # crops, then 3 noise levels
+    assert Image.open(tmp_path / "grammar_probe.png").size == (32, 2 * 64 + 8)
+    assert json.loads((tmp_path / "grammar_probe.json").read_text())["command"].startswith("grammar_probe.py")
+    with pytest.raises(SystemExit):
+        probe.parse_args(["--crop", "20", "--out", str(tmp_path)])
+

@@ -11,10 +11,11 @@ Everything but the data and the sizes is the image proxy's recipe, reused from
 through ``families/autograd_forward.flux_forward``; the init; class conditioning through the text
 path (a learned ``class_tokens`` table [11, 4, ctx], index 10 = empty for CFG, labels dropped with
 p 0.1, pooled vector = token mean, guidance input 1.0); rectified flow (x_t = (1-t) x0 + t eps,
-timestep t, v = eps - x0, t ~ logit-normal(0, 1) moved towards noise by ``--t-shift``, below); AdamW with linear warm-up, grad clip 1.0, bf16
-autocast on CUDA, EMA 0.999; one generator on the training device for all randomness, saved in the
-resumable checkpoint (``--ckpt`` / ``--resume``, ``--minutes`` deadline); export format (fp16,
-ComfyUI key names with the released QK-norm names, metadata ``config``).
+timestep t, v = eps - x0, t ~ logit-normal(0, 1) shifted by ``--t-shift``, below); AdamW with linear
+warm-up, grad clip 1.0, bf16 autocast on CUDA, EMA 0.999; one generator on the training device for
+all randomness, saved in the resumable checkpoint (``--ckpt`` / ``--resume``, ``--minutes``
+deadline); export format (fp16, ComfyUI key names with the released QK-norm names, metadata
+``config``).
 
 Data: every batch is rendered on the training device from ``--batch`` fresh seeds drawn from the
 training stream [0, 10^9) (``detail_scenes.train_seeds``; the FID reference stream 10^9 + i is never
@@ -33,10 +34,10 @@ the image proxy's 3e-4 at hidden 256), progress line every 100 steps.
 
 Training noise levels (``--t-shift MU``, default 1.15): t = FLUX's time shift of a logit-normal draw,
 e^MU / (e^MU + 1/u - 1) with u = sigmoid(N(0, 1)), the same shift as the sampler's ModelSamplingFlux
-below. A 256x256 scene is a full-resolution image (unlike the image proxy's upsampled 28x28 ones):
-its shapes are decided at noise levels the unshifted logit-normal draw almost never reaches (the
-SD3 resolution-dependent shift), so with ``--t-shift 0`` (the first recipe, v1) the model learns
-the textures but samples blobs instead of the scenes' shapes (BENCHMARKS.md, section 3).
+below, so training spends its steps at the noise levels sampling visits: a 256x256 scene is a
+full-resolution image (unlike the image proxy's upsampled 28x28 ones), whose layout forms at high
+noise (the SD3 resolution-dependent shift). ``--t-shift 0`` is the first recipe, which the committed
+weights were trained with.
 
 Sampler for ``samples.png``: Euler, 28 steps, ComfyUI's "simple" schedule of ModelSamplingFlux
 (shift 1.15, ``train_image_proxy.flux_sigmas``), CFG 3 against the empty class; 10 rows (classes)
@@ -187,8 +188,8 @@ def export(args, out: Path, fwd, model, class_tokens, cfg, state, device, amp):
 def denoise_probe(fwd, model, class_tokens, grammar, device, amp, path) -> dict:
     """x0 predicted in ONE step from held-out scenes noised to each of DENOISE_T (x0 = x_t - t v):
     whether the model can draw the scenes' outlines at all once the layout is given, apart from
-    sampling. A denoiser that knows straight edges keeps them at t = 0.5; the v1 proxy's were already
-    wobbly there (BENCHMARKS.md, section 3). Writes ``path`` (rows: the scenes, then x0 at each t)
+    sampling: a denoiser that knows straight edges keeps them at t = 0.5, and one that does not
+    samples blobs whatever the sampler (BENCHMARKS.md, section 3). Writes ``path`` (rows: the scenes, then x0 at each t)
     and returns {t: MSE of x0 in latent units}."""
     seeds = ds.reference_seeds(8)
     img, _ = ds.render(seeds.to(device), grammar=grammar)
