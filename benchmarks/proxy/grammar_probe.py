@@ -85,18 +85,8 @@ def train_one(grammar: str, args, fwd, tip) -> dict:
     ref_img, _ = ds.render_many(ref, grammar=grammar)
     pgen = torch.Generator().manual_seed(args.seed + 5)
     x, idx = crops(ref_img, args.probe_n, args.crop, pgen, fixed=True)
-    x0 = tdp.to_latent(x)
-    ctx = class_tokens[ds.class_of(ref)[idx]]
-    eps = torch.randn(x0.shape, generator=pgen)
-    rows, mse = [x], {}
-    with torch.no_grad():
-        for t in PROBE_T:
-            tt = torch.full((len(x0),), t)
-            xt = (1 - t) * x0 + t * eps
-            xh = xt - t * fwd(model, xt, tt, ctx, y=ctx.mean(1), guidance=torch.ones_like(tt))
-            mse[str(t)] = float(F.mse_loss(xh, x0))
-            rows.append(tdp.to_image(xh).clamp(-1, 1))
-    tip.save_grid(torch.cat(rows), len(rows), Path(args.out) / f"{grammar}_x0.png")
+    mse = tdp.denoise_probe(fwd, model, class_tokens, x, ds.class_of(ref)[idx], pgen, PROBE_T,
+                            Path(args.out) / f"{grammar}_x0.png")
     return {"steps": args.steps, "train_seconds": seconds, "log": log, "x0_mse": mse}
 
 

@@ -176,7 +176,10 @@ def export(args, out: Path, fwd, model, class_tokens, cfg, state, device, amp):
     t_sample = time.perf_counter() - t0
     tip.save_grid(to_image(lat), 10, out / "samples.png")
     ds.save_preview(torch.arange(8), out / "data.png", grammar=state["grammar"])  # training seeds 0..7, detail maps
-    denoise_mse = denoise_probe(fwd, model, class_tokens, state["grammar"], device, amp, out / "denoise.png")
+    ref = ds.reference_seeds(8)  # held-out scenes
+    denoise_mse = denoise_probe(fwd, model, class_tokens, ds.render(ref.to(device), grammar=state["grammar"])[0],
+                                ds.class_of(ref).to(device), torch.Generator(device=device).manual_seed(1),
+                                DENOISE_T, out / "denoise.png", amp)
     print(f"[export] {out}: sizes {sizes}; sampled {labels.numel()} images x {args.sample_steps} steps "
           f"(CFG 3, batch {2 * labels.numel()}) in {t_sample:.2f} s", flush=True)
     print("[export] denoising probe (x0 from one step at t, 8 held-out scenes): MSE "
@@ -184,27 +187,27 @@ def export(args, out: Path, fwd, model, class_tokens, cfg, state, device, amp):
     return {"sizes": sizes, "sample_seconds": t_sample, "denoise_mse": denoise_mse}
 
 
-@torch.no_grad()
-def denoise_probe(fwd, model, class_tokens, grammar, device, amp, path) -> dict:
-    """x0 predicted in ONE step from held-out scenes noised to each of DENOISE_T (x0 = x_t - t v):
-    whether the model can draw the scenes' outlines at all once the layout is given, apart from
-    sampling: a denoiser that knows straight edges keeps them at t = 0.5, and one that does not
-    samples blobs whatever the sampler (BENCHMARKS.md, section 3). Writes ``path`` (rows: the scenes, then x0 at each t)
-    and returns {t: MSE of x0 in latent units}."""
-    seeds = ds.reference_seeds(8)
-    img, _ = ds.render(seeds.to(device), grammar=grammar)
+def denoise_probe(fwd, model, class_tokens, img, labels, gen, ts, path, amp=False) -> dict:
+    """x0 predicted in ONE step from the images ``img`` ([n, 1, H, W] in [-1, 1], classes
+    ``labels``) noised to each t of ``ts`` (x0 = x_t - t v; one noise draw from ``gen``): whether the
+    model can draw the scenes' outlines at all once the layout is given, apart from sampling: a
+    denoiser that knows straight edges keeps them at t = 0.5, and one that does not samples blobs
+    whatever the sampler (BENCHMARKS.md, section 3). Writes ``path`` (rows: the images, then x0 at
+    each t) and returns {str(t): MSE of x0 in latent units}. The export's probe and
+    ``grammar_probe.py``'s."""
     x0 = to_latent(img)
-    ctx = class_tokens[ds.class_of(seeds).to(device)]
-    eps = torch.randn(x0.shape, generator=torch.Generator(device=device).manual_seed(1), device=device)
+    ctx = class_tokens[labels]
+    eps = torch.randn(x0.shape, generator=gen, device=x0.device)
     rows, mse = [img.float().cpu()], {}
-    for t in DENOISE_T:
-        tt = torch.full((x0.shape[0],), t, device=device)
-        xt = (1 - t) * x0 + t * eps
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            v = fwd(model, xt, tt, ctx, y=ctx.mean(1), guidance=torch.ones_like(tt))
-        xh = xt - t * v.float()
-        mse[t] = float(F.mse_loss(xh, x0))
-        rows.append(to_image(xh).clamp(-1, 1).cpu())
+    with torch.no_grad():
+        for t in ts:
+            tt = torch.full((x0.shape[0],), t, device=x0.device)
+            xt = (1 - t) * x0 + t * eps
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                v = fwd(model, xt, tt, ctx, y=ctx.mean(1), guidance=torch.ones_like(tt))
+            xh = xt - t * v.float()
+            mse[str(t)] = float(F.mse_loss(xh, x0))
+            rows.append(to_image(xh).clamp(-1, 1).cpu())
     image_trainer().save_grid(torch.cat(rows), len(rows), path)
     return mse
 
