@@ -104,7 +104,7 @@ def test_make_real_is_held_out_reference_scenes():
     assert imgs.shape == (6, 256, 256, 3) and imgs.dtype == np.uint8
     assert (imgs[..., 0] == imgs[..., 2]).all()
     assert labels.tolist() == [i % 10 for i in range(6)]
-    ref, _ = ds.render(ds.reference_seeds(6))
+    ref, _ = ds.render(ds.reference_seeds(6), grammar=dp.grammar_of())  # the grammar of the weights in use
     ref = ((ref[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     assert np.array_equal(imgs[..., 0], ref)
     assert ds.reference_seeds(6).min() >= ds.TRAIN_SEEDS
@@ -180,3 +180,28 @@ def test_trained_proxy_samples_are_images(provider):
 def test_trained_ksampler_matches_trainer_sampler(provider):
     r = dp.compare_with_trainer(provider, [4, 7], steps=8, seed=1)
     assert r["max_abs_raw"] < TOL_TRAINED_RAW and r["max_abs_raw_without_inverse"] > 0.5
+
+
+@trained
+def test_the_committed_proxy_is_the_axis_proxy_benchmarks_md_measures():
+    """BENCHMARKS.md sections 3 and 8 describe and measure the committed file: trained on the
+    ``axis`` scenes at the sampler's noise levels, so its held-out set is drawn in that grammar."""
+    from safetensors import safe_open
+
+    with safe_open(str(WEIGHTS), framework="pt") as f:
+        meta = f.metadata()
+    assert (meta["grammar"], float(meta["t_shift"]), int(meta["steps"])) == ("axis", 1.15, 3899)
+    assert dp.grammar_of() == "axis" and dp.make_real().describe()["grammar"] == "axis"
+
+
+@trained
+def test_the_committed_detail_adapter_fits_the_committed_proxy(provider, pack):
+    """The detail proxy's adapter (benchmarks/proxy/adapters/) passes the loader's checks, base-weight
+    fingerprint included, against the weights in the tree: retrained weights need a retrained adapter."""
+    from elastic_tokens.families import binding_for
+    from elastic_tokens.ideas.patch.adapter_attach import check_adapter
+    from elastic_tokens.ideas.patch.adapter_file import load_adapter
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/proxy/adapters/detail_proxy_adapter_2x19.safetensors"
+    model = provider._model
+    check_adapter(model, load_adapter(path), binding_for(model), path.name)

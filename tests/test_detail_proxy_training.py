@@ -186,7 +186,7 @@ def test_export_loads_into_comfy_flux(trainer, tmp_path):
     cfg = json.loads(meta["config"])
     assert cfg == res["config"] and json.loads(meta["elastic_tokens_test_config"]) == cfg
     assert meta["steps"] == "2" and "detail_scenes" in meta["data_recipe"] and meta["image_size"] == "256"
-    assert meta["t_shift"] == "1.15" and meta["grammar"] == "free"  # the defaults
+    assert meta["t_shift"] == "1.15" and meta["grammar"] == "axis"  # the defaults (the committed recipe)
     assert all(v.dtype == torch.float16 for v in sd.values())
     model = comfy.ldm.flux.model.Flux(dtype=torch.float32, device="cpu",
                                       operations=comfy.ops.disable_weight_init, **tip.comfy_flux_kwargs(cfg))
@@ -207,21 +207,23 @@ def test_export_loads_into_comfy_flux(trainer, tmp_path):
                                                      "train_log.json"]  # the device returns <= 8 files
 
 
-def test_axis_grammar_run_trains_and_says_so(trainer, tmp_path):
-    """--grammar axis: the batches, data.png and the probe's scenes come from the axis grammar,
-    and the export's metadata says so (the benchmark draws its held-out set from it)."""
+@pytest.mark.parametrize("grammar", ["axis", "free"])
+def test_grammar_run_trains_and_says_so(trainer, tmp_path, grammar):
+    """--grammar G: the batches, data.png and the probe's scenes come from grammar G, and the
+    export's metadata says so (the benchmark draws its held-out set from it)."""
     import comfy.utils
     from PIL import Image
 
-    out = tmp_path / "axis"
-    res = trainer.main(TINY + ["--max-steps", "1", "--grammar", "axis", "--export", str(out)])
+    out = tmp_path / grammar
+    res = trainer.main(TINY + ["--max-steps", "1", "--grammar", grammar, "--export", str(out)])
     _, meta = comfy.utils.load_torch_file(str(out / "detail_proxy.safetensors"), return_metadata=True)
-    assert meta["grammar"] == "axis" and res["step"] == 1
-    ds.save_preview(torch.arange(8), tmp_path / "axis_data.png", grammar="axis")
-    ds.save_preview(torch.arange(8), tmp_path / "free_data.png")
+    assert meta["grammar"] == grammar and res["step"] == 1
+    other = {"axis": "free", "free": "axis"}[grammar]
+    for g in (grammar, other):
+        ds.save_preview(torch.arange(8), tmp_path / f"{g}_data.png", grammar=g)
     got = np.asarray(Image.open(out / "data.png"))
-    assert np.array_equal(got, np.asarray(Image.open(tmp_path / "axis_data.png")))
-    assert not np.array_equal(got, np.asarray(Image.open(tmp_path / "free_data.png")))
+    assert np.array_equal(got, np.asarray(Image.open(tmp_path / f"{grammar}_data.png")))
+    assert not np.array_equal(got, np.asarray(Image.open(tmp_path / f"{other}_data.png")))
 
 
 def test_training_noise_levels_follow_the_samplers_shift(trainer):

@@ -57,8 +57,9 @@ import image_provider as ip  # noqa: E402
 WEIGHTS = HERE / "detail_proxy.safetensors"
 TEXT_FILE = "detail_proxy_text.safetensors"
 EMPTY = 10
-HOW_TO_MAKE = ("train it: python3 benchmarks/proxy/train_detail_proxy.py --minutes 6 --export OUT on a GPU, "
-               "then copy OUT/detail_proxy*.safetensors to benchmarks/proxy/")
+HOW_TO_MAKE = ("train it: python3 benchmarks/proxy/train_detail_proxy.py --minutes 9 --batch 256 --export OUT on a GPU "
+               "(BENCHMARKS.md section 3 has the committed proxy's command), then copy OUT/detail_proxy*.safetensors "
+               "to benchmarks/proxy/")
 
 
 def trainer():

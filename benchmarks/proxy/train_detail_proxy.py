@@ -43,9 +43,11 @@ Sampler for ``samples.png``: Euler, 28 steps, ComfyUI's "simple" schedule of Mod
 (shift 1.15, ``train_image_proxy.flux_sigmas``), CFG 3 against the empty class; 10 rows (classes)
 x ``--sample-cols``. ``data.png``: 8 training-stream scenes (top) and their detail maps (bottom).
 
-Scene grammar (``--grammar``, default ``free``, stored in the export's metadata ``grammar`` so the
+Scene grammar (``--grammar``, default ``axis``, stored in the export's metadata ``grammar`` so the
 benchmark's held-out set is drawn from the same grammar): ``axis`` snaps every angle to the pixel
-grid (detail_scenes), for a model that must learn to draw the outlines in one device session.
+grid (detail_scenes), so a model this small learns to draw the outlines within one device session;
+at ``free`` (any angle, polygons) the same model sampled blobs after 6,000 steps (BENCHMARKS.md,
+section 3).
 
 Outputs of ``--export DIR`` (7 files with the tee'd stdout, each far below 16 MiB):
 ``detail_proxy.safetensors`` (EMA Flux weights fp16; metadata ``config`` and
@@ -56,10 +58,12 @@ model's one-step x0 from them at t = 0.5 / 0.7 / 0.9: ``denoise_probe``), ``trai
 
 Commands
 --------
-  # GPU machine (carry [".whl"]; no data to carry: scenes are generated), one command < 10 minutes:
-  set -o pipefail; . scripts/device_env.sh && python3 benchmarks/proxy/train_detail_proxy.py --minutes 6 \\
+  # GPU machine (carry [".whl"]; no data to carry: scenes are generated), one command < 10 minutes;
+  # a warm start from the committed proxy, as its recipe (BENCHMARKS.md, section 3):
+  set -o pipefail; . scripts/device_env.sh && python3 benchmarks/proxy/train_detail_proxy.py --minutes 9 \\
+      --init benchmarks/proxy/detail_proxy.safetensors --batch 256 --lr 5e-4 --warmup 200 \\
       --ckpt /tmp/detail_ckpt.pt --export $OUT 2>&1 | tee $OUT/train_stdout.txt && cp $OUT/detail_proxy*.safetensors /tmp/
-  # (6 files in $OUT; the copies in /tmp serve a following bench_quality call on the same warm machine
+  # (7 files in $OUT; the copies in /tmp serve a following bench_quality call on the same warm machine
   #  through ELASTIC_TOKENS_DETAIL_WEIGHTS=/tmp/detail_proxy.safetensors)
   # continue on the same (still warm) machine:  ... --resume /tmp/detail_ckpt.pt --ckpt /tmp/detail_ckpt.pt
   # here: cp OUT/detail_proxy*.safetensors benchmarks/proxy/
@@ -218,8 +222,8 @@ def parse_args(argv=None):
     a("--hidden", type=int, default=96); a("--heads", type=int, default=2)
     a("--depth", type=int, default=2); a("--single", type=int, default=6); a("--ctx-dim", type=int, default=128)
     a("--sample-cols", type=int, default=4)
-    a("--grammar", choices=ds.GRAMMARS, default="free", help="scene grammar (detail_scenes): free = any angle, "
-      "polygons too; axis = rectangles and ellipses, every angle 0 or 90 degrees")
+    a("--grammar", choices=ds.GRAMMARS, default="axis", help="scene grammar (detail_scenes): axis = rectangles and "
+      "ellipses, every angle 0 or 90 degrees (the committed proxy's); free = any angle, polygons too")
     a("--t-shift", type=float, default=1.15, help="FLUX time shift (mu) of the training noise levels; the "
       "sampler's ModelSamplingFlux shift is 1.15; 0 = unshifted logit-normal (the v1 recipe)")
     image_trainer().add_run_args(a, batch=64, reserve_s=45.0, sample_steps=28)  # --data/--synthetic: unused
