@@ -957,7 +957,7 @@ def plot(record: dict, path: Path) -> None:
                                 fontsize=8, color=color)
             if yk == "fid" and base and base.get("fid"):
                 ax.axhline(1.05 * base["fid"], color="#555555", ls=":", lw=1, label="baseline FID + 5%")
-            if yk == "fid":
+            if yk == "fid" and any((r.get("fid") or 0) > 0 for r in rows):  # a --no-fid run: no FID to log-scale
                 ax.set_yscale("log")
             if yk == "fid" and spread.get("fid_seeds_b") is not None:
                 ax.axhline(spread["fid_seeds_b"], color="#d9822b", ls="--", lw=1,

@@ -422,3 +422,19 @@ def test_plot_gives_each_idea_one_colour_in_every_panel(tmp_path, monkeypatch):
     assert set(colours) == {"Elastic Token Router, training-free", "Elastic Token Router, learned",
                             "Token Merge, training-free"}
     assert all(len(c) == 1 for c in colours.values()) and len({next(iter(c)) for c in colours.values()}) == 3
+
+
+def test_plot_of_a_run_without_fid_draws_the_lpips_panel(tmp_path):
+    """A --no-fid run's record (every FID None; router and merge rows beside fewer steps) plots: the
+    FID panel stays empty on a linear axis instead of failing to log-scale nothing."""
+    def row(setting, kind, lpips, flops, steps=28):
+        return {"setting": setting, "kind": kind, "steps": steps, "fid": None, "lpips": lpips,
+                "flops_reduction": flops, "speedup": flops}
+    record = {"meta": {"device": "cuda", "model": {"name": "detail-proxy"}, "n": 4, "steps": 28,
+                       "real": {"name": "detail-scenes-heldout"}},
+              "spread": {"fid_seeds_a": None},
+              "rows": [row("baseline", "baseline", 0.0, 1.0), row("router=0.5", "node", 0.074, 1.43),
+                       row("router=0.5/scorer=learned", "node", 0.068, 1.43), row("merge=0.5", "node", 0.56, 2.93),
+                       row("20 steps", "fewer_steps", 0.015, 1.4, 20), row("10 steps", "fewer_steps", 0.107, 2.8, 10)]}
+    bench_quality.plot(record, tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").stat().st_size > 0
