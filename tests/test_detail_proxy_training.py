@@ -242,6 +242,28 @@ def test_training_noise_levels_follow_the_samplers_shift(trainer):
     assert torch.all(trainer.shifted_t(u, 1.15) > u)
 
 
+def test_noised_batch_is_the_objectives_draws_in_order(trainer):
+    """The one objective the trainer and grammar_probe.py share: labels dropped to the empty class
+    with the given p, shifted t, then noise, all from one generator in that order (a resumed run and
+    the probe depend on it); the loss's target is eps - x0."""
+    x0, lab = torch.randn(64, 16, 4, 4), torch.arange(64) % 10
+    g = torch.Generator().manual_seed(3)
+    _, l0, t, eps = trainer.noised_batch(x0, lab, g, 0.0, 1.15)
+    g2 = torch.Generator().manual_seed(3)
+    drop = torch.rand(64, generator=g2) < 0.0
+    assert not drop.any() and torch.equal(l0, lab)
+    assert torch.equal(t, trainer.shifted_t(torch.sigmoid(torch.randn(64, generator=g2)), 1.15))
+    assert torch.equal(eps, torch.randn(x0.shape, generator=g2))
+    _, l1, _, _ = trainer.noised_batch(x0, lab, torch.Generator().manual_seed(3), 1.0, 1.15)
+    assert (l1 == trainer.EMPTY).all()
+
+    def oracle(model, xt, t, ctx, y, guidance):  # a "model" that predicts v from x_t exactly
+        return (xt - x0) / t[:, None, None, None]
+    tokens = torch.randn(11, 4, 8)
+    assert trainer.flow_loss(oracle, None, tokens, x0, l0, t, eps).item() < 1e-8
+    assert trainer.flow_loss(lambda *a, **k: torch.zeros_like(x0), None, tokens, x0, l0, t, eps) > 0.5
+
+
 def test_default_model_is_the_designed_size(trainer):
     """2 double + 6 single blocks, hidden 96, 2 heads: ~1.6M parameters, ~3.1 MiB in fp16 (the tracked
     tree's budget: the two Fashion-MNIST proxies and their adapters already take 45 MiB of 60)."""

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -66,13 +65,8 @@ def train_one(grammar: str, args, fwd, tip) -> dict:
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
         x, idx = crops(pool_img, args.batch, args.crop, gen)
-        x0, lab = tdp.to_latent(x), pool_lab[idx]
-        lab = torch.where(torch.rand(args.batch, generator=gen) < 0.1, torch.full_like(lab, tdp.EMPTY), lab)
-        t = tdp.shifted_t(torch.sigmoid(torch.randn(args.batch, generator=gen)), args.t_shift)
-        eps = torch.randn(x0.shape, generator=gen)
-        xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
-        ctx = class_tokens[lab]
-        loss = F.mse_loss(fwd(model, xt, t, ctx, y=ctx.mean(1), guidance=torch.ones_like(t)), eps - x0)
+        batch = tdp.noised_batch(tdp.to_latent(x), pool_lab[idx], gen, 0.1, args.t_shift)  # the trainer's objective
+        loss = tdp.flow_loss(fwd, model, class_tokens, *batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -147,6 +147,29 @@ def shifted_t(u: torch.Tensor, t_shift: float) -> torch.Tensor:
     return math.exp(t_shift) / (math.exp(t_shift) + (1.0 / u - 1.0))
 
 
+def noised_batch(x0: torch.Tensor, lab: torch.Tensor, gen: torch.Generator, label_drop: float, t_shift: float):
+    """The objective's random draws for clean latents ``x0`` of classes ``lab``, from ``gen`` in this
+    order: labels dropped to the empty class with p ``label_drop`` (for CFG), noise levels t
+    (logit-normal, shifted by ``t_shift``), noise eps. Returns (x0, labels, t, eps); shared by the
+    trainer and ``grammar_probe.py``, so both train the same objective."""
+    n, dev = x0.shape[0], x0.device
+    drop = torch.rand(n, generator=gen, device=dev) < label_drop
+    lab = torch.where(drop, torch.full_like(lab, EMPTY), lab)
+    t = shifted_t(torch.sigmoid(torch.randn(n, generator=gen, device=dev)), t_shift)
+    eps = torch.randn(x0.shape, generator=gen, device=dev)
+    return x0, lab, t, eps
+
+
+def flow_loss(fwd, model, class_tokens, x0, lab, t, eps, amp: bool = False) -> torch.Tensor:
+    """Rectified-flow loss of one noised batch: x_t = (1 - t) x0 + t eps, target v = eps - x0,
+    class tokens of ``lab`` on the text path, pooled vector = their mean, guidance input 1.0."""
+    xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
+    ctx = class_tokens[lab]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        v = fwd(model, xt, t, ctx, y=ctx.mean(1), guidance=torch.ones_like(t))
+    return F.mse_loss(v.float(), eps - x0)
+
+
 def file_meta(cfg: dict, state: dict) -> dict:
     cfg_json = json.dumps(cfg)
     return {"config": cfg_json, "elastic_tokens_test_config": cfg_json, "data_recipe": DATA_RECIPE,
@@ -259,20 +282,10 @@ def main(argv=None) -> dict:
     def draw_batch():
         seeds = ds.train_seeds(gen, args.batch, device)
         img, _ = ds.render(seeds, grammar=args.grammar)
-        x0 = to_latent(img)
-        lab = ds.class_of(seeds)
-        drop = torch.rand(args.batch, generator=gen, device=device) < args.label_drop
-        lab = torch.where(drop, torch.full_like(lab, EMPTY), lab)
-        t = shifted_t(torch.sigmoid(torch.randn(args.batch, generator=gen, device=device)), args.t_shift)
-        eps = torch.randn(x0.shape, generator=gen, device=device)
-        return x0, lab, t, eps
+        return noised_batch(to_latent(img), ds.class_of(seeds), gen, args.label_drop, args.t_shift)
 
     def loss_fn(x0, lab, t, eps):
-        xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
-        ctx = class_tokens[lab]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            v = fwd(model, xt, t, ctx, y=ctx.mean(1), guidance=torch.ones_like(t))
-        return F.mse_loss(v.float(), eps - x0)
+        return flow_loss(fwd, model, class_tokens, x0, lab, t, eps, amp)
 
     steps_run, run_s = tip.train_loop(args, model=model, params=params, ema=ema, opt=opt, gen=gen,
                                       class_tokens=class_tokens, cfg=cfg, state=state, device=device,
