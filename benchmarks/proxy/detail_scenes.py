@@ -22,9 +22,9 @@ A scene (256x256 grayscale, pure torch, batched, same code on CPU and CUDA)
 * Grammar ``axis`` (``render(..., grammar="axis")``; the default is ``free``, everything above):
   the same scenes with every angle snapped to the pixel grid: rectangles and ellipses only (a
   polygon slot draws a rectangle), shape axes at 0 or 90 degrees, textures along x or y. Detail
-  and flat regions as before, with outlines along the token grid: scenes for a small model that
-  must learn to draw them within one device session, where the ``free`` grammar's proxy still
-  samples blobs (BENCHMARKS.md, section 3).
+  and flat regions as before, with outlines along the token grid: scenes a small model learns to
+  draw within one device session, where the ``free`` grammar's proxy sampled blobs (BENCHMARKS.md,
+  section 3). The committed detail proxy is trained on ``axis``.
 * Class = seed % 10 (the proxy's conditioning): texture family = class % 5 (stripes, checker,
   noise, grating, mixed: each textured shape picks one), layout = class // 5.
 

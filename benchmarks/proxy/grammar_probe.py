@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Which scene grammar can the detail proxy's model learn to draw? A small CPU check.
 
-Why: the detail proxy trained on the ``free`` grammar (any angle, polygons) still samples blobs
-after every device session so far, and its one-step denoising already loses the outlines at
-t = 0.5 (BENCHMARKS.md, section 3). A device session is too short to train a candidate grammar at
+Why: the detail proxy trained on the ``free`` grammar (any angle, polygons) sampled blobs after
+every device session that trained it, and its one-step denoising already lost the outlines at
+t = 0.5 (BENCHMARKS.md, section 3; the ``axis`` grammar this probe favoured is what the committed
+proxy now learns). A device session is too short to train a candidate grammar at
 full size just to find out, so this trains the proxy's own architecture (the trainer's defaults,
 the trainer's forward, noise levels and optimiser) from scratch on ``--crop`` x ``--crop`` px crops
 of each grammar's scenes, on the CPU, for the same number of steps, and draws what it learned to
