@@ -104,6 +104,26 @@ def check_grammar(grammar: str) -> str:
     return grammar
 
 
+def _angle(u: torch.Tensor, axis: bool) -> torch.Tensor:
+    """A shape's or texture's angle from its uniform ``u``: any angle in [0, pi), or (grammar
+    ``axis``) 0 or pi/2."""
+    return (u * 2).floor() * (math.pi / 2) if axis else u * math.pi
+
+
+def _polygon_sd(th, dx, dy, r, u) -> torch.Tensor:
+    """Signed distance (px, negative inside) of a shape slot's convex polygon: 3-6 sides (slot 6)
+    at jittered angles from ``th`` (slots 7-12), each at 0.6-1.0 of the radius ``r`` (slots 13-15)."""
+    n_sides = 3 + (u(6) * 4).floor()                       # 3..6
+    sd = torch.full_like(dx, -1e9)
+    for j in range(6):
+        on = j < n_sides
+        phi = th + (j + 0.35 * (u(7 + j) - 0.5)) * 2 * math.pi / n_sides
+        d = r * _lerp(u(13 + j % 3), 0.6, 1.0)
+        side = torch.cos(phi) * dx + torch.sin(phi) * dy - d
+        sd = torch.where(on, torch.maximum(sd, side), sd)
+    return sd
+
+
 def render(seeds, device=None, grammar: str = "free") -> tuple[torch.Tensor, torch.Tensor]:
     """Scenes of ``seeds`` -> (images (B, 1, 256, 256) float32 in [-1, 1], detail (B, 1, 256, 256)
     float32 in {0, 1}). Pure function of each seed and the grammar (see the module docstring)."""
@@ -140,12 +160,10 @@ def render(seeds, device=None, grammar: str = "free") -> tuple[torch.Tensor, tor
 
         active = (k < n_shapes)
         kind = (u(0) * 3).floor()                              # 0 rect, 1 ellipse, 2 polygon
-        if axis:
-            kind = torch.where(kind == 2, torch.zeros_like(kind), kind)
         cx, cy = _lerp(u(1), 0.1, 0.9) * SIZE, _lerp(u(2), 0.1, 0.9) * SIZE
         r = torch.where(few, _lerp(u(3), 0.22, 0.42), _lerp(u(3), 0.10, 0.24)) * SIZE  # half-size, px
         a, b = r, r * _lerp(u(4), 0.45, 1.0)
-        th = (u(5) * 2).floor() * (math.pi / 2) if axis else u(5) * math.pi
+        th = _angle(u(5), axis)
         dx, dy = xx - cx, yy - cy
         px = torch.cos(th) * dx + torch.sin(th) * dy
         py = -torch.sin(th) * dx + torch.cos(th) * dy
@@ -155,15 +173,10 @@ def render(seeds, device=None, grammar: str = "free") -> tuple[torch.Tensor, tor
         k0 = torch.hypot(px / a, py / b)
         k1 = torch.hypot(px / (a * a), py / (b * b)).clamp_min(1e-6)
         sd_ell = k0 * (k0 - 1) / k1
-        n_sides = 3 + (u(6) * 4).floor()                       # 3..6
-        sd_poly = torch.full_like(px, -1e9)
-        for j in range(6):
-            on = j < n_sides
-            phi = th + (j + 0.35 * (u(7 + j) - 0.5)) * 2 * math.pi / n_sides
-            d = r * _lerp(u(13 + j % 3), 0.6, 1.0)
-            side = torch.cos(phi) * dx + torch.sin(phi) * dy - d
-            sd_poly = torch.where(on, torch.maximum(sd_poly, side), sd_poly)
-        sd = torch.where(kind == 0, sd_rect, torch.where(kind == 1, sd_ell, sd_poly))
+        if axis:  # no polygons: a polygon slot draws a rectangle, and its polygon is never computed
+            sd = torch.where(kind == 1, sd_ell, sd_rect)
+        else:
+            sd = torch.where(kind == 0, sd_rect, torch.where(kind == 1, sd_ell, _polygon_sd(th, dx, dy, r, u)))
         alpha = (0.5 - sd).clamp(0, 1) * active
 
         # texture
@@ -171,7 +184,7 @@ def render(seeds, device=None, grammar: str = "free") -> tuple[torch.Tensor, tor
         textured = (u(17) < P_TEXTURED) & active
         fam = torch.where(family.view(B, 1, 1) == 4, (u(18) * 4).floor().long(), family.view(B, 1, 1))
         period = _lerp(u(19), *PERIOD)
-        tang = (u(20) * 2).floor() * (math.pi / 2) if axis else u(20) * math.pi
+        tang = _angle(u(20), axis)
         tu = torch.cos(tang) * xx + torch.sin(tang) * yy
         tv = -torch.sin(tang) * xx + torch.cos(tang) * yy
         w1 = torch.sin(2 * math.pi * tu / period)
