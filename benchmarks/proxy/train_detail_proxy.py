@@ -36,8 +36,8 @@ Training noise levels (``--t-shift MU``, default 1.15): t = FLUX's time shift of
 e^MU / (e^MU + 1/u - 1) with u = sigmoid(N(0, 1)), the same shift as the sampler's ModelSamplingFlux
 below, so training spends its steps at the noise levels sampling visits: a 256x256 scene is a
 full-resolution image (unlike the image proxy's upsampled 28x28 ones), whose layout forms at high
-noise (the SD3 resolution-dependent shift). ``--t-shift 0`` is the first recipe, which the committed
-weights were trained with.
+noise (the SD3 resolution-dependent shift). ``--t-shift 0`` is the first recipe, which the first
+(``free``-grammar) weights were trained with.
 
 Sampler for ``samples.png``: Euler, 28 steps, ComfyUI's "simple" schedule of ModelSamplingFlux
 (shift 1.15, ``train_image_proxy.flux_sigmas``), CFG 3 against the empty class; 10 rows (classes)
@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -139,12 +138,12 @@ def sample(fwd, model, class_tokens, labels, gen, device, steps=28, cfg_scale=3.
 
 
 def shifted_t(u: torch.Tensor, t_shift: float) -> torch.Tensor:
-    """FLUX's time shift (ModelSamplingFlux, ``flux_time_shift(mu, 1, t)``) of u in (0, 1): moves
-    training noise levels towards pure noise as the sampler's schedule does; t_shift 0 is the v1
-    draw itself, bit for bit."""
+    """u in (0, 1) under the sampler's time shift (``train_image_proxy.flux_time_shift``, the one
+    ``flux_sigmas`` uses): moves training noise levels towards pure noise as the sampler's schedule
+    does; t_shift 0 is the v1 draw itself, bit for bit."""
     if t_shift == 0:
         return u
-    return math.exp(t_shift) / (math.exp(t_shift) + (1.0 / u - 1.0))
+    return image_trainer().flux_time_shift(u, t_shift)
 
 
 def noised_batch(x0: torch.Tensor, lab: torch.Tensor, gen: torch.Generator, label_drop: float, t_shift: float):

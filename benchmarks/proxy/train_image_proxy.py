@@ -223,9 +223,15 @@ def build_model(cfg: dict, device) -> torch.nn.Module:
 
 # --------------------------------------------------------------------------- sampling / export
 
+def flux_time_shift(t, mu: float):
+    """FLUX's time shift of t in (0, 1] (ComfyUI's ``flux_time_shift(mu, 1.0, t)``, which
+    ModelSamplingFlux applies to its sigmas): e^mu / (e^mu + 1/t - 1)."""
+    return math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
+
+
 def flux_sigmas(steps: int, shift: float = 1.15) -> torch.Tensor:
     t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    s = math.exp(shift) / (math.exp(shift) + (1.0 / t.clamp_min(1e-12) - 1.0))
+    s = flux_time_shift(t.clamp_min(1e-12), shift)
     s[-1] = 0.0
     return s.float()
 
